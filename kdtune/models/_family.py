@@ -1,0 +1,90 @@
+"""The interface every model family implements, and the registry that picks a family from ``config.json``.
+
+A family owns everything specific to one HF architecture: how ``config.json`` maps to its builder's arguments, and how
+its parameter names (and layouts) map to and from HF. The checkpointer and ``load_hf_model`` only ask the registry.
+"""
+
+from __future__ import annotations
+
+import abc
+import difflib
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdtune.errors import CheckpointError
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+class ModelFamily(abc.ABC):
+    """One HF architecture family (e.g. Llama, Qwen2, GPT-2).
+
+    Attributes:
+        name: short family name, e.g. ``"llama"``.
+        hf_architectures: the ``architectures`` entries of ``config.json`` this family reads, e.g.
+            ``("LlamaForCausalLM", "MistralForCausalLM")``.
+        hf_model_types: the ``model_type`` values this family reads (used when ``architectures`` is absent).
+    """
+
+    name: str
+    hf_architectures: tuple[str, ...]
+    hf_model_types: tuple[str, ...]
+
+    @abc.abstractmethod
+    def build(self, hf_config: dict[str, Any], **lora_kwargs: Any) -> nn.Module:
+        """Build the (randomly initialised) model described by an HF ``config.json`` dict.
+
+        ``lora_kwargs`` are the LoRA options (``lora_attn_modules``, ``apply_lora_to_mlp``, ...); none means no LoRA.
+        The returned model carries ``hf_family`` and ``hf_config`` attributes.
+        """
+
+    @abc.abstractmethod
+    def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Convert (a subset of) HF tensors to kdtune names/layouts. Tensors that are fused in HF (GPT-2 ``c_attn``)
+        arrive together in one call. Buffers HF stores but kdtune recomputes (rotary ``inv_freq``) are dropped."""
+
+    @abc.abstractmethod
+    def state_dict_to_hf(self, state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Convert kdtune base-model tensors (no LoRA keys) to HF names/layouts."""
+
+    @abc.abstractmethod
+    def module_name_to_hf(self, name: str) -> str:
+        """Map a kdtune module path (``layers.0.attn.q_proj``) to the HF module path (``model.layers.0.self_attn.q_proj``),
+        used to name PEFT adapter tensors and ``target_modules``."""
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add ``family`` to the registry (called once by each family package on import)."""
+    _FAMILIES[family.name] = family
+    return family
+
+
+def registered_families() -> dict[str, ModelFamily]:
+    """All registered families by name."""
+    return dict(_FAMILIES)
+
+
+def supported_architectures() -> list[str]:
+    """Every HF architecture name kdtune can build, sorted."""
+    return sorted(a for f in _FAMILIES.values() for a in f.hf_architectures)
+
+
+def family_for_hf_config(hf_config: dict[str, Any], source: str = "config.json") -> ModelFamily:
+    """Pick the family for an HF ``config.json`` dict, or raise a clear error naming the supported architectures."""
+    archs = hf_config.get("architectures") or []
+    for family in _FAMILIES.values():
+        if any(a in family.hf_architectures for a in archs):
+            return family
+    model_type = hf_config.get("model_type")
+    for family in _FAMILIES.values():
+        if model_type in family.hf_model_types:
+            return family
+    what = f"architectures={archs}" if archs else f"model_type={model_type!r}"
+    wanted = archs[0] if archs else str(model_type)
+    close = difflib.get_close_matches(wanted, supported_architectures(), n=3, cutoff=0.5)
+    hint = f" (closest: {', '.join(close)})" if close else ""
+    raise CheckpointError(
+        f"{source}: architecture not supported ({what}){hint}. Supported: {', '.join(supported_architectures())}."
+    )
