@@ -1,0 +1,240 @@
+"""`kdtune quickstart`: teacher fine-tune -> SFT student -> KD student -> evaluation, offline, on a CPU.
+
+Each training step is an ordinary ``kdtune run <recipe> --config quickstart/<name> key=value ...`` (printed before it
+runs, so the user sees the real commands). Finished steps are cached: a step whose output holds a marker with the same
+command is skipped, so a second run only re-evaluates and re-plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kdtune.errors import KDTuneError
+from kdtune.quickstart.tasks import corpus_for_tokenizer, make_splits, read_jsonl, write_jsonl
+
+_MARKER = "kdtune_quickstart_step.json"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes and budgets of one quickstart setting (see docs/quickstart.md for how the default was chosen)."""
+
+    teacher_train: int  # labelled examples the teacher is fine-tuned on
+    student_train: int  # labelled examples both students see (the limited-data regime where KD helps most)
+    val: int
+    test: int
+    teacher_dims: dict = field(default_factory=dict)
+    student_dims: dict = field(default_factory=dict)
+    teacher_steps: int = 600
+    student_steps: int = 300
+    batch_size: int = 32
+    eval_examples: int = 400
+    overrides: dict = field(default_factory=dict)  # extra per-step overrides, e.g. {"kd": ["kd_ratio=0.9"]}
+
+
+PRESETS: dict[str, Preset] = {
+    "default": Preset(
+        teacher_train=12000,
+        student_train=500,
+        val=200,
+        test=400,
+        teacher_dims=dict(dim=128, layers=4, heads=4, kv_heads=2, intermediate=384),
+        student_dims=dict(dim=64, layers=2, heads=4, kv_heads=2, intermediate=192),
+        teacher_steps=700,
+        student_steps=300,
+        batch_size=32,
+        eval_examples=400,
+    ),
+    # The CI version: every step end to end, minutes become seconds; the numbers mean nothing.
+    "ci": Preset(
+        teacher_train=256,
+        student_train=64,
+        val=32,
+        test=32,
+        teacher_dims=dict(dim=32, layers=2, heads=2, kv_heads=1, intermediate=64),
+        student_dims=dict(dim=16, layers=1, heads=2, kv_heads=1, intermediate=32),
+        teacher_steps=6,
+        student_steps=4,
+        batch_size=8,
+        eval_examples=16,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdtune quickstart",
+        description="Fine-tune a small teacher, train a student with plain SFT and with knowledge distillation, "
+        "and compare them on held-out data — offline, on a CPU, in a few minutes.",
+    )
+    parser.add_argument("--output-dir", default="kdtune-quickstart", help="where everything is written (cached)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (default: 0 1 2)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="sizes/budgets (ci = tiny)")
+    parser.add_argument("--force", action="store_true", help="retrain every step even when a cached result exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``kdtune quickstart``; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    preset = PRESETS[args.preset]
+    out = Path(args.output_dir).resolve()
+    started = time.monotonic()
+    print(f"kdtune quickstart: writing to {out}", flush=True)
+
+    data = prepare_data(out, preset)
+    tokenizer_dir = prepare_tokenizer(out)
+    teacher_init = prepare_model(out / "init" / "teacher", preset.teacher_dims, tokenizer_dir, seed=1000)
+
+    runs: dict[str, Path] = {}
+    runs["teacher"] = run_step(
+        out / "runs" / "teacher",
+        "full_finetune_single_device",
+        "quickstart/teacher",
+        [
+            f"checkpointer.checkpoint_dir={teacher_init}",
+            f"dataset.data_files={data['teacher_train']}",
+            f"val_dataset.data_files={data['val']}",
+            f"max_steps={preset.teacher_steps}",
+            f"batch_size={preset.batch_size}",
+            "seed=0",
+        ],
+        force=args.force,
+    )
+    for seed in args.seeds:
+        student_init = prepare_model(out / "init" / f"student_seed{seed}", preset.student_dims, tokenizer_dir, seed)
+        common = [
+            f"checkpointer.checkpoint_dir={student_init}",
+            f"dataset.data_files={data['train']}",
+            f"val_dataset.data_files={data['val']}",
+            f"max_steps={preset.student_steps}",
+            f"batch_size={preset.batch_size}",
+            f"seed={seed}",
+        ]
+        runs[f"sft_seed{seed}"] = run_step(
+            out / "runs" / f"sft_seed{seed}",
+            "full_finetune_single_device",
+            "quickstart/student_sft",
+            common,
+            force=args.force,
+        )
+        runs[f"kd_seed{seed}"] = run_step(
+            out / "runs" / f"kd_seed{seed}",
+            "knowledge_distillation_single_device",
+            "quickstart/student_kd",
+            [*common, f"teacher_checkpointer.checkpoint_dir={runs['teacher'] / 'final'}"],
+            force=args.force,
+        )
+
+    from kdtune.quickstart.report import evaluate_runs, plot_runs, print_table
+
+    test_examples = read_jsonl(data["test"])[: preset.eval_examples]
+    results = evaluate_runs(runs, test_examples)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print_table(results, args.seeds)
+    plot_path = plot_runs(runs, results, out / "quickstart.png")
+    elapsed = time.monotonic() - started
+    print(f"\nDone in {elapsed / 60:.1f} min. Written under {out}:")
+    print(f"  data         {out / 'data'}")
+    print(f"  runs         {out / 'runs'}   (each: config.yaml, logs/, final/ HF model)")
+    print(f"  results      {out / 'results.json'}")
+    print(f"  plot         {plot_path or '(matplotlib not installed: pip install kdtune[quickstart])'}")
+    return 0
+
+
+def prepare_data(out: Path, preset: Preset) -> dict[str, Path]:
+    """Write the task splits as chat JSON lines (cached by content: same preset -> same files)."""
+    sizes = {
+        "teacher_train": preset.teacher_train,
+        "train": preset.student_train,
+        "val": preset.val,
+        "test": preset.test,
+    }
+    paths = {name: out / "data" / f"{name}.jsonl" for name in sizes}
+    if not all(p.exists() for p in paths.values()) or _read_marker(out / "data") != sizes:
+        splits = make_splits(sizes, seed=20261123)
+        for name, examples in splits.items():
+            write_jsonl(examples, paths[name])
+        _write_marker(out / "data", sizes)
+    return paths
+
+
+def prepare_tokenizer(out: Path) -> Path:
+    """A small byte-level BPE tokenizer with a chat template, trained on the task alphabet."""
+    from kdtune.testing.tokenizers import write_bpe_tokenizer
+
+    tok_dir = out / "init" / "tokenizer"
+    if _read_marker(tok_dir) != {"kind": "bpe-qwen2", "vocab_size": 300}:
+        write_bpe_tokenizer(tok_dir, corpus_for_tokenizer(), vocab_size=300, style="qwen2")
+        _write_marker(tok_dir, {"kind": "bpe-qwen2", "vocab_size": 300})
+    return tok_dir
+
+
+def prepare_model(path: Path, dims: dict, tokenizer_dir: Path, seed: int) -> Path:
+    """A randomly initialised HF-format model directory (Qwen2 architecture) with the tokenizer files beside it."""
+    from kdtune.data import load_hf_tokenizer
+    from kdtune.testing.models import make_tiny_hf_checkpoint
+
+    spec = {"dims": dims, "seed": seed}
+    if _read_marker(path) == spec:
+        return path
+    vocab_size = load_hf_tokenizer(tokenizer_dir).vocab_size
+    make_tiny_hf_checkpoint(path, family="qwen2", vocab_size=vocab_size, seed=seed, tie=True, **dims)
+    for item in tokenizer_dir.iterdir():
+        if item.is_file() and item.name != _MARKER:
+            shutil.copy2(item, path / item.name)
+    _write_marker(path, spec)
+    return path
+
+
+def run_step(out_dir: Path, recipe: str, config: str, overrides: list[str], *, force: bool) -> Path:
+    """Run one ``kdtune run`` step, or skip it when a finished run with the same command is cached."""
+    overrides = [*overrides, f"output_dir={out_dir}"]
+    command = [sys.executable, "-m", "kdtune", "run", recipe, "--config", config, *overrides]
+    spec = {"command": hashlib.sha256(json.dumps(command[1:]).encode()).hexdigest()}
+    if not force and (out_dir / "final").is_dir() and _read_marker(out_dir) == spec:
+        print(f"\n[cached] {out_dir.name}: kdtune run {recipe} --config {config} ...", flush=True)
+        return out_dir
+    print(f"\n$ kdtune run {recipe} --config {config} {' '.join(shlex.quote(o) for o in overrides)}", flush=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    started = time.monotonic()
+    result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        raise KDTuneError(f"step '{out_dir.name}' failed (exit {result.returncode}); its output is above")
+    print(f"[{out_dir.name}] finished in {time.monotonic() - started:.0f} s", flush=True)
+    _write_marker(out_dir, spec)
+    return out_dir
+
+
+def _read_marker(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_marker(directory: Path, spec: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f"{_MARKER}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(spec))
+    os.replace(tmp, directory / _MARKER)
+
+
+def summarize(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+__all__ = ["PRESETS", "Preset", "main", "summarize", "asdict"]

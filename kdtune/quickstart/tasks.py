@@ -1,0 +1,153 @@
+"""The quickstart's built-in task family: small, procedurally generated, exactly checkable.
+
+Every example is a one-turn chat (``{"messages": [user, assistant]}``, the OpenAI format real SFT datasets use) whose
+answer is fully determined by the prompt, so a model's greedy answer can be scored by exact match. Generation is
+deterministic for a seed: the same seed always yields the same examples in the same order, on every machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdtune.errors import DataError
+
+_LETTERS = string.ascii_lowercase
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    """One generated example: the task it comes from, the user's prompt and the only correct answer."""
+
+    task: str
+    prompt: str
+    answer: str
+
+    def to_chat(self) -> dict:
+        """The example as an OpenAI-style chat record (what ``kdtune.data.chat_dataset`` reads)."""
+        return {
+            "task": self.task,
+            "messages": [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.answer}],
+        }
+
+
+def _word(rng: random.Random, min_len: int, max_len: int) -> str:
+    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(min_len, max_len)))
+
+
+def _add(rng: random.Random) -> TaskExample:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return TaskExample("add", f"add {a} {b}", str(a + b))
+
+
+def _reverse(rng: random.Random) -> TaskExample:
+    word = _word(rng, 3, 6)
+    return TaskExample("reverse", f"reverse {word}", word[::-1])
+
+
+def _sort(rng: random.Random) -> TaskExample:
+    word = _word(rng, 3, 6)
+    return TaskExample("sort", f"sort {word}", "".join(sorted(word)))
+
+
+def _shift(rng: random.Random) -> TaskExample:
+    word = _word(rng, 3, 6)
+    shifted = "".join(_LETTERS[(_LETTERS.index(c) + 1) % 26] for c in word)
+    return TaskExample("shift", f"shift {word}", shifted)
+
+
+TASKS: dict[str, Callable[[random.Random], TaskExample]] = {
+    "add": _add,
+    "reverse": _reverse,
+    "sort": _sort,
+    "shift": _shift,
+}
+
+
+def generate_examples(num_examples: int, seed: int, tasks: Iterable[str] = tuple(TASKS)) -> list[TaskExample]:
+    """Generate ``num_examples`` examples, cycling through ``tasks`` so each is equally represented.
+
+    Args:
+        num_examples: how many examples to return.
+        seed: the random seed; the output is a pure function of (num_examples, seed, tasks).
+        tasks: names from :data:`TASKS`.
+
+    Returns:
+        The examples, in a seeded shuffled order.
+    """
+    task_names = list(tasks)
+    unknown = [t for t in task_names if t not in TASKS]
+    if unknown or not task_names:
+        raise DataError(f"unknown quickstart task(s) {unknown or '(none given)'}; choose from {sorted(TASKS)}")
+    rng = random.Random(seed)
+    examples = [TASKS[task_names[i % len(task_names)]](rng) for i in range(num_examples)]
+    rng.shuffle(examples)
+    return examples
+
+
+def make_splits(sizes: dict[str, int], seed: int, tasks: Iterable[str] = tuple(TASKS)) -> dict[str, list[TaskExample]]:
+    """Generate disjoint splits: no prompt of one split appears in another.
+
+    Args:
+        sizes: split name -> number of examples, e.g. ``{"teacher_train": 8000, "train": 400, "val": 200, "test": 400}``.
+            Splits are filled in the order given, so earlier splits are never affected by later sizes.
+        seed: the random seed.
+        tasks: names from :data:`TASKS`.
+    """
+    pool = generate_examples(sum(sizes.values()) * 4, seed, tasks)
+    seen: set[str] = set()
+    unique = []
+    for example in pool:
+        if example.prompt not in seen:
+            seen.add(example.prompt)
+            unique.append(example)
+    if len(unique) < sum(sizes.values()):
+        raise DataError(f"the task family has only {len(unique)} distinct prompts; ask for fewer examples")
+    splits, start = {}, 0
+    for name, size in sizes.items():
+        splits[name] = unique[start : start + size]
+        start += size
+    return splits
+
+
+def write_jsonl(examples: list[TaskExample], path: str | Path) -> Path:
+    """Write examples as chat JSON lines, atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for example in examples:
+            f.write(json.dumps(example.to_chat()) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[TaskExample]:
+    """Read examples written by :func:`write_jsonl`."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                user, assistant = record["messages"]
+                examples.append(TaskExample(record.get("task", "?"), user["content"], assistant["content"]))
+            except (json.JSONDecodeError, KeyError, ValueError) as err:
+                raise DataError(f"{path}:{line_no}: not a quickstart example ({err})") from None
+    return examples
+
+
+def corpus_for_tokenizer() -> list[str]:
+    """Text covering every character the tasks can produce, for training the quickstart's tokenizer."""
+    lines = [" ".join(TASKS), _LETTERS, string.digits, "0 1 2 3 4 5 6 7 8 9 10 100 199"]
+    rng = random.Random(1234)
+    for _ in range(2000):
+        example = TASKS[rng.choice(list(TASKS))](rng)
+        lines.append(f"{example.prompt} {example.answer}")
+    return lines
