@@ -1,0 +1,186 @@
+"""Exact token-normalised gradient accumulation and loss mixing.
+
+A step's loss is the mean over *all* valid tokens of *all* its micro-batches (and all data-parallel ranks):
+``L = Σ_micro loss_sum / N_step``. Averaging per-micro-batch means instead would weight a short micro-batch's tokens
+more than a long one's, so ``batch 8 × accum 1`` and ``batch 2 × accum 4`` would differ. Because ``N_step`` is only
+known after the last micro-batch, each micro-batch back-propagates its *sum* and the gradients are divided by
+``N_step`` once at the end (:meth:`StepAccumulator.finish`).
+
+Typical use::
+
+    acc = StepAccumulator(model)
+    for batch in micro_batches:
+        out = distillation_objective(...)
+        acc.backward(mix_losses(out.class_loss_sum, out.kd_loss_sum, kd_ratio), out.num_tokens,
+                     class_loss_sum=out.class_loss_sum, kd_loss_sum=out.kd_loss_sum)
+    metrics = acc.finish()          # grads now hold ∇ L; metrics.loss is L
+    grad_norm = clip_grad_norm(model.parameters(), max_norm)
+    optimizer.step(); optimizer.zero_grad(set_to_none=True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from kdtune.errors import ConfigError
+
+__all__ = ["StepAccumulator", "StepMetrics", "mix_losses", "scale_grads", "check_kd_ratio"]
+
+
+def check_kd_ratio(kd_ratio: float) -> float:
+    """Return ``kd_ratio`` as a float, raising ``ConfigError`` unless it lies in [0, 1]."""
+    if isinstance(kd_ratio, bool) or not isinstance(kd_ratio, (int, float)) or not (0.0 <= kd_ratio <= 1.0):
+        raise ConfigError(
+            f"kd_ratio={kd_ratio!r} is invalid: it must lie in [0, 1] (0 = cross-entropy only, 1 = KD only), "
+            "e.g. kd_ratio=0.5"
+        )
+    return float(kd_ratio)
+
+
+def mix_losses(class_loss: Tensor, kd_loss: Tensor, kd_ratio: float) -> Tensor:
+    """``(1 − kd_ratio) · class_loss + kd_ratio · kd_loss`` (torchtune's convention).
+
+    Works on sums or means alike, as long as both are over the same tokens. At ``kd_ratio`` 0 or 1 the unused term is
+    dropped entirely (not multiplied by 0), so a non-finite unused term cannot leak into the result.
+    """
+    kd_ratio = check_kd_ratio(kd_ratio)
+    if kd_ratio == 0.0:
+        return class_loss
+    if kd_ratio == 1.0:
+        return kd_loss
+    return (1.0 - kd_ratio) * class_loss + kd_ratio * kd_loss
+
+
+def _params(model_or_params: nn.Module | Iterable[Tensor]) -> list[Tensor]:
+    if isinstance(model_or_params, nn.Module):
+        return [p for p in model_or_params.parameters() if p.requires_grad]
+    return [p for p in model_or_params if p.requires_grad]
+
+
+@torch.no_grad()
+def scale_grads(model: nn.Module | Iterable[Tensor], factor: float | Tensor) -> None:
+    """Multiply every existing ``.grad`` of ``model``'s trainable parameters in place by ``factor``."""
+    for p in _params(model):
+        if p.grad is not None:
+            f = factor.to(device=p.grad.device, dtype=p.grad.dtype) if isinstance(factor, Tensor) else factor
+            p.grad.mul_(f)
+
+
+@dataclass
+class StepMetrics:
+    """What one optimizer step measured (token-normalised over all micro-batches and ranks).
+
+    Attributes:
+        loss: the optimised loss per valid token.
+        class_loss: cross-entropy per valid token (nan if never reported).
+        kd_loss: KD loss per valid token (nan if never reported).
+        num_tokens: valid tokens of the step (all micro-batches, all ranks).
+        num_micro_batches: micro-batches accumulated on this rank.
+    """
+
+    loss: float
+    class_loss: float
+    kd_loss: float
+    num_tokens: int
+    num_micro_batches: int
+
+
+class StepAccumulator:
+    """Accumulates summed-loss gradients over micro-batches and normalises them by the step's valid-token count.
+
+    Args:
+        model: the trained module (or an iterable of its parameters); only trainable parameters are scaled.
+        all_reduce: optional function that returns the SUM of a tensor over data-parallel ranks (supplied by
+            ``kdtune.training.distributed``); used for the token count and the logged losses.
+        grad_average_factor: multiply gradients by this after dividing by the global token count. Use the
+            data-parallel world size when the wrapper (DDP / FSDP) *averages* gradients over ranks, so the result is
+            the exact per-token mean over all ranks; 1 on a single device.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Iterable[Tensor],
+        all_reduce: Callable[[Tensor], Tensor] | None = None,
+        grad_average_factor: float = 1.0,
+    ) -> None:
+        self._params = _params(model)
+        self._all_reduce = all_reduce
+        self._grad_average_factor = float(grad_average_factor)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new optimizer step (does not touch gradients; call ``optimizer.zero_grad`` yourself)."""
+        self._tokens: Tensor | None = None
+        self._sums: Tensor | None = None  # [3]: loss, class_loss, kd_loss (detached, fp64 for exact logging)
+        self._have = [False, False, False]
+        self.num_micro_batches = 0
+
+    def backward(
+        self,
+        loss_sum: Tensor,
+        num_tokens: Tensor | int,
+        *,
+        class_loss_sum: Tensor | None = None,
+        kd_loss_sum: Tensor | None = None,
+        retain_graph: bool = False,
+    ) -> None:
+        """Back-propagate one micro-batch's summed loss and record its token count (and optional loss parts)."""
+        if loss_sum.requires_grad:
+            loss_sum.backward(retain_graph=retain_graph)
+        self.add(loss_sum, num_tokens, class_loss_sum=class_loss_sum, kd_loss_sum=kd_loss_sum)
+
+    def add(
+        self,
+        loss_sum: Tensor,
+        num_tokens: Tensor | int,
+        *,
+        class_loss_sum: Tensor | None = None,
+        kd_loss_sum: Tensor | None = None,
+    ) -> None:
+        """Record a micro-batch whose backward the caller ran itself (e.g. inside ``no_sync``)."""
+        device = loss_sum.device
+        tokens = torch.as_tensor(num_tokens, device=device).detach().to(torch.int64).reshape(())
+        parts = [loss_sum, class_loss_sum, kd_loss_sum]
+        vals = torch.stack(
+            [
+                p.detach().to(device=device, dtype=torch.float64).reshape(())
+                if p is not None
+                else torch.zeros((), dtype=torch.float64, device=device)
+                for p in parts
+            ]
+        )
+        for i, p in enumerate(parts):
+            self._have[i] = self._have[i] or p is not None
+        self._tokens = tokens if self._tokens is None else self._tokens + tokens
+        self._sums = vals if self._sums is None else self._sums + vals
+        self.num_micro_batches += 1
+
+    def finish(self) -> StepMetrics:
+        """Divide the accumulated gradients by the step's total valid tokens; return the step's metrics.
+
+        With no valid token at all the gradients are left unscaled (they are zero) and the losses reported as 0.
+        """
+        if self._tokens is None or self._sums is None:
+            raise RuntimeError("StepAccumulator.finish() called before any micro-batch was added")
+        tokens, sums = self._tokens.clone(), self._sums.clone()
+        if self._all_reduce is not None:
+            tokens = self._all_reduce(tokens)
+            sums = self._all_reduce(sums)
+        n = int(tokens.item())
+        if n > 0:
+            scale_grads(self._params, self._grad_average_factor / n)
+        per_tok = (sums / max(n, 1)).tolist()
+        metrics = StepMetrics(
+            loss=per_tok[0],
+            class_loss=per_tok[1] if self._have[1] else math.nan,
+            kd_loss=per_tok[2] if self._have[2] else math.nan,
+            num_tokens=n,
+            num_micro_batches=self.num_micro_batches,
+        )
+        self.reset()
+        return metrics
