@@ -41,7 +41,9 @@ class ModelFamily(abc.ABC):
         """
 
     @abc.abstractmethod
-    def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def state_dict_from_hf(
+        self, hf_state: dict[str, torch.Tensor], hf_config: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
         """Convert (a subset of) HF tensors to kdtune names/layouts. Tensors that are fused in HF (GPT-2 ``c_attn``)
         arrive together in one call. Buffers HF stores but kdtune recomputes (rotary ``inv_freq``) are dropped."""
 

@@ -1,0 +1,162 @@
+"""Shared machinery of the Llama-shaped families (Llama/Mistral, Qwen2, Qwen3): HF config reading, the decoder
+construction, and the HF <-> kdtune name mapping (``model.layers.{i}.self_attn.q_proj`` <-> ``layers.{i}.attn.q_proj``).
+
+Each family subclasses ``LlamaLikeFamily`` and says only what differs (q/k/v bias, q/k norm, defaults).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdtune.errors import CheckpointError
+from kdtune.models._builders import apply_lora_if_requested
+from kdtune.models._family import ModelFamily
+from kdtune.models.modules import (
+    GatedMLP,
+    MultiHeadAttention,
+    RMSNorm,
+    RotaryEmbedding,
+    TransformerDecoder,
+    TransformerSelfAttentionLayer,
+)
+
+_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+_LAYER = {
+    "sa_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+    "attn.q_proj": "self_attn.q_proj",
+    "attn.k_proj": "self_attn.k_proj",
+    "attn.v_proj": "self_attn.v_proj",
+    "attn.output_proj": "self_attn.o_proj",
+    "attn.q_norm": "self_attn.q_norm",
+    "attn.k_norm": "self_attn.k_norm",
+    "mlp.w1": "mlp.gate_proj",
+    "mlp.w2": "mlp.down_proj",
+    "mlp.w3": "mlp.up_proj",
+}
+_TOP_INV = {v: k for k, v in _TOP.items()}
+_LAYER_INV = {v: k for k, v in _LAYER.items()}
+_KD_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def rope_settings(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """``(theta, scaling)`` from an HF config in either the classic (``rope_theta`` + ``rope_scaling``) or the
+    transformers-5 (``rope_parameters``) layout."""
+    params = cfg.get("rope_parameters") or {}
+    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or None
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    return float(theta), scaling
+
+
+def require(cfg: dict[str, Any], key: str, source: str = "config.json") -> Any:
+    """``cfg[key]``, or a CheckpointError naming the missing key."""
+    if key not in cfg or cfg[key] is None:
+        raise CheckpointError(f"{source}: required key {key!r} is missing; add it (see the model's HF config.json).")
+    return cfg[key]
+
+
+class LlamaLikeFamily(ModelFamily):
+    """Llama-shaped decoder: RMSNorm, RoPE, GQA attention, SwiGLU MLP, optional tied output."""
+
+    name = "llama"
+    hf_architectures: tuple[str, ...] = ()
+    hf_model_types: tuple[str, ...] = ()
+    default_architecture = "LlamaForCausalLM"
+    default_model_type = "llama"
+    qkv_bias_always = False  # Qwen2: q/k/v carry a bias whatever the config says
+    qk_norm = False  # Qwen3: per-head RMSNorm on q and k
+
+    # ---------------------------------------------------------------------------------------------- building
+    def build(self, hf_config: dict[str, Any], **lora_kwargs: Any) -> nn.Module:
+        cfg = dict(hf_config)
+        cfg.setdefault("architectures", [self.default_architecture])
+        cfg.setdefault("model_type", self.default_model_type)
+        dim = int(require(cfg, "hidden_size"))
+        n_heads = int(require(cfg, "num_attention_heads"))
+        n_kv = int(cfg.get("num_key_value_heads") or n_heads)
+        head_dim = int(cfg.get("head_dim") or dim // n_heads)
+        n_layers = int(require(cfg, "num_hidden_layers"))
+        vocab = int(require(cfg, "vocab_size"))
+        hidden = int(require(cfg, "intermediate_size"))
+        eps = float(cfg.get("rms_norm_eps", 1e-6))
+        act = cfg.get("hidden_act", "silu")
+        qkv_bias = self.qkv_bias_always or bool(cfg.get("attention_bias", False))
+        out_bias = bool(cfg.get("attention_bias", False))
+        mlp_bias = bool(cfg.get("mlp_bias", False))
+        tie = bool(cfg.get("tie_word_embeddings", False))
+        theta, scaling = rope_settings(cfg)
+        layers = []
+        for _ in range(n_layers):
+            attn = MultiHeadAttention(
+                dim,
+                n_heads,
+                n_kv,
+                head_dim,
+                qkv_bias=qkv_bias,
+                out_bias=out_bias,
+                q_norm=RMSNorm(head_dim, eps) if self.qk_norm else None,
+                k_norm=RMSNorm(head_dim, eps) if self.qk_norm else None,
+            )
+            mlp = GatedMLP(dim, hidden, act, bias=mlp_bias)
+            layers.append(TransformerSelfAttentionLayer(attn, mlp, RMSNorm(dim, eps), RMSNorm(dim, eps)))
+        model = TransformerDecoder(
+            tok_embeddings=nn.Embedding(vocab, dim),
+            layers=layers,
+            norm=RMSNorm(dim, eps),
+            output=None if tie else nn.Linear(dim, vocab, bias=False),
+            rope=RotaryEmbedding(head_dim, theta, scaling),
+            max_seq_len=int(cfg.get("max_position_embeddings", 4096)),
+        )
+        model.hf_family = self.name
+        model.hf_config = cfg
+        return apply_lora_if_requested(model, lora_kwargs)
+
+    # ---------------------------------------------------------------------------------------------- names
+    def module_name_to_hf(self, name: str) -> str:
+        if name in _TOP:
+            return _TOP[name]
+        m = _KD_LAYER_RE.match(name)
+        if m and m.group(2) in _LAYER:
+            return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+        raise KeyError(f"{self.name}: no HF module for kdtune module {name!r}")
+
+    def module_name_from_hf(self, name: str) -> str:
+        """Inverse of ``module_name_to_hf``."""
+        if name in _TOP_INV:
+            return _TOP_INV[name]
+        m = _HF_LAYER_RE.match(name)
+        if m and m.group(2) in _LAYER_INV:
+            return f"layers.{m.group(1)}.{_LAYER_INV[m.group(2)]}"
+        raise KeyError(name)
+
+    def state_dict_from_hf(
+        self, hf_state: dict[str, torch.Tensor], hf_config: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        tie = bool(hf_config.get("tie_word_embeddings", False))
+        out: dict[str, torch.Tensor] = {}
+        for key, tensor in hf_state.items():
+            if key.endswith(_HF_IGNORED_SUFFIXES) or (tie and key == "lm_head.weight"):
+                continue
+            module, _, leaf = key.rpartition(".")
+            try:
+                out[f"{self.module_name_from_hf(module)}.{leaf}"] = tensor
+            except KeyError:
+                raise CheckpointError(
+                    f"checkpoint: unexpected tensor {key!r} for a {self.name} model; is config.json's architecture right?"
+                ) from None
+        return out
+
+    def state_dict_to_hf(self, state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key, tensor in state.items():
+            module, _, leaf = key.rpartition(".")
+            out[f"{self.module_name_to_hf(module)}.{leaf}"] = tensor
+        return out

@@ -1,0 +1,125 @@
+"""Tiny random HF model directories, written with kdtune's own builders and each family's HF conversion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import kdtune.models  # noqa: F401  (registers the families)
+from kdtune.models._family import registered_families
+
+
+def tiny_hf_config(
+    family: str = "llama",
+    *,
+    vocab_size: int = 256,
+    dim: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tie: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The HF ``config.json`` dict of a tiny model of ``family`` (``llama``, ``mistral``, ``qwen2``, ``qwen3``,
+    ``gpt2``); ``extra`` keys override or add HF config fields (e.g. ``rope_scaling``, ``intermediate_size``)."""
+    if family in ("llama", "mistral", "qwen2", "qwen3"):
+        arch = {
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+        }[family]
+        cfg: dict[str, Any] = {
+            "architectures": [arch],
+            "model_type": family,
+            "vocab_size": vocab_size,
+            "hidden_size": dim,
+            "intermediate_size": 2 * dim,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": dim // heads,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "hidden_act": "silu",
+            "tie_word_embeddings": tie,
+            "torch_dtype": "float32",
+        }
+        if family in ("llama", "qwen3"):
+            cfg["attention_bias"] = False
+        if family == "llama":
+            cfg["mlp_bias"] = False
+    elif family == "gpt2":
+        cfg = {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": vocab_size,
+            "n_embd": dim,
+            "n_layer": layers,
+            "n_head": heads,
+            "n_positions": 1024,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": 1e-5,
+            "tie_word_embeddings": True,
+            "torch_dtype": "float32",
+        }
+    else:
+        raise ValueError(f"unknown family {family!r}; expected llama, mistral, qwen2, qwen3 or gpt2")
+    cfg.update(extra)
+    return cfg
+
+
+def make_tiny_hf_checkpoint(
+    out_dir: str | Path,
+    family: str = "llama",
+    *,
+    vocab_size: int = 256,
+    dim: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tie: bool = False,
+    seed: int = 0,
+    **extra: Any,
+) -> Path:
+    """Write a tiny random HF model directory (``config.json`` + ``model.safetensors``) and return its path.
+
+    Weights are drawn HF-style (N(0, 0.02), biases 0, norms 1) from ``seed`` with kdtune's builder, then converted
+    with the family's ``state_dict_to_hf``, so ``transformers`` and ``kdtune.models.load_hf_model`` both load it.
+
+    Args:
+        out_dir: directory to create (parents too); existing files of the same names are overwritten.
+        family: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` or ``gpt2``.
+        vocab_size: V.
+        dim: hidden size.
+        layers: number of blocks.
+        heads: attention heads.
+        kv_heads: key/value heads (ignored for gpt2).
+        tie: tie the output projection to the embedding (gpt2 is always tied).
+        seed: RNG seed of the weights.
+        **extra: extra/overriding HF config fields (e.g. ``bos_token_id=1``, ``rope_scaling={...}``).
+    """
+    from safetensors.torch import save_file
+
+    cfg = tiny_hf_config(
+        family, vocab_size=vocab_size, dim=dim, layers=layers, heads=heads, kv_heads=kv_heads, tie=tie, **extra
+    )
+    fam = registered_families()["llama" if family == "mistral" else family]
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = fam.build(cfg)
+        model.init_weights(std=0.02)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    hf_state = fam.state_dict_to_hf({k: v.detach().contiguous() for k, v in model.state_dict().items()}, cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
