@@ -1,0 +1,292 @@
+"""The ``kdtune`` command: ls, cp, cat, validate, run, download, quickstart.
+
+Every user error (a :class:`kdtune.errors.KDTuneError`) is printed as one line, ``kdtune: error: ...``, with exit
+code 1; ``--debug`` or ``KDTUNE_DEBUG=1`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+from kdtune import __version__
+from kdtune.errors import ConfigError, KDTuneError
+
+_DESCRIPTION = """\
+kdtune: knowledge distillation and fine-tuning of LLMs in native PyTorch.
+
+Recipes are standalone scripts; configs are YAML files with `_component_` entries.
+Start with `kdtune ls`, copy a config with `kdtune cp`, then `kdtune run <recipe> --config <config> key=value ...`."""
+
+_EPILOG = """\
+examples:
+  kdtune download meta-llama/Llama-3.2-1B-Instruct --output-dir /tmp/Llama-3.2-1B-Instruct
+  kdtune ls
+  kdtune cp llama3_2/kd ./my_kd.yaml
+  kdtune validate ./my_kd.yaml
+  kdtune run kd_single_device --config ./my_kd.yaml kd_ratio=0.25 optimizer.lr=1e-4
+  kdtune run --nproc_per_node 4 kd_distributed --config llama3_2/kd_distributed
+
+Set KDTUNE_DEBUG=1 (or pass --debug) to see tracebacks of user errors."""
+
+
+def debug_enabled() -> bool:
+    """True when ``KDTUNE_DEBUG`` is set to a true value (``--debug`` sets it)."""
+    return os.environ.get("KDTUNE_DEBUG", "0").lower() not in ("", "0", "false", "no")
+
+
+def report_error(e: BaseException) -> int:
+    """Print a user error as one line (plus the traceback in debug mode); return exit code 1."""
+    if debug_enabled():
+        traceback.print_exception(e)
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"kdtune: error: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdtune",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kdtune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors (same as KDTUNE_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    p = sub.add_parser("ls", help="list recipes and the configs that belong to them")
+    p.add_argument("--all", action="store_true", help="also show each recipe's file and summary")
+
+    p = sub.add_parser(
+        "cp",
+        help="copy a shipped recipe or config to edit it",
+        description="Copy a shipped recipe (e.g. kd_single_device) or config (e.g. llama3_2/kd) to <dest>. "
+        "'.py' or '.yaml' is added to <dest> when it has no suffix; a directory <dest> keeps the file name.",
+    )
+    p.add_argument("name", help="recipe or config name (see `kdtune ls`)")
+    p.add_argument("dest", help="destination file or existing directory")
+    p.add_argument("-n", "--no-clobber", action="store_true", help="do not overwrite an existing destination")
+    p.add_argument("--make-parents", action="store_true", help="create missing parent directories of <dest>")
+
+    p = sub.add_parser("cat", help="print a shipped config or a YAML file")
+    p.add_argument("config", help="config name (e.g. llama3_2/kd) or path to a YAML file")
+    p.add_argument("--sort", action="store_true", help="print the keys sorted (comments are dropped)")
+
+    p = sub.add_parser(
+        "validate",
+        help="check a config without building anything",
+        description="Check that every _component_ (nested and in lists too) imports and that its arguments bind to "
+        "its signature, that interpolations resolve, and (when the recipe declares RECIPE_SETTINGS) that every "
+        "top-level key is a setting of the recipe. Every problem is reported with its dotted key.",
+    )
+    p.add_argument("config", help="config name (e.g. llama3_2/kd) or path to a YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides to apply before checking")
+
+    sub.add_parser(
+        "run",
+        help="run a recipe: kdtune run [torchrun options] <recipe> --config <config> [key=value ...]",
+        add_help=False,
+    ).add_argument("args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser(
+        "download",
+        help="download a model from the Hugging Face Hub",
+        description="Download a model repository with huggingface_hub. The token comes from --hf-token, HF_TOKEN "
+        "or a saved `hf auth login`; it is never printed or written. Writes kdtune_source.json (repo id, revision, "
+        "commit) next to the files.",
+    )
+    p.add_argument("repo_id", help="e.g. meta-llama/Llama-3.2-1B-Instruct")
+    p.add_argument("--output-dir", help="where to put the files (default: /tmp/<repo name>)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    p.add_argument("--ignore-patterns", nargs="+", default=None, metavar="P", help="glob patterns of files to skip")
+    p.add_argument("--allow-patterns", nargs="+", default=None, metavar="P", help="only download files matching")
+    p.add_argument("--hf-token", default=None, help="Hugging Face token (default: HF_TOKEN or the saved login)")
+    p.add_argument("--repo-type", default="model", choices=["model", "dataset"], help="repository type")
+
+    sub.add_parser(
+        "quickstart",
+        help="run the embedded default task end to end (kdtune quickstart --help)",
+        add_help=False,
+    ).add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from kdtune.config import list_configs, list_recipes
+
+    recipes = list_recipes()
+    configs = list_configs()
+    by_recipe: dict[str, list[str]] = {r.name: [] for r in recipes}
+    orphans: list[str] = []
+    for c in configs:
+        if c.recipe in by_recipe:
+            by_recipe[c.recipe].append(c.name)
+        else:
+            orphans.append(f"{c.name} (recipe: {c.recipe or 'not set'})")
+    width = max([len("RECIPE"), *(len(r.name) for r in recipes)]) + 2
+    print(f"{'RECIPE':<{width}}{'DISTRIBUTED':<13}CONFIGS")
+    for r in recipes:
+        names = by_recipe[r.name] or ["-"]
+        print(f"{r.name:<{width}}{'yes' if r.distributed else 'no':<13}{names[0]}")
+        for n in names[1:]:
+            print(f"{'':<{width}}{'':<13}{n}")
+        if args.all:
+            print(f"{'':<{width}}{'':<13}  file: {r.path}")
+            if r.summary:
+                print(f"{'':<{width}}{'':<13}  {r.summary}")
+    if orphans:
+        print("\nconfigs whose recipe is not found:")
+        for o in orphans:
+            print(f"  {o}")
+    if not recipes and not configs:
+        print("(no recipes or configs found; searched " + ", ".join(map(str, _roots())) + ")")
+    return 0
+
+
+def _roots() -> list[Path]:
+    from kdtune.config import config_roots, recipe_roots
+
+    return [*recipe_roots(), *config_roots()]
+
+
+def _shipped_source(name: str) -> tuple[Path, str]:
+    """A shipped recipe or config by name -> (its file, the suffix to add to a destination without one)."""
+    from kdtune.config import list_configs, list_recipes
+    from kdtune.config._catalog import _closest
+
+    recipes = list_recipes()
+    for r in recipes:
+        if r.name == name:
+            return r.path, ".py"
+    configs = list_configs()
+    for c in configs:
+        if c.name == name:
+            return c.path, ".yaml"
+    candidates = [r.name for r in recipes] + [c.name for c in configs]
+    raise ConfigError(
+        f"'{name}' is neither a shipped recipe nor a shipped config (closest: {_closest(name, candidates)}); "
+        "run `kdtune ls` to see them"
+    )
+
+
+def _cmd_cp(args: argparse.Namespace) -> int:
+    src, suffix = _shipped_source(args.name)
+    dest = Path(args.dest).expanduser()
+    if dest.is_dir():
+        dest = dest / src.name
+    elif not dest.suffix:
+        dest = dest.with_suffix(suffix)
+    if not dest.parent.exists():
+        if not args.make_parents:
+            raise ConfigError(f"directory {dest.parent} does not exist; create it or pass --make-parents")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and args.no_clobber:
+        print(f"not copied: {dest} already exists (--no-clobber)")
+        return 0
+    shutil.copyfile(src, dest)
+    print(f"copied {args.name} to {dest}")
+    return 0
+
+
+def _cmd_cat(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from kdtune.config import find_config, list_recipes, load_config
+
+    if not args.config.endswith((".yaml", ".yml")) and any(r.name == args.config for r in list_recipes()):
+        raise ConfigError(
+            f"'{args.config}' is a recipe, not a config; `kdtune cat` prints configs "
+            f"(copy the recipe with `kdtune cp {args.config} .` to read it)"
+        )
+    path = find_config(args.config)
+    if args.sort:
+        print(OmegaConf.to_yaml(load_config(path), sort_keys=True), end="")
+    else:
+        load_config(path)  # report YAML errors instead of printing a broken file silently
+        print(path.read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from kdtune.config import apply_overrides, find_config, find_recipe, load_config, read_settings, validate
+    from kdtune.config._instantiate import import_component
+
+    path = find_config(args.config)
+    cfg = apply_overrides(load_config(path), args.overrides)
+    problems = validate(cfg)
+    recipe_name = cfg.get("recipe") if "recipe" in cfg.keys() else None
+    if recipe_name is not None:
+        try:
+            recipe = find_recipe(str(recipe_name))
+        except ConfigError as e:
+            problems.append(f"recipe: {e}")
+        else:
+            if recipe.settings:
+                try:
+                    settings_cls = import_component(recipe.settings, "RECIPE_SETTINGS")
+                    read_settings(settings_cls, cfg)  # type: ignore[arg-type]
+                except ConfigError as e:
+                    problems.append(f"settings of recipe {recipe.name}: {e}")
+    if problems:
+        print(f"kdtune: error: {len(problems)} problem(s) in {path}:", file=sys.stderr)
+        for p in problems:
+            print(f"  {' '.join(p.split())}", file=sys.stderr)
+        return 1
+    print(f"config is valid: {path}")
+    return 0
+
+
+def _cmd_quickstart(argv: list[str]) -> int:
+    from kdtune import quickstart
+
+    return int(quickstart.main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kdtune`` command.
+
+    Args:
+        argv: command-line arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The process exit code.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser()
+    # `run` and `quickstart` take free-form arguments (torchrun options, overrides): hand them over untouched
+    i = 0
+    while i < len(argv) and argv[i] == "--debug":
+        os.environ["KDTUNE_DEBUG"] = "1"
+        i += 1
+    try:
+        if i < len(argv) and argv[i] == "run":
+            from kdtune.cli._run import run_command
+
+            return run_command(argv[i + 1 :])
+        if i < len(argv) and argv[i] == "quickstart":
+            return _cmd_quickstart(argv[i + 1 :])
+        args = parser.parse_args(argv)
+        if args.debug:
+            os.environ["KDTUNE_DEBUG"] = "1"
+        if args.command is None:
+            parser.print_help()
+            return 0
+        if args.command == "download":
+            from kdtune.cli._download import download_command
+
+            return download_command(args)
+        return {"ls": _cmd_ls, "cp": _cmd_cp, "cat": _cmd_cat, "validate": _cmd_validate}[args.command](args)
+    except KDTuneError as e:
+        return report_error(e)
+    except KeyboardInterrupt:
+        print("kdtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
