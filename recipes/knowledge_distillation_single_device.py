@@ -1,0 +1,101 @@
+"""Knowledge distillation on a single device: a frozen teacher and a trainable student see the same batch.
+
+    loss = (1 - kd_ratio) * cross-entropy(student, labels) + kd_ratio * KD(student, teacher)
+
+The student is trained in full or with LoRA/QLoRA — whichever its ``model`` component builds (e.g.
+``kdtune.models.llama3_2.llama3_2_1b`` or ``...lora_llama3_2_1b``). The teacher is loaded by its own checkpointer (e.g.
+the merged ``final/`` of a LoRA run), put in eval mode without gradients, and its vocabulary is checked against the
+student's (a teacher padded to a larger vocab is sliced; incompatible tokenizers are refused).
+
+Both losses are computed from the final hidden states one chunk of positions at a time, so neither model's full
+``[batch, seq, vocab]`` logits are held; gradients are normalised by the valid tokens of the whole optimizer step.
+
+Run:  kdtune run knowledge_distillation_single_device --config llama3_2/kd [key=value ...]
+Copy and edit:  kdtune cp knowledge_distillation_single_device ./my_kd.py
+Every config key: docs/recipes/knowledge_distillation_single_device.md
+"""
+
+import sys
+
+import torch
+from omegaconf import DictConfig
+
+from kdtune.config import parse_recipe_args, read_settings
+from kdtune.losses import ObjectiveOutput, distillation_objective
+from kdtune.training import StepAccumulator, check_kd_ratio, check_vocab_compatibility, mix_losses, setup_teacher
+from kdtune.training import builders as B
+from kdtune.training.recipe_settings import KDSettings
+
+RECIPE_DISTRIBUTED = False
+
+
+def train(cfg: DictConfig) -> B.RunSummary:
+    """Distil the teacher into the student as configured by ``cfg``; returns what the run measured."""
+    s = read_settings(KDSettings, cfg)
+    rt = B.setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg)
+
+    # ---- models: the student (full or LoRA) trains; the teacher is frozen
+    tokenizer = B.build_tokenizer(s.tokenizer)
+    student, checkpointer = B.build_model(
+        s.model, s.checkpointer, rt, activation_checkpointing=s.enable_activation_checkpointing, compile=s.compile
+    )
+    teacher, _ = B.build_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model")
+    setup_teacher(teacher)
+    teacher_tokenizer = B.build_tokenizer(s.teacher_tokenizer) if s.teacher_tokenizer is not None else None
+    check_vocab_compatibility(student.vocab_size, teacher.vocab_size, tokenizer, teacher_tokenizer)
+    kd_loss, kd_ratio = B.build_kd_loss(s.kd_loss, s.temperature), check_kd_ratio(s.kd_ratio)
+    num_chunks = s.num_output_chunks or kd_loss.num_output_chunks
+
+    # ---- data, optimizer, LR schedule, checkpoints (resume), metrics
+    data = B.build_data(s, tokenizer)
+    optimizer = B.build_optimizer(s.optimizer, B.trainable_parameters(student))
+    scheduler = B.build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
+    ckpt = B.ResumeCheckpoints(rt, s, student, optimizer, scheduler, data, cfg)
+    if s.resume_from_checkpoint:
+        ckpt.resume()
+    report = B.Reporter(rt, s, data)
+
+    def objective(batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        tokens, kwargs = batch["tokens"], B.model_inputs(batch)  # tokens [B, T]
+        teacher_hidden = None  # [B, T, D_teacher]
+        if kd_ratio > 0:
+            with torch.no_grad():
+                teacher_hidden = teacher(tokens, return_hidden=True, **kwargs)
+        student_hidden = student(tokens, return_hidden=True, **kwargs)  # [B, T, D_student]
+        return distillation_objective(
+            student_hidden, teacher_hidden, student, teacher, batch["labels"], kd_loss, kd_ratio, num_chunks
+        )
+
+    def validate(pos: B.DataPosition) -> None:
+        if data.val_loader is not None and report.last_eval_step != pos.global_step:
+            report.eval(pos, B.evaluate(student, objective, data.val_loader, rt.device, kd_ratio, s.max_eval_batches))
+
+    # ---- the loop: one optimizer step per `gradient_accumulation_steps` micro-batches
+    acc = StepAccumulator(student)
+    for pos, micro_batches in data.steps():
+        student.train()
+        for batch in micro_batches:
+            out = objective(B.to_device(batch, rt.device))
+            loss_sum = mix_losses(out.class_loss_sum, out.kd_loss_sum, kd_ratio)
+            acc.backward(loss_sum, out.num_tokens, class_loss_sum=out.class_loss_sum, kd_loss_sum=out.kd_loss_sum)
+        result = B.optimizer_step(acc, student, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
+        report.step(pos, result)
+        if B.due(pos.global_step, s.eval_every_n_steps):
+            validate(pos)
+        if B.due(pos.global_step, s.save_every_n_steps) or data.is_epoch_end(pos):
+            ckpt.save(pos)
+
+    # ---- the end: validation, HF model (+ PEFT adapter for a LoRA student)
+    validate(data.position)
+    B.save_final(rt, checkpointer, student, adapter_only=s.save_adapter_weights_only)
+    return report.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``--config <name|path> [overrides...]``."""
+    train(parse_recipe_args(sys.argv[1:] if argv is None else argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""LoRA / QLoRA supervised fine-tuning on a single device (e.g. the teacher of the KD tutorial).
+
+Only the LoRA adapters of the model (a ``lora_*`` builder, or ``kdtune.models.hf_model`` with ``lora_*`` arguments;
+``quantize_base: true`` for QLoRA) train, on the token-summed cross-entropy of the dataset's trained tokens (prompts are
+masked by the dataset), normalised by the valid tokens of the whole optimizer step. The output projection and the loss
+are computed one chunk of positions at a time, so the full ``[batch, seq, vocab]`` logits are never held.
+
+Run:  kdtune run lora_finetune_single_device --config llama3_1/8B_lora_single_device [key=value ...]
+Copy and edit:  kdtune cp lora_finetune_single_device ./my_lora.py
+Every config key: docs/recipes/lora_finetune_single_device.md
+
+Outputs: output_dir/final (base + merged adapters, HF format; the teacher dir for KD) and output_dir/final_adapter
+(PEFT adapter_config.json + adapter_model.safetensors).
+"""
+
+import sys
+
+import torch
+from omegaconf import DictConfig
+
+from kdtune.config import parse_recipe_args, read_settings
+from kdtune.errors import ConfigError
+from kdtune.losses import ObjectiveOutput, distillation_objective
+from kdtune.training import StepAccumulator
+from kdtune.training import builders as B
+from kdtune.training.recipe_settings import LoRAFinetuneSettings
+
+RECIPE_DISTRIBUTED = False
+
+
+def train(cfg: DictConfig) -> B.RunSummary:
+    """Fine-tune the LoRA adapters of the model as configured by ``cfg``; returns what the run measured."""
+    s = read_settings(LoRAFinetuneSettings, cfg)
+    rt = B.setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg)
+
+    # ---- model (only the adapters train; the base weights are frozen) and tokenizer
+    tokenizer = B.build_tokenizer(s.tokenizer)
+    model, checkpointer = B.build_model(
+        s.model, s.checkpointer, rt, activation_checkpointing=s.enable_activation_checkpointing, compile=s.compile
+    )
+    if not B.is_lora_model(model):
+        raise ConfigError("model: no LoRA adapters in this model; use a lora_* builder, or full_finetune_single_device")
+    num_chunks = s.num_output_chunks or 8
+
+    # ---- data, optimizer, LR schedule, checkpoints (resume), metrics
+    data = B.build_data(s, tokenizer)
+    optimizer = B.build_optimizer(s.optimizer, B.trainable_parameters(model))
+    scheduler = B.build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
+    ckpt = B.ResumeCheckpoints(rt, s, model, optimizer, scheduler, data, cfg)
+    if s.resume_from_checkpoint:
+        ckpt.resume()
+    report = B.Reporter(rt, s, data)
+
+    def objective(batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        hidden = model(batch["tokens"], return_hidden=True, **B.model_inputs(batch))  # [B, T, D]
+        return distillation_objective(hidden, None, model, None, batch["labels"], None, 0.0, num_chunks)
+
+    def validate(pos: B.DataPosition) -> None:
+        if data.val_loader is not None and report.last_eval_step != pos.global_step:
+            report.eval(pos, B.evaluate(model, objective, data.val_loader, rt.device, 0.0, s.max_eval_batches))
+
+    # ---- the loop: one optimizer step per `gradient_accumulation_steps` micro-batches
+    acc = StepAccumulator(model)
+    for pos, micro_batches in data.steps():
+        model.train()
+        for batch in micro_batches:
+            out = objective(B.to_device(batch, rt.device))
+            acc.backward(out.class_loss_sum, out.num_tokens)
+        result = B.optimizer_step(acc, model, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
+        report.step(pos, result)
+        if B.due(pos.global_step, s.eval_every_n_steps):
+            validate(pos)
+        if B.due(pos.global_step, s.save_every_n_steps) or data.is_epoch_end(pos):
+            ckpt.save(pos)
+
+    # ---- the end: validation, the PEFT adapter (final_adapter/) and the merged HF model (final/)
+    validate(data.position)
+    B.save_final(rt, checkpointer, model, adapter_only=s.save_adapter_weights_only)
+    return report.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``--config <name|path> [overrides...]``."""
+    train(parse_recipe_args(sys.argv[1:] if argv is None else argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
