@@ -1,0 +1,145 @@
+"""Tokenized map-style datasets: rows -> ``{"tokens", "labels"}`` with truncation accounted for once."""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from kdtune.errors import DataError
+
+logger = logging.getLogger("kdtune.data")
+
+CROSS_ENTROPY_IGNORE_IDX = -100
+
+#: ``encode_fn(row, index) -> (tokens, labels)``; labels aligned with tokens, -100 where not trained.
+EncodeFn = Callable[[Mapping[str, Any], int], tuple[list[int], list[int]]]
+
+
+def labels_from_mask(
+    tokens: Sequence[int], mask: Sequence[bool], ignore_index: int = CROSS_ENTROPY_IGNORE_IDX
+) -> list[int]:
+    """Labels aligned with ``tokens``: the token id where it is trained (mask False), ``ignore_index`` elsewhere."""
+    if len(tokens) != len(mask):
+        raise ValueError(f"tokenizer returned {len(tokens)} tokens but {len(mask)} mask entries")
+    return [ignore_index if m else t for t, m in zip(tokens, mask)]
+
+
+class SFTDataset(Dataset):
+    """Rows of a `datasets.Dataset` (or any sequence of dicts) encoded to ``{"tokens", "labels"}``.
+
+    By default every row is encoded once at construction (``lazy=False``): rows that fail fail at start-up, the
+    examples longer than ``max_seq_len`` are counted and reported in ONE warning, examples left with no trained token
+    (e.g. a response cut away by truncation) are dropped, and the token ids are kept compactly (4 bytes per token).
+    With ``lazy=True`` rows are encoded in ``__getitem__`` (for datasets too large to encode up front); truncation
+    is then warned about once, at the first truncated example, and counted in `num_truncated`.
+
+    Args:
+        rows: The raw rows.
+        encode_fn: ``(row, index) -> (tokens, labels)``.
+        max_seq_len: Truncate longer examples to this many tokens (None: no truncation).
+        lazy: Encode on access instead of up front.
+        source: Dataset name used in messages.
+        drop_untrainable: Drop (eager mode) examples whose labels are all ignored.
+    """
+
+    def __init__(
+        self,
+        rows: Any,
+        encode_fn: EncodeFn,
+        *,
+        max_seq_len: int | None = None,
+        lazy: bool = False,
+        source: str = "dataset",
+        drop_untrainable: bool = True,
+    ) -> None:
+        if max_seq_len is not None and int(max_seq_len) < 1:
+            raise DataError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+        self._rows = rows
+        self._encode_fn = encode_fn
+        self.max_seq_len = None if max_seq_len is None else int(max_seq_len)
+        self.lazy = bool(lazy)
+        self.source = source
+        self.num_truncated = 0
+        self.num_dropped = 0
+        self._warned = False
+        self._truncated_indices: set[int] = set()  # lazy mode: distinct examples seen truncated
+        if len(rows) == 0:
+            raise DataError(f"{source} has no rows; check split, split slicing and filter_fn")
+        if not self.lazy:
+            self._encode_all(drop_untrainable)
+
+    def _encode_all(self, drop_untrainable: bool) -> None:
+        tokens, labels, offsets = array("i"), array("i"), array("q", [0])
+        longest = 0
+        n = len(self._rows)
+        for i, row in enumerate(tqdm(self._rows, total=n, desc="Tokenizing", disable=n < 20000, leave=False)):
+            t, lab = self._encode_fn(row, i)
+            longest = max(longest, len(t))
+            t, lab, cut = self._truncate(t, lab)
+            self.num_truncated += cut
+            if drop_untrainable and all(x == CROSS_ENTROPY_IGNORE_IDX for x in lab):
+                self.num_dropped += 1
+                continue
+            tokens.extend(t)
+            labels.extend(lab)
+            offsets.append(len(tokens))
+        self._tokens, self._labels, self._offsets = tokens, labels, offsets
+        self._rows = None  # the encoded form is all that is needed now
+        if self.num_truncated or self.num_dropped:
+            parts = []
+            if self.num_truncated:
+                parts.append(
+                    f"{self.num_truncated} of {n} examples of {self.source} were longer than max_seq_len="
+                    f"{self.max_seq_len} (longest: {longest} tokens) and were truncated"
+                )
+            if self.num_dropped:
+                parts.append(f"{self.num_dropped} examples had no trained token left and were dropped")
+            logger.warning("%s; raise max_seq_len to keep examples whole", "; ".join(parts))
+        if len(self) == 0:
+            raise DataError(
+                f"{self.source}: no example has a trained token (all {n} were dropped); check the masking settings "
+                f"(train_on_input, masking), the response columns and max_seq_len"
+            )
+
+    def _truncate(self, tokens: list[int], labels: list[int]) -> tuple[list[int], list[int], bool]:
+        if self.max_seq_len is not None and len(tokens) > self.max_seq_len:
+            return tokens[: self.max_seq_len], labels[: self.max_seq_len], True
+        return tokens, labels, False
+
+    def __len__(self) -> int:
+        return len(self._rows) if self.lazy else len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        if self.lazy:
+            tokens, labels = self._encode_fn(self._rows[index], index)
+            tokens, labels, cut = self._truncate(tokens, labels)
+            if cut and index not in self._truncated_indices:
+                self._truncated_indices.add(index)
+                self.num_truncated += 1
+                if not self._warned:
+                    self._warned = True
+                    logger.warning(
+                        "example %d of %s is longer than max_seq_len=%d and was truncated; further truncations are "
+                        "counted in dataset.num_truncated (in this process) (encode eagerly, lazy=False, to get the total up front)",
+                        index,
+                        self.source,
+                        self.max_seq_len,
+                    )
+            return {"tokens": list(tokens), "labels": list(labels)}
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} examples")
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return {"tokens": self._tokens[start:end].tolist(), "labels": self._labels[start:end].tolist()}
+
+    def lengths(self) -> list[int]:
+        """Token count of every example (eager mode), e.g. for length-grouped sampling."""
+        if self.lazy:
+            raise DataError("lengths() needs an eagerly encoded dataset (lazy=False)")
+        return [self._offsets[i + 1] - self._offsets[i] for i in range(len(self))]
