@@ -3,8 +3,17 @@
 Importing this package registers every family (llama, qwen2, qwen3, gpt2).
 """
 
-from kdtune.models import llama  # noqa: F401  (registers the family)
+from kdtune.models import gpt2, llama, qwen2, qwen3  # noqa: F401  (each registers its family)
 from kdtune.models.hf import hf_model, load_hf_model, read_hf_config
 from kdtune.models.modules import TransformerDecoder, enable_activation_checkpointing
+from kdtune.models.modules.lora import LoRALinear, apply_lora
 
-__all__ = ["TransformerDecoder", "enable_activation_checkpointing", "hf_model", "load_hf_model", "read_hf_config"]
+__all__ = [
+    "LoRALinear",
+    "TransformerDecoder",
+    "apply_lora",
+    "enable_activation_checkpointing",
+    "hf_model",
+    "load_hf_model",
+    "read_hf_config",
+]

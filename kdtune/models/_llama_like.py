@@ -73,6 +73,7 @@ class LlamaLikeFamily(ModelFamily):
     default_model_type = "llama"
     qkv_bias_always = False  # Qwen2: q/k/v carry a bias whatever the config says
     qk_norm = False  # Qwen3: per-head RMSNorm on q and k
+    out_bias_from_config = True  # Qwen2: o_proj never has a bias
 
     # ---------------------------------------------------------------------------------------------- building
     def build(self, hf_config: dict[str, Any], **lora_kwargs: Any) -> nn.Module:
@@ -89,7 +90,7 @@ class LlamaLikeFamily(ModelFamily):
         eps = float(cfg.get("rms_norm_eps", 1e-6))
         act = cfg.get("hidden_act", "silu")
         qkv_bias = self.qkv_bias_always or bool(cfg.get("attention_bias", False))
-        out_bias = bool(cfg.get("attention_bias", False))
+        out_bias = self.out_bias_from_config and bool(cfg.get("attention_bias", False))
         mlp_bias = bool(cfg.get("mlp_bias", False))
         tie = bool(cfg.get("tie_word_embeddings", False))
         theta, scaling = rope_settings(cfg)

@@ -62,6 +62,7 @@ class MultiHeadAttention(nn.Module):
         out_bias: bias on the output projection (GPT-2).
         q_norm: optional per-head norm applied to queries before RoPE (Qwen3).
         k_norm: optional per-head norm applied to keys before RoPE (Qwen3).
+        scale: softmax scale (default ``1 / sqrt(head_dim)``).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class MultiHeadAttention(nn.Module):
         out_bias: bool = False,
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads != 0:
@@ -89,6 +91,7 @@ class MultiHeadAttention(nn.Module):
         self.output_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=out_bias)
         self.q_norm = q_norm
         self.k_norm = k_norm
+        self.scale = scale
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -129,6 +132,12 @@ class MultiHeadAttention(nn.Module):
             k, v = self.kv_cache.update(cache_pos, k, v)  # [B, H_kv, L, hd]
         is_causal = mask is None and cache_pos is None and t > 1
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_heads != self.num_kv_heads
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, T, hd]
         return self.output_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
