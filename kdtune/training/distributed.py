@@ -8,8 +8,6 @@ What the distributed recipes need beyond the single-device ones, and nothing els
 * filling a model built on the ``meta`` device from an HF checkpoint one shard file at a time
   (:func:`load_hf_into_sharded_model`), so no rank ever holds a full copy of a large model;
 * global reductions for token normalisation and logged metrics (:func:`all_reduce_sum`);
-* gradient clipping on sharded (DTensor) parameters (:func:`clip_grad_norm_`);
-* a resumable, per-epoch reshuffled sampler (:class:`ResumableDistributedSampler`);
 * sharded resume checkpoints with ``torch.distributed.checkpoint`` (:func:`save_sharded_checkpoint`,
   :func:`load_sharded_checkpoint`) and the full state dict gathered on rank 0 for the final HF directory
   (:func:`gather_full_state_dict`).
@@ -37,10 +35,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset
-from torch.utils.data import DistributedSampler as _TorchDistributedSampler
 
 from kdtune.errors import CheckpointError, ConfigError
+from kdtune.training.resume import capture_rng_state, restore_rng_state
 
 __all__ = [
     "DistEnv",
@@ -58,8 +55,11 @@ __all__ = [
     "materialize_meta_model",
     "load_hf_into_sharded_model",
     "gather_full_state_dict",
-    "clip_grad_norm_",
-    "ResumableDistributedSampler",
+    "init_lora_parameters",
+    "build_sharded_model",
+    "DistributedResumeCheckpoints",
+    "save_final_distributed",
+    "reduce_eval_metrics",
     "save_sharded_checkpoint",
     "load_sharded_checkpoint",
     "latest_sharded_checkpoint",
@@ -221,17 +221,23 @@ def _comm_device() -> torch.device:
 
 
 def all_reduce_sum(values: torch.Tensor | float | int | Iterable[float]) -> torch.Tensor:
-    """Sum a number (or a 1-D batch of numbers) over all ranks, in float64 so token counts and loss sums are exact.
+    """Sum a tensor, a number or a list of numbers over all ranks (one collective).
 
     Args:
-        values: a scalar, a tensor, or an iterable of numbers reduced together in one collective.
+        values: a tensor (its dtype and device are kept), or a number / iterable of numbers (summed in float64, so
+            token counts and loss sums stay exact).
 
     Returns:
-        A float64 CPU tensor of the same shape holding the global sums (unchanged without a process group).
+        The global sums (unchanged without a process group); a float64 CPU tensor for numbers.
     """
-    if isinstance(values, torch.Tensor):
-        t = values.detach().to(torch.float64)
-    elif isinstance(values, (int, float)):
+    if isinstance(values, torch.Tensor):  # keeps dtype and device (StepAccumulator passes int64/float64 tensors)
+        t = values.detach().clone()
+        if is_distributed() and get_world_size() > 1:
+            moved = t.to(_comm_device())
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            t = moved.to(values.device)
+        return t
+    if isinstance(values, (int, float)):
         t = torch.tensor(float(values), dtype=torch.float64)
     else:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64)
@@ -361,29 +367,6 @@ def materialize_meta_model(model: nn.Module, device: torch.device | str) -> nn.M
     return model
 
 
-def _hf_shard_files(checkpoint_dir: Path, checkpoint_files: list[str] | None) -> list[Path]:
-    if checkpoint_files:
-        files = [checkpoint_dir / f for f in checkpoint_files]
-    elif (checkpoint_dir / "model.safetensors.index.json").exists():
-        index = json.loads((checkpoint_dir / "model.safetensors.index.json").read_text())
-        files = [checkpoint_dir / f for f in sorted(set(index["weight_map"].values()))]
-    elif (checkpoint_dir / "model.safetensors").exists():
-        files = [checkpoint_dir / "model.safetensors"]
-    else:
-        files = sorted(checkpoint_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(
-            f"{checkpoint_dir}: no *.safetensors weights found; the distributed recipes read safetensors "
-            "(convert .bin checkpoints with `kdtune download` or save them with safe_serialization=True)."
-        )
-    for f in files:
-        if not f.exists():
-            raise CheckpointError(f"{f}: listed checkpoint file does not exist; fix checkpointer.checkpoint_files.")
-        if f.suffix != ".safetensors":
-            raise CheckpointError(f"{f}: the distributed loader reads .safetensors files only; convert it first.")
-    return files
-
-
 def _lookup_param_or_buffer(model: nn.Module, name: str) -> torch.Tensor | None:
     module_path, _, leaf = name.rpartition(".")
     try:
@@ -424,81 +407,107 @@ def _copy_full_into(target: torch.Tensor, full: torch.Tensor, name: str, source:
 def load_hf_into_sharded_model(
     model: nn.Module,
     checkpoint_dir: str | os.PathLike,
-    checkpoint_files: list[str] | None = None,
+    checkpoint_files: list[str] | dict[str, Any] | None = None,
     *,
     strict: bool = True,
-    allow_missing: Iterable[str] = ("lora_",),
 ) -> list[str]:
-    """Fill a (sharded, materialised) model from an HF checkpoint directory, one safetensors shard file at a time.
+    """Fill a (sharded, materialised) model from an HF checkpoint directory, one weight file at a time.
 
-    Each rank opens the shard files itself (memory-mapped) and keeps only its slice of each tensor: at any time a rank
-    holds at most one HF shard file's converted tensors plus its own parameter shards, never a full model. (The
-    alternative, rank 0 reading and broadcasting, costs a full copy of each shard file in network traffic per rank
-    and makes rank 0 the bottleneck; reading locally needs the checkpoint on every node, which multi-node jobs have.)
-    Names and layouts are converted by the model's family (:func:`kdtune.models._family.family_for_hf_config`).
+    Choice: *rank-local reads*. Every rank reads each weight file itself (safetensors are memory-mapped) and keeps only
+    its slice of each tensor (``distribute_tensor(..., src_data_rank=None)`` slices locally, no communication). At any
+    time a rank holds at most one weight file's converted tensors plus its own parameter shards, never a full model.
+    Broadcasting from rank 0 instead would send every tensor to every rank and make rank 0 the bottleneck; local reads
+    only need the checkpoint on each node's disk (or a shared file system), which multi-node jobs have anyway.
+    Files are found and read by :mod:`kdtune.models.checkpointer` and converted by the model's family.
 
     Args:
         model: the model, built on ``meta``, sharded with :func:`shard_model` and materialised.
-        checkpoint_dir: an HF model directory (``config.json`` + ``*.safetensors``).
-        checkpoint_files: explicit shard file names; default: from the index, or ``model.safetensors``.
-        strict: raise if a model parameter is not in the checkpoint (except ``allow_missing`` patterns) or a checkpoint
-            tensor has no parameter.
-        allow_missing: substrings of parameter names that may be absent from the checkpoint (LoRA weights).
+        checkpoint_dir: an HF model directory (``config.json`` + weights).
+        checkpoint_files: weight file names (or torchtune's ``{filename_format, max_filename}``); default: detected.
+        strict: raise if a model tensor (other than LoRA matrices) is not in the checkpoint, or a checkpoint tensor has
+            no model tensor.
 
     Returns:
-        The names of the model parameters that were not loaded (LoRA weights), which the caller must initialise.
+        The names of the LoRA parameters (never in a base checkpoint), which the caller initialises.
 
     Raises:
-        CheckpointError: missing directory/files, unknown architecture, a shape mismatch, or (strict) missing/unexpected
-            tensors.
+        CheckpointError: missing directory/files, unknown or different architecture, a shape mismatch, or (strict)
+            missing/unexpected tensors.
     """
-    from safetensors import safe_open
-
     from kdtune.models._family import family_for_hf_config
+    from kdtune.models._safetensors_io import read_weight_file, resolve_weight_files
+    from kdtune.models.checkpointer import read_hf_config
 
-    ckpt = Path(checkpoint_dir)
-    config_path = ckpt / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{ckpt}: no config.json; point checkpointer.checkpoint_dir at an HF model directory.")
-    hf_config = json.loads(config_path.read_text())
+    ckpt = Path(checkpoint_dir).expanduser()
+    hf_config = read_hf_config(ckpt)
     _ensure_families_registered()
-    family = family_for_hf_config(hf_config, source=str(config_path))
-
-    expected = {name for name, _ in model.named_parameters()}
-    expected |= {
-        name
-        for name, _ in _persistent_buffers(model)
-        if _lookup_param_or_buffer(model, name) is not None and not name.endswith("inv_freq")
-    }
+    family = family_for_hf_config(hf_config, source=str(ckpt / "config.json"))
+    model_family = getattr(model, "hf_family", "") or ""
+    if model_family and model_family != family.name:
+        raise CheckpointError(
+            f"{ckpt / 'config.json'} describes a {family.name!r} model but the model was built as {model_family!r}; "
+            "build it from this directory (kdtune.models.hf_model) or pick the matching builder."
+        )
+    lora = {n for n, _ in model.named_parameters() if n.endswith(("lora_a.weight", "lora_b.weight"))}
+    expected = {n for n, _ in model.named_parameters()} | {n for n, _ in _persistent_buffers(model)}
     loaded: set[str] = set()
     unexpected: list[str] = []
-    for path in _hf_shard_files(ckpt, checkpoint_files):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            hf_part = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    for path in resolve_weight_files(ckpt, checkpoint_files):
+        hf_part = read_weight_file(path)
         converted = family.state_dict_from_hf(hf_part, hf_config)
         del hf_part
         for name, full in converted.items():
             target = _lookup_param_or_buffer(model, name)
-            if target is None:
+            if target is None or name in lora:
                 unexpected.append(name)
                 continue
             _copy_full_into(target, full, name, path)
             loaded.add(name)
         del converted
-    missing = sorted(expected - loaded)
-    allowed = [m for m in missing if any(p in m for p in allow_missing)]
-    really_missing = [m for m in missing if m not in allowed]
-    if strict and (really_missing or unexpected):
+    missing = sorted(expected - loaded - lora)
+    if strict and (missing or unexpected):
         parts = []
-        if really_missing:
-            parts.append(f"missing {len(really_missing)} tensor(s) e.g. {really_missing[:3]}")
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s) e.g. {unexpected[:3]}")
+            parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}")
         raise CheckpointError(
             f"{ckpt}: checkpoint does not match the model ({'; '.join(parts)}); check that the model builder "
-            "matches config.json."
+            "matches config.json and checkpointer.checkpoint_files."
         )
-    return allowed
+    return sorted(lora)
+
+
+@torch.no_grad()
+def init_lora_parameters(model: nn.Module, seed: int) -> int:
+    """(Re-)initialise every LoRA matrix from ``seed`` alone, identically on a plain or a sharded model.
+
+    PEFT's init (``lora_a`` Kaiming-uniform with ``a=sqrt(5)``, ``lora_b`` zeros), drawn on CPU from
+    ``torch.Generator().manual_seed(seed)`` in ``named_modules`` order as full matrices, then each rank keeps its shard.
+    So a run built on the meta device and sharded over N ranks starts from exactly the adapters of a single-device run
+    that calls this too, independent of how much of the global RNG stream a model's random base init consumed.
+
+    Args:
+        model: a model with ``kdtune.models.modules.lora.LoRALinear`` modules (no-op without).
+        seed: the run's seed.
+
+    Returns:
+        The number of LoRA modules initialised.
+    """
+    from kdtune.models.modules.lora import LoRALinear
+
+    gen = torch.Generator().manual_seed(int(seed))
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, LoRALinear):
+            continue
+        a, b = module.lora_a.weight, module.lora_b.weight  # [r, in], [out, r]
+        full_a = torch.empty(tuple(a.shape), dtype=torch.float32)
+        nn.init.kaiming_uniform_(full_a, a=math.sqrt(5), generator=gen)
+        _copy_full_into(a, full_a, f"{name}.lora_a.weight", Path("<init>"))
+        _copy_full_into(b, torch.zeros(tuple(b.shape)), f"{name}.lora_b.weight", Path("<init>"))
+        count += 1
+    return count
 
 
 def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -520,30 +529,6 @@ def _ensure_families_registered() -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
-    """Global L2 gradient norm over all (possibly sharded) parameters, clipped to ``max_norm`` when given.
-
-    ``torch.nn.utils.clip_grad_norm_`` handles DTensor gradients in torch >= 2.6: it reduces the per-shard norms over
-    the mesh and scales each shard by the same factor. Its DTensor result is turned into a plain tensor here.
-
-    Args:
-        parameters: the trainable parameters.
-        max_norm: clip threshold; ``None`` only measures the norm.
-
-    Returns:
-        The total norm before clipping, a 0-dim float32 tensor (identical on every rank).
-    """
-    from torch.distributed.tensor import DTensor
-
-    params = [p for p in parameters if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    return norm.detach().float().cpu()
-
-
 def gather_full_state_dict(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """All-gather the full (unsharded) state dict on rank 0's CPU, one parameter at a time.
 
@@ -561,76 +546,13 @@ def gather_full_state_dict(model: nn.Module, *, trainable_only: bool = False) ->
 
     if not is_distributed():
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    else:
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:  # frozen (LoRA base) tensors are not even gathered when only the trainable ones are wanted
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        sd = get_model_state_dict(model, options=options)
     if trainable_only:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         sd = {k: v for k, v in sd.items() if k in trainable}
     return sd if is_rank_zero() else {}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# data
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class ResumableDistributedSampler(_TorchDistributedSampler):
-    """``torch.utils.data.DistributedSampler`` that can start part-way through an epoch (exact resume).
-
-    The order is torch's: each epoch a permutation seeded with ``seed + epoch`` (call :meth:`set_epoch`), then rank
-    ``r`` takes positions ``r, r + W, r + 2W, ...``. So ``W`` ranks with micro-batch ``B`` see, step for step, the same
-    samples as one process with micro-batch ``W * B`` using the same sampler with ``num_replicas=1``.
-
-    Args:
-        dataset: the map-style dataset.
-        num_replicas: world size (default: the current one).
-        rank: this rank (default: the current one).
-        shuffle: reshuffle each epoch.
-        seed: base seed (the same on every rank).
-        drop_last: drop the tail that does not divide evenly by the world size (else pad by repeating samples).
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        *,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(
-            dataset,
-            num_replicas=get_world_size() if num_replicas is None else num_replicas,
-            rank=get_rank() if rank is None else rank,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=drop_last,
-        )
-        self.start_index = 0
-
-    def set_start_index(self, start_index: int) -> None:
-        """Skip the first ``start_index`` samples of this rank's share of the current epoch (reset by set_epoch)."""
-        if start_index < 0 or start_index > self.num_samples:
-            raise ValueError(f"start_index {start_index} outside [0, {self.num_samples}]")
-        self.start_index = start_index
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's permutation and start from its beginning."""
-        super().set_epoch(epoch)
-        self.start_index = 0
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start_index :])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start_index
-
-    def state_dict(self) -> dict[str, int]:
-        """Epoch and start position (samples of this rank already consumed are tracked by the caller)."""
-        return {"epoch": int(self.epoch), "start_index": int(self.start_index), "seed": int(self.seed)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -648,24 +570,6 @@ def latest_sharded_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None
     steps = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
     steps = [(n, p) for n, p in steps if (p / "state.json").exists()]
     return max(steps)[1] if steps else None
-
-
-def _rng_state() -> dict[str, Any]:
-    import random
-
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    import random
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_sharded_checkpoint(
@@ -690,7 +594,8 @@ def save_sharded_checkpoint(
         step: optimizer steps done.
         model: the sharded model.
         optimizer: its optimizer.
-        extra_state: JSON-serialisable state (``lr_scheduler`` state dicts are JSON-friendly); tensors are not allowed.
+        extra_state: the rest of the run state (LR schedule state dict, data position, config...), saved by rank 0
+            with ``torch.save`` (so every rank must pass the same values).
         keep_last: complete checkpoints to keep (>= 1).
         trainable_only: store only trainable parameters (LoRA: the frozen base comes from the HF checkpoint).
 
@@ -710,12 +615,12 @@ def save_sharded_checkpoint(
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=trainable_only))
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp), no_dist=not is_distributed())
-    torch.save(_rng_state(), tmp / f"rng_rank{get_rank()}.pt")
+    torch.save(capture_rng_state(), tmp / f"rng_rank{get_rank()}.pt")
     barrier()
     if is_rank_zero():
-        state = dict(extra_state)
-        state.update({"step": step, "world_size": get_world_size(), "trainable_only": trainable_only})
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=_json_default))
+        torch.save(dict(extra_state), tmp / "extra_state.pt")
+        meta = {"step": step, "world_size": get_world_size(), "trainable_only": trainable_only, "format": "dcp"}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2))  # written last: marks the checkpoint complete
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -728,14 +633,6 @@ def save_sharded_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def load_sharded_checkpoint(
@@ -781,5 +678,236 @@ def load_sharded_checkpoint(
     )
     rng_path = ckpt / f"rng_rank{get_rank()}.pt"
     if rng_path.exists():
-        _set_rng_state(torch.load(rng_path, weights_only=False))
-    return state
+        restore_rng_state(torch.load(rng_path, weights_only=True))
+    extra = torch.load(ckpt / "extra_state.pt", weights_only=False) if (ckpt / "extra_state.pt").exists() else {}
+    return {**extra, **state}
+
+
+class DistributedResumeCheckpoints:
+    """The distributed recipes' resume checkpoints: :class:`kdtune.training.builders.ResumeCheckpoints`'s interface
+    (``save(pos)``, ``resume()``, ``last``) on sharded ``torch.distributed.checkpoint`` directories.
+
+    ``output_dir/checkpoints/step_N/`` holds the DCP shards of the model (only the adapters of a LoRA model) and the
+    optimizer, one RNG file per rank, ``extra_state.pt`` (LR schedule, data position), ``config.yaml`` and
+    ``state.json`` (written last). The newest ``keep_last_n_checkpoints`` are kept.
+
+    Args:
+        runtime: output layout (``runtime.checkpoints_dir``).
+        settings: recipe settings (``keep_last_n_checkpoints``).
+        model: the sharded model.
+        optimizer: its optimizer.
+        scheduler: its LR schedule or None.
+        data: the :class:`kdtune.training.builders.TrainData` (its ``position`` is saved and restored).
+        cfg: the run's config, saved with each checkpoint.
+    """
+
+    def __init__(
+        self,
+        runtime: Any,
+        settings: Any,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        data: Any,
+        cfg: Any = None,
+    ) -> None:
+        from kdtune.training.builders import is_lora_model
+
+        self.runtime, self.keep_last = runtime, int(settings.keep_last_n_checkpoints)
+        self.model, self.optimizer, self.scheduler, self.data, self.cfg = model, optimizer, scheduler, data, cfg
+        self.trainable_only = is_lora_model(model)
+        self.last: str | None = None
+
+    def save(self, pos: Any) -> Path:
+        """Write the checkpoint of the optimizer step that ended at ``pos`` (every rank must call it)."""
+        from kdtune.training.builders import DataPosition
+
+        nxt = pos if not self.data.is_epoch_end(pos) else DataPosition(pos.epoch + 1, 0, pos.global_step)
+        extra = {
+            "data_state": nxt.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        }
+        path = save_sharded_checkpoint(
+            self.runtime.checkpoints_dir,
+            pos.global_step,
+            self.model,
+            self.optimizer,
+            extra,
+            keep_last=self.keep_last,
+            trainable_only=self.trainable_only,
+        )
+        if self.cfg is not None and is_rank_zero():
+            from kdtune.config import save_config
+
+            save_config(self.cfg, path / "config.yaml")
+        barrier()
+        self.last = str(path)
+        return path
+
+    def resume(self) -> Any:
+        """Restore the newest checkpoint into the model, optimizer, schedule, RNG and data position.
+
+        Raises:
+            CheckpointError: there is no complete checkpoint under ``output_dir/checkpoints``.
+        """
+        from kdtune.training.builders import DataPosition
+
+        path = latest_sharded_checkpoint(self.runtime.checkpoints_dir)
+        if path is None:
+            raise CheckpointError(
+                f"resume_from_checkpoint=true but {self.runtime.checkpoints_dir} holds no complete step_N checkpoint; "
+                "set resume_from_checkpoint=false or point output_dir at the run to continue."
+            )
+        state = load_sharded_checkpoint(path, self.model, self.optimizer)
+        if self.scheduler is not None and state.get("lr_scheduler") is not None:
+            self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.data.position = DataPosition.from_state_dict(state["data_state"])
+        self.last = str(path)
+        return self.data.position
+
+
+def build_sharded_model(
+    model_cfg: Any,
+    checkpointer_cfg: Any,
+    runtime: Any,
+    *,
+    seed: int = 0,
+    activation_checkpointing: bool = False,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+    key: str = "model",
+) -> tuple[nn.Module, Any]:
+    """The distributed counterpart of :func:`kdtune.training.builders.build_model`: build on ``meta``, shard, fill.
+
+    1. ``instantiate(model_cfg)`` under ``torch.device("meta")`` in the runtime dtype (no memory is allocated);
+    2. activation checkpointing is switched on (before sharding);
+    3. :func:`shard_model` (each decoder layer, then the root); only the rank-local shards are then allocated;
+    4. the weights are read from the checkpointer's directory one file at a time into the shards
+       (:func:`load_hf_into_sharded_model`); LoRA matrices get :func:`init_lora_parameters` (``seed``); a model without
+       a checkpoint gets its builder's random init (``init_weights``).
+
+    Args:
+        model_cfg: the model ``_component_`` node.
+        checkpointer_cfg: the ``kdtune.models.HFCheckpointer`` node; None = random init.
+        runtime: device and dtype (:class:`kdtune.training.builders.Runtime`).
+        seed: seed of the LoRA initialisation.
+        activation_checkpointing: recompute each decoder layer in backward.
+        reshard_after_forward: see :func:`shard_model`.
+        cpu_offload: keep parameter shards (and so gradients and optimizer state) in CPU memory (CUDA only).
+        key: config key of the model, for error messages.
+
+    Returns:
+        ``(model, checkpointer)``; the checkpointer is None when ``checkpointer_cfg`` is None.
+
+    Raises:
+        ConfigError: the component is not a model, QLoRA was asked for (not supported sharded), or CPU offload on CPU.
+    """
+    from kdtune.config import instantiate
+    from kdtune.models.modules.lora import get_lora_modules
+
+    if cpu_offload and runtime.device.type != "cuda":
+        raise ConfigError(
+            "fsdp_cpu_offload=True needs CUDA devices (it moves sharded parameters off the GPU); "
+            "set fsdp_cpu_offload=false when training on CPU."
+        )
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(runtime.dtype)
+    try:
+        with torch.device("meta"):
+            model = instantiate(model_cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"{key}: _component_ built a {type(model).__name__}, not a model; use a kdtune.models builder"
+        )
+    if any(m.quantize_base for m in get_lora_modules(model).values()):
+        raise ConfigError(
+            f"{key}: quantize_base=True (QLoRA) is not supported by the distributed recipes; set "
+            f"{key}.quantize_base=false (LoRA on a sharded bf16 base) or use lora_finetune_single_device."
+        )
+    if activation_checkpointing:
+        from kdtune.models import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
+    shard_model(model, reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload, device=runtime.device)
+    materialize_meta_model(model, "cpu" if cpu_offload else runtime.device)
+    checkpointer = instantiate(checkpointer_cfg) if checkpointer_cfg is not None else None
+    if checkpointer is not None and checkpointer.checkpoint_dir is not None:
+        load_hf_into_sharded_model(model, checkpointer.checkpoint_dir, checkpointer.checkpoint_files)
+    elif hasattr(model, "init_weights"):
+        model.init_weights()
+    init_lora_parameters(model, seed)
+    return model, checkpointer
+
+
+def reduce_eval_metrics(metrics: dict[str, float], kd_ratio: float = 0.0) -> dict[str, float]:
+    """Combine the per-rank results of :func:`kdtune.training.builders.evaluate` into global per-token losses.
+
+    Every rank must call it with its own shard's metrics; the token-weighted sums are all-reduced.
+
+    Args:
+        metrics: this rank's ``evaluate`` result.
+        kd_ratio: the KD mixing weight used for ``val_loss``.
+
+    Returns:
+        The same keys, over the whole validation set.
+    """
+    tokens = metrics["val_tokens"]
+    keys = [k for k in ("val_class_loss", "val_kd_loss") if k in metrics]
+    sums = all_reduce_sum([tokens, *(metrics[k] * tokens for k in keys)]).tolist()
+    n = max(sums[0], 1.0)
+    out = {k: s / n for k, s in zip(keys, sums[1:])}
+    out["val_tokens"] = sums[0]
+    out["val_loss"] = (1 - kd_ratio) * out["val_class_loss"] + kd_ratio * out.get("val_kd_loss", 0.0)
+    return out
+
+
+def save_final_distributed(
+    runtime: Any,
+    checkpointer: Any,
+    model: nn.Module,
+    model_cfg: Any,
+    *,
+    adapter_only: bool = False,
+) -> list[Path]:
+    """Gather the trained model on rank 0 and write ``final/`` (HF) and, for LoRA, ``final_adapter/`` (PEFT).
+
+    Every rank must call it. The full state dict is gathered one tensor at a time into rank 0's CPU memory (only the
+    adapters when ``adapter_only``), loaded with ``assign=True`` into a fresh copy of the model built on ``meta`` (no
+    second copy of the weights), and written by :func:`kdtune.training.builders.save_final`, i.e. by the same
+    ``HFCheckpointer.save_hf`` / ``save_adapter`` as the single-device recipes.
+
+    Args:
+        runtime: output layout.
+        checkpointer: the model's ``HFCheckpointer``.
+        model: the sharded trained model.
+        model_cfg: the model ``_component_`` node (to rebuild the unsharded module on rank 0).
+        adapter_only: LoRA only: write only the adapter.
+
+    Returns:
+        The directories written (on rank 0; ``[]`` elsewhere).
+    """
+    from kdtune.config import instantiate
+    from kdtune.training.builders import is_lora_model, save_final
+
+    lora = is_lora_model(model)
+    if adapter_only and not lora:
+        raise ConfigError("save_adapter_weights_only=true needs a LoRA model (a lora_* builder); set it to false")
+    full = gather_full_state_dict(model, trainable_only=adapter_only)
+    written: list[Path] = []
+    if is_rank_zero():
+        dtype = next(iter(full.values())).dtype
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device("meta"):
+                plain = instantiate(model_cfg)
+        finally:
+            torch.set_default_dtype(prev)
+        plain.load_state_dict(full, strict=not adapter_only, assign=True)
+        written = save_final(runtime, checkpointer, plain, adapter_only=adapter_only)
+        del plain
+    del full
+    barrier()
+    return written

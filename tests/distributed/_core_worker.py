@@ -16,6 +16,7 @@ from torch import nn
 
 from kdtune.models._family import ModelFamily, register_family
 from kdtune.training import distributed as D
+from kdtune.training.runtime import clip_grad_norm
 
 VOCAB, DIM, LAYERS = 37, 12, 2  # odd sizes: uneven FSDP shards (37 rows over 2 ranks)
 
@@ -145,8 +146,9 @@ def main(out: Path) -> None:
     )
     # --- clipping on DTensor grads
     ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
-    norm = D.clip_grad_norm_(model.parameters(), 0.05)
-    res["norm"] = norm.item()
+    norm = clip_grad_norm(model, 0.05)  # the helper every recipe uses, on DTensor grads
+    res["norm_type"] = type(norm).__name__
+    res["norm"] = float(norm)
     res["norm_ref"] = ref_norm.item()
     res["clipped_grad_max_diff"] = max(
         (p.grad.full_tensor() - rp.grad).abs().max().item() for p, rp in zip(model.parameters(), ref.parameters())
