@@ -33,7 +33,7 @@ from kdtune.losses.kd import (
     SymmetricKLLoss,
     TVDLoss,
 )
-from kdtune.losses.objective import ObjectiveOutput, distillation_objective
+from kdtune.losses.objective import ObjectiveOutput, cross_entropy_objective, distillation_objective
 
 __all__ = [
     "CEWithChunkedOutputLoss",
@@ -48,6 +48,7 @@ __all__ = [
     "SkewReverseKLLoss",
     "SymmetricKLLoss",
     "TVDLoss",
+    "cross_entropy_objective",
     "cross_entropy_sum",
     "distillation_objective",
     "forward_kl",

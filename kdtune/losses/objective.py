@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from kdtune.losses.functional import upcast
 from kdtune.losses.kd import KDLoss
 
-__all__ = ["ObjectiveOutput", "distillation_objective"]
+__all__ = ["ObjectiveOutput", "cross_entropy_objective", "distillation_objective"]
 
 
 class ObjectiveOutput(NamedTuple):
@@ -106,9 +106,9 @@ def distillation_objective(
 
     recompute = checkpoint_chunks and torch.is_grad_enabled() and h_s.requires_grad
     ce_total, kd_total = zero, zero.clone()
-    bounds = torch.arange(n).tensor_split(min(num_output_chunks, n))
-    for idx in bounds:
-        start, end = int(idx[0]), int(idx[-1]) + 1
+    k = min(num_output_chunks, n)
+    for i in range(k):
+        start, end = (i * n) // k, ((i + 1) * n) // k
         hs, y = h_s[start:end], tgt[start:end]
         ht = h_t[start:end] if h_t is not None else None
         if recompute:
@@ -118,3 +118,36 @@ def distillation_objective(
         ce_total = ce_total + ce
         kd_total = kd_total + kd
     return ObjectiveOutput(ce_total, kd_total, num_tokens)
+
+
+def cross_entropy_objective(
+    hidden: Tensor,
+    model: nn.Module,
+    labels: Tensor,
+    num_output_chunks: int = 8,
+    *,
+    ignore_index: int = -100,
+    checkpoint_chunks: bool = True,
+) -> ObjectiveOutput:
+    """Fine-tuning objective: the student-only case of :func:`distillation_objective` (``kd_loss_sum`` is 0).
+
+    Args:
+        hidden: ``[B, T, D]`` final hidden states (``return_hidden=True``).
+        model: module with ``output_logits``.
+        labels: ``[B, T]`` aligned with the tokens (the objective shifts).
+        num_output_chunks: chunks of valid positions processed one at a time.
+        ignore_index: label value to skip.
+        checkpoint_chunks: recompute each chunk's logits in backward.
+    """
+    return distillation_objective(
+        hidden,
+        None,
+        model,
+        None,
+        labels,
+        None,
+        0.0,
+        num_output_chunks,
+        ignore_index=ignore_index,
+        checkpoint_chunks=checkpoint_chunks,
+    )

@@ -1,0 +1,298 @@
+"""Metric loggers as config ``_component_``s, and the training progress bar.
+
+Every logger has ``log(name, value, step)``, ``log_dict(payload, step)``, ``log_config(config)`` and ``close()``, and
+writes only on global rank 0 (``RANK`` env var), so recipes can call them unconditionally. The TensorBoard and
+Weights & Biases loggers import their libraries lazily and say which extra to install when missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol, TextIO, runtime_checkable
+
+from kdtune.errors import ConfigError
+
+__all__ = [
+    "MetricLogger",
+    "StdoutLogger",
+    "DiskLogger",
+    "TensorBoardLogger",
+    "WandBLogger",
+    "ProgressBar",
+    "is_rank_zero",
+]
+
+
+def is_rank_zero() -> bool:
+    """True unless the ``RANK`` environment variable names a non-zero rank."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _scalar(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except (RuntimeError, ValueError):
+            return value
+    return value
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    try:
+        from omegaconf import OmegaConf  # noqa: PLC0415
+
+        if OmegaConf.is_config(config):
+            return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(config)
+
+
+@runtime_checkable
+class MetricLogger(Protocol):
+    """What a recipe needs from a metric logger."""
+
+    def log(self, name: str, value: Any, step: int) -> None: ...
+    def log_dict(self, payload: Mapping[str, Any], step: int) -> None: ...
+    def log_config(self, config: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+class _BaseLogger:
+    def log(self, name: str, value: Any, step: int) -> None:
+        """Log one scalar."""
+        self.log_dict({name: value}, step)
+
+    def log_dict(self, payload: Mapping[str, Any], step: int) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def log_config(self, config: Any) -> None:
+        """Record the run's config (no-op unless the backend stores it)."""
+
+    def close(self) -> None:
+        """Flush and release resources."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _fmt(value: Any) -> str:
+    value = _scalar(value)
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5) and math.isfinite(value):
+            return f"{value:.4e}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+class StdoutLogger(_BaseLogger):
+    """Prints ``Step 12 | loss:1.2345 kd_loss:0.5000 lr:2.0000e-05`` lines to stdout (rank 0 only)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        self._enabled = is_rank_zero()
+
+    def log_dict(self, payload: Mapping[str, Any], step: int) -> None:
+        """Print one line with every metric of ``payload`` at ``step``."""
+        if not self._enabled:
+            return
+        body = " ".join(f"{k}:{_fmt(v)}" for k, v in payload.items())
+        print(f"Step {step} | {body}", file=self._stream or sys.stdout, flush=True)
+
+
+class DiskLogger(_BaseLogger):
+    """Appends one JSON object per ``log_dict`` call (``{"step": s, **metrics}``) to a ``.jsonl`` file (rank 0).
+
+    Args:
+        log_dir: directory, created if needed.
+        filename: file name inside ``log_dir``; default ``log_<unix time>.jsonl``.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, filename: str | None = None) -> None:
+        self._enabled = is_rank_zero()
+        self.path = Path(log_dir) / (filename or f"log_{int(time.time())}.jsonl")
+        self._file: TextIO | None = None
+        if self._enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def log_dict(self, payload: Mapping[str, Any], step: int) -> None:
+        """Append ``{"step": step, **payload}`` as one JSON line (non-finite floats written as strings)."""
+        if self._file is None:
+            return
+        row: dict[str, Any] = {"step": int(step)}
+        for k, v in payload.items():
+            v = _scalar(v)
+            row[k] = str(v) if isinstance(v, float) and not math.isfinite(v) else v
+        self._file.write(json.dumps(row, default=str) + "\n")
+        self._file.flush()
+
+    def log_config(self, config: Any) -> None:
+        """Write the resolved config next to the log as ``config.json``."""
+        if self._enabled:
+            (self.path.parent / "config.json").write_text(json.dumps(_config_dict(config), indent=2, default=str))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class TensorBoardLogger(_BaseLogger):
+    """Writes scalars to TensorBoard event files under ``log_dir`` (rank 0); needs ``pip install 'kdtune[tensorboard]'``.
+
+    Args:
+        log_dir: directory for the event files.
+        **kwargs: passed to ``torch.utils.tensorboard.SummaryWriter``.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, **kwargs: Any) -> None:
+        self._writer = None
+        if not is_rank_zero():
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+        except ImportError as e:
+            raise ConfigError(
+                "metric_logger TensorBoardLogger needs the tensorboard package: pip install 'kdtune[tensorboard]' "
+                "(or use kdtune.training.DiskLogger)"
+            ) from e
+        self._writer = SummaryWriter(log_dir=str(log_dir), **kwargs)
+
+    def log_dict(self, payload: Mapping[str, Any], step: int) -> None:
+        """Add every numeric value of ``payload`` as a scalar at ``step``."""
+        if self._writer is None:
+            return
+        for k, v in payload.items():
+            v = _scalar(v)
+            if isinstance(v, (int, float)):
+                self._writer.add_scalar(k, v, global_step=step)
+        self._writer.flush()
+
+    def log_config(self, config: Any) -> None:
+        """Record the config as a text summary."""
+        if self._writer is not None:
+            self._writer.add_text("config", "```\n" + json.dumps(_config_dict(config), indent=2, default=str) + "\n```")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class WandBLogger(_BaseLogger):
+    """Logs to Weights & Biases (rank 0); needs ``pip install 'kdtune[wandb]'``.
+
+    Args:
+        project: W&B project.
+        entity: W&B entity (team / user).
+        group: run group.
+        log_dir: local directory for W&B files.
+        **kwargs: passed to ``wandb.init``.
+    """
+
+    def __init__(
+        self,
+        project: str = "kdtune",
+        entity: str | None = None,
+        group: str | None = None,
+        log_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._run = None
+        if not is_rank_zero():
+            return
+        try:
+            import wandb  # noqa: PLC0415
+        except ImportError as e:
+            raise ConfigError(
+                "metric_logger WandBLogger needs the wandb package: pip install 'kdtune[wandb]' "
+                "(or use kdtune.training.DiskLogger)"
+            ) from e
+        self._wandb = wandb
+        self._run = wandb.run or wandb.init(project=project, entity=entity, group=group, dir=log_dir, **kwargs)
+
+    def log_dict(self, payload: Mapping[str, Any], step: int) -> None:
+        """Log ``payload`` at ``step``."""
+        if self._run is not None:
+            self._run.log({k: _scalar(v) for k, v in payload.items()}, step=step)
+
+    def log_config(self, config: Any) -> None:
+        """Store the config in the run's config."""
+        if self._run is not None:
+            self._run.config.update(_config_dict(config), allow_val_change=True)
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+
+class ProgressBar:
+    """tqdm bar over optimizer steps showing loss, kd_loss, lr and tokens/s; tqdm shows step/total and ETA.
+
+    Args:
+        total_steps: optimizer steps of the whole run.
+        initial_step: steps already done (when resuming).
+        desc: text before the bar.
+        disable: hide it; default: hidden on ranks other than 0.
+    """
+
+    def __init__(
+        self, total_steps: int, initial_step: int = 0, desc: str = "train", disable: bool | None = None
+    ) -> None:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        if disable is None:
+            disable = not is_rank_zero()
+        self._bar = tqdm(total=total_steps, initial=initial_step, desc=desc, disable=disable, dynamic_ncols=True)
+        self._last_time = time.perf_counter()
+        self.tokens_per_second = 0.0
+
+    def update(
+        self,
+        num_tokens: int,
+        loss: float | None = None,
+        kd_loss: float | None = None,
+        lr: float | None = None,
+        steps: int = 1,
+    ) -> float:
+        """Advance by ``steps`` optimizer steps that processed ``num_tokens`` tokens; return tokens/s since last call."""
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        self._last_time = now
+        self.tokens_per_second = num_tokens / elapsed
+        post: dict[str, str] = {}
+        if loss is not None:
+            post["loss"] = f"{loss:.4f}"
+        if kd_loss is not None and not (isinstance(kd_loss, float) and math.isnan(kd_loss)):
+            post["kd_loss"] = f"{kd_loss:.4f}"
+        if lr is not None:
+            post["lr"] = f"{lr:.2e}"
+        post["tok/s"] = f"{self.tokens_per_second:.0f}"
+        self._bar.set_postfix(post, refresh=False)
+        self._bar.update(steps)
+        return self.tokens_per_second
+
+    def reset_timer(self) -> None:
+        """Restart the tokens/s clock (e.g. after validation or checkpointing)."""
+        self._last_time = time.perf_counter()
+
+    def close(self) -> None:
+        """Close the bar."""
+        self._bar.close()

@@ -1,0 +1,206 @@
+"""Precision, device, seeding, gradient clipping, memory and NaN/inf guards."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import sys
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from kdtune.errors import ConfigError, KDTuneError
+
+__all__ = [
+    "NonFiniteLossError",
+    "check_finite",
+    "clip_grad_norm",
+    "get_device",
+    "get_dtype",
+    "peak_memory",
+    "reset_peak_memory",
+    "set_seed",
+]
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+_FP16 = {"fp16", "float16", "half"}
+
+
+def get_dtype(dtype: str | torch.dtype | None = "fp32", device: torch.device | str | None = None) -> torch.dtype:
+    """Map a config ``dtype`` (``fp32``/``float32``, ``bf16``/``bfloat16``; None → fp32) to a ``torch.dtype``.
+
+    fp16 is refused: training in fp16 needs dynamic loss scaling, which kdtune does not implement; bf16 has fp32's
+    range and needs none. bf16 on a CUDA device without bf16 support is refused too.
+
+    Raises:
+        ConfigError: unknown or unsupported dtype.
+    """
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    else:
+        name = str(dtype).lower().removeprefix("torch.")
+    if name in _FP16:
+        raise ConfigError(
+            f"dtype={dtype} is not supported: fp16 training needs loss scaling, which kdtune does not do; "
+            "use dtype=bf16 (or dtype=fp32)"
+        )
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not recognised: use dtype=fp32 or dtype=bf16")
+    out = _DTYPES[name]
+    dev = torch.device(device) if device is not None else None
+    if out is torch.bfloat16 and dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"dtype={dtype}: this GPU does not support bf16; use dtype=fp32")
+    return out
+
+
+def get_device(device: str | torch.device | None = None) -> torch.device:
+    """Resolve a config ``device``: None/``"auto"`` → ``cuda`` if available else ``cpu``.
+
+    A bare ``"cuda"`` becomes ``cuda:<LOCAL_RANK>`` (0 without torchrun) and is made the current CUDA device.
+
+    Raises:
+        ConfigError: an unknown device string, or CUDA requested where none is available.
+    """
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        name = "auto" if device is None else str(device).strip().lower()
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            dev = torch.device(name)
+        except RuntimeError as e:
+            raise ConfigError(f"device={device!r} is not a valid device: use cpu, cuda, cuda:<index> or auto") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r} but CUDA is not available here: set device=cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={dev} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def set_seed(seed: int | None = None, deterministic: bool = False, rank: int = 0) -> int:
+    """Seed python, numpy (if installed) and torch (CPU and CUDA) with ``seed + rank``; return ``seed``.
+
+    Args:
+        seed: the run's seed; None draws one from the OS (and returns it so it can be logged / saved).
+        deterministic: also ask torch for deterministic algorithms (``warn_only`` for ops without one), disable
+            cuDNN autotuning and set ``CUBLAS_WORKSPACE_CONFIG``; slower, bit-reproducible on the same hardware.
+        rank: added to the seed so data-parallel ranks draw different dropout masks.
+    """
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    if not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed={seed!r} is invalid: use a non-negative integer or null")
+    local = seed + rank
+    random.seed(local)
+    np = sys.modules.get("numpy")
+    if np is None:
+        try:
+            import numpy as np  # noqa: PLC0415
+        except ImportError:  # pragma: no cover - numpy is optional
+            np = None
+    if np is not None:
+        np.random.seed(local % 2**32)
+    torch.manual_seed(local)  # also seeds every CUDA device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    return seed
+
+
+def clip_grad_norm(
+    parameters: Iterable[Tensor] | torch.nn.Module, max_norm: float | None, norm_type: float = 2.0
+) -> Tensor:
+    """Clip the global gradient norm to ``max_norm`` (None or <= 0: measure only); return the norm before clipping.
+
+    The returned norm is a scalar tensor (may be inf/nan when gradients are; the caller's guard reports it).
+    """
+    if isinstance(parameters, torch.nn.Module):
+        parameters = parameters.parameters()
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if max_norm is None or max_norm <= 0:
+        grads = [p.grad for p in params]
+        return torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, norm_type=norm_type)
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_memory(device: torch.device | str | None = None) -> dict[str, float]:
+    """Memory figures in GiB for logging.
+
+    On CUDA: ``peak_memory_alloc`` / ``peak_memory_reserved`` (allocator peaks since the last reset) and
+    ``memory_alloc`` (now). On CPU: ``peak_memory_rss`` (the process's peak resident set size, Linux/macOS) and
+    ``memory_rss`` (now, Linux).
+    """
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gib = float(2**30)
+    if dev.type == "cuda":
+        return {
+            "peak_memory_alloc": torch.cuda.max_memory_allocated(dev) / gib,
+            "peak_memory_reserved": torch.cuda.max_memory_reserved(dev) / gib,
+            "memory_alloc": torch.cuda.memory_allocated(dev) / gib,
+        }
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = maxrss if sys.platform == "darwin" else maxrss * 1024
+    out = {"peak_memory_rss": peak / gib}
+    now = _rss_bytes()
+    if now is not None:
+        out["memory_rss"] = now / gib
+    return out
+
+
+def reset_peak_memory(device: torch.device | str | None = None) -> None:
+    """Reset the CUDA allocator's peak counters (the CPU RSS peak cannot be reset)."""
+    dev = torch.device(device) if device is not None else None
+    if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+class NonFiniteLossError(KDTuneError):
+    """The training loss (or gradient norm) became NaN or infinite."""
+
+
+def check_finite(value: Tensor | float, step: int, name: str = "loss", last_checkpoint: str | None = None) -> None:
+    """Raise :class:`NonFiniteLossError` naming ``step`` if ``value`` is NaN or ±inf.
+
+    Args:
+        value: a scalar tensor or float (the step's loss, or the gradient norm).
+        step: the global optimizer step, for the message.
+        name: what ``value`` is (``"loss"``, ``"grad_norm"``).
+        last_checkpoint: path of the last good resume checkpoint, mentioned in the message when given.
+    """
+    v = float(value.detach().float().item()) if isinstance(value, Tensor) else float(value)
+    if math.isfinite(v):
+        return
+    where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+    raise NonFiniteLossError(
+        f"{name} is {v} at step {step}{where}: lower the learning rate, enable gradient clipping (clip_grad_norm=1.0) "
+        "or use dtype=fp32, then resume"
+    )
