@@ -12,6 +12,7 @@ recipe builds its validation set from the same config node with ``instantiate(cf
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -115,6 +116,13 @@ def _finish(
     return ds
 
 
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _max_seq_len(tokenizer: Any, max_seq_len: int | None) -> int | None:
     return max_seq_len if max_seq_len is not None else getattr(tokenizer, "max_seq_len", None)
 
@@ -184,8 +192,13 @@ def _message_dataset(
         source=where,
     )
 
+    # The dataset truncates (and counts truncations) itself, so ask the tokenizer not to cut silently first.
+    extra = (
+        {"truncate_to_max_seq_len": False} if _accepts(tokenizer.tokenize_messages, "truncate_to_max_seq_len") else {}
+    )
+
     def encode(row: Mapping[str, Any], index: int) -> tuple[list[int], list[int]]:
-        tokens, mask = tokenizer.tokenize_messages(convert(row, index), add_eos=True)
+        tokens, mask = tokenizer.tokenize_messages(convert(row, index), add_eos=True, **extra)
         return list(tokens), labels_from_mask(tokens, mask)
 
     return _finish(

@@ -1,0 +1,42 @@
+"""Integration with kdtune's real tokenizers (a generated Qwen2-style byte-level BPE with its ChatML template)."""
+
+import pytest
+
+from kdtune.data import chat_dataset, instruct_dataset
+from kdtune.data.messages import Message
+
+testing_tok = pytest.importorskip("kdtune.testing.tokenizers")
+load_hf_tokenizer = pytest.importorskip("kdtune.data.tokenizers").load_hf_tokenizer
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return testing_tok.write_bpe_tokenizer(tmp_path_factory.mktemp("qwen_tok"), vocab_size=300, style="qwen2")
+
+
+def test_chat_dataset_with_chatml(qwen_dir, write_jsonl, cache_dir):
+    tok = load_hf_tokenizer(qwen_dir)
+    conv = [
+        {"role": "user", "content": "What is 12 + 30?"},
+        {"role": "assistant", "content": "42."},
+        {"role": "user", "content": "And 1 + 1?"},
+        {"role": "assistant", "content": "2, of course."},
+    ]
+    ds = chat_dataset(tok, source="json", data_files=write_jsonl([{"messages": conv}]), cache_dir=cache_dir)
+    item = ds[0]
+    ids, mask = tok.tokenize_messages([Message(**m, masked=m["role"] != "assistant") for m in conv], add_eos=True)
+    assert item["tokens"] == ids
+    # exactly the assistant turns (content + end-of-turn token) are trained
+    trained = [t for t, lab in zip(item["tokens"], item["labels"]) if lab != -100]
+    assert item["labels"] == [-100 if m else t for t, m in zip(ids, mask)]
+    text = tok.decode(trained, skip_special_tokens=False)
+    assert "42." in text and "2, of course." in text and "What is" not in text and "And 1" not in text
+    assert text.count("<|im_end|>") == 2
+
+
+def test_truncation_not_hidden_by_tokenizer(qwen_dir, write_jsonl, cache_dir, caplog):
+    tok = load_hf_tokenizer(qwen_dir, max_seq_len=16)
+    rows = [{"source": "Knowledge distillation " * 5, "target": "trains a small student."}]
+    ds = instruct_dataset(tok, source="json", data_files=write_jsonl(rows), train_on_input=True, cache_dir=cache_dir)
+    assert len(ds[0]["tokens"]) == 16 and ds.num_truncated == 1
+    assert "1 of 1 examples" in caplog.text
