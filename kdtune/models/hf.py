@@ -105,7 +105,20 @@ def load_hf_state_dict(
     return out
 
 
-def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def _hf_name(family: ModelFamily | None, key: str) -> str:
+    """``'<hf name>' (kdtune '<key>')`` when the family can name it, else ``'<key>'``."""
+    if family is None:
+        return repr(key)
+    module, _, leaf = key.rpartition(".")
+    try:
+        return f"'{family.module_name_to_hf(module)}.{leaf}' (kdtune {key!r})"
+    except KeyError:
+        return repr(key)
+
+
+def check_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, family: ModelFamily | None = None
+) -> None:
     """Raise a CheckpointError for missing/unexpected keys or shape mismatches between ``state`` and ``model``."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -113,14 +126,16 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensor(s) (e.g. {missing[:3]})")
+            parts.append(
+                f"missing {len(missing)} tensor(s) (e.g. {', '.join(_hf_name(family, k) for k in missing[:3])})"
+            )
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensor(s) (e.g. {unexpected[:3]})")
         raise CheckpointError(f"{source}: weights do not match config.json: {'; '.join(parts)}.")
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(
-                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} but config.json implies "
+                f"{source}: tensor {_hf_name(family, key)} has shape {tuple(tensor.shape)} but config.json implies "
                 f"{tuple(expected[key].shape)}; config.json and the weights are from different models."
             )
 
@@ -147,6 +162,6 @@ def load_hf_model(
     with torch.device("meta"):
         model = family.build(cfg)
     state = load_hf_state_dict(checkpoint_dir, family, cfg, dtype)
-    check_state_dict(model, state, str(checkpoint_dir))
+    check_state_dict(model, state, str(checkpoint_dir), family)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device)
