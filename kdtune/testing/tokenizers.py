@@ -280,7 +280,11 @@ def write_tiktoken_llama3_tokenizer(
         },
     )
     _write_json(out / "special_tokens_map.json", {"bos_token": bos, "eos_token": eos})
-    eos_ids = [specials["<|end_of_text|>"], specials["<|eom_id|>"], specials["<|eot_id|>"]] if instruct else specials["<|end_of_text|>"]
+    eos_ids = (
+        [specials["<|end_of_text|>"], specials["<|eom_id|>"], specials["<|eot_id|>"]]
+        if instruct
+        else specials["<|end_of_text|>"]
+    )
     _write_json(out / "generation_config.json", {"bos_token_id": specials[bos], "eos_token_id": eos_ids})
     return out
 
@@ -369,9 +373,16 @@ def write_bpe_tokenizer(
                 "unk_token": None,
             }
         )
-        stm = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
-        gen = {"bos_token_id": specials["<|endoftext|>"], "eos_token_id": [specials["<|im_end|>"], specials["<|endoftext|>"]],
-               "pad_token_id": specials["<|endoftext|>"]}
+        stm = {
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        }
+        gen = {
+            "bos_token_id": specials["<|endoftext|>"],
+            "eos_token_id": [specials["<|im_end|>"], specials["<|endoftext|>"]],
+            "pad_token_id": specials["<|endoftext|>"],
+        }
     else:
         cfg.update(
             {
@@ -394,6 +405,75 @@ def write_bpe_tokenizer(
     return out
 
 
+def _spm_tokenizer_json(sp: Any, legacy: bool) -> dict[str, Any]:
+    """The ``tokenizer.json`` HF ships next to a Llama-style sentencepiece BPE model (byte fallback, merges derived from
+    the pieces: every split of a piece into two pieces, ordered by the piece's id)."""
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges: list[tuple[int, int, int, str]] = []
+    for piece, i in vocab.items():
+        if sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i) or len(piece) < 2:
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((i, vocab[left], vocab[right], f"{left} {right}"))
+    merges.sort()
+    specials = [(i, sp.id_to_piece(i)) for i in (sp.unk_id(), sp.bos_id(), sp.eos_id()) if i >= 0]
+    if legacy:
+        normalizer: dict[str, Any] | None = {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "\u2581"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+            ],
+        }
+        pre_tokenizer: dict[str, Any] | None = None
+    else:
+        normalizer = None
+        pre_tokenizer = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    bos = sp.id_to_piece(sp.bos_id())
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [_added_token_entry(i, s) for i, s in specials],
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {bos: {"id": bos, "ids": [sp.bos_id()], "tokens": [bos]}},
+        },
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": sp.id_to_piece(sp.unk_id()),
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [m[3] for m in merges],
+        },
+    }
+
+
 def write_sentencepiece_tokenizer(
     out_dir: str | Path,
     corpus: Sequence[str] = DEFAULT_CORPUS,
@@ -404,7 +484,7 @@ def write_sentencepiece_tokenizer(
     model_max_length: int = 4096,
 ) -> Path:
     """Write a Llama 2 style sentencepiece tokenizer: ``tokenizer.model`` (BPE, byte fallback, ``<unk>``=0,
-    ``<s>``=1, ``</s>``=2, digits split, whitespace kept), ``tokenizer_config.json`` (with the style's chat template),
+    ``<s>``=1, ``</s>``=2, digits split, whitespace kept), the matching ``tokenizer.json``, ``tokenizer_config.json`` (with the style's chat template),
     ``special_tokens_map.json`` and ``generation_config.json``.
 
     Args:
@@ -447,8 +527,14 @@ def write_sentencepiece_tokenizer(
             minloglevel=2,
         )
         _atomic_write(out / "tokenizer.model", (Path(tmp) / "m.model").read_bytes())
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    _write_json(out / "tokenizer.json", _spm_tokenizer_json(sp, legacy))
     if chat_template == "default":
-        chat_template = {"llama2": LLAMA2_CHAT_TEMPLATE, "tinyllama": TINYLLAMA_CHAT_TEMPLATE, "mistral": MISTRAL_CHAT_TEMPLATE}[style]
+        chat_template = {
+            "llama2": LLAMA2_CHAT_TEMPLATE,
+            "tinyllama": TINYLLAMA_CHAT_TEMPLATE,
+            "mistral": MISTRAL_CHAT_TEMPLATE,
+        }[style]
     specials = {"<unk>": 0, "<s>": 1, "</s>": 2}
     cfg: dict[str, Any] = {
         "add_bos_token": True,
