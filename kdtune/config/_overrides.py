@@ -166,6 +166,10 @@ def _navigate(cfg: DictConfig, parts: list[str | int], override: str, create: bo
     node: DictConfig | ListConfig = cfg
     for i, part in enumerate(parts[:-1]):
         if not _has(node, part):
+            if isinstance(node, ListConfig):
+                raise ConfigError(
+                    f"override '{override}': index {part} is out of range for '{_fmt(parts[:i])}' (length {len(node)})"
+                )
             if create and isinstance(node, DictConfig) and isinstance(part, str):
                 node[part] = {}
             else:
