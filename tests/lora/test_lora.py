@@ -11,7 +11,7 @@ from torch import nn
 import kdtune.models  # noqa: F401
 from kdtune.errors import ConfigError
 from kdtune.models import hf_model
-from kdtune.models.checkpointer import load_state_dict_shardwise
+from kdtune.models.checkpointer import load_state_dict_shardwise, save_hf
 from kdtune.models.modules.lora import (
     LoRALinear,
     disable_adapters,
@@ -115,7 +115,7 @@ def test_apply_lora_errors(src: Path, tmp_path: Path) -> None:
         LoRALinear(8, 8, rank=0, alpha=1)
 
 
-def test_qlora_forward_close_to_dequantised_reference(src: Path) -> None:
+def test_qlora_forward_close_to_dequantised_reference(src: Path, tmp_path: Path) -> None:
     full = _lora_model(src)
     q = _lora_model(src, quantize_base=True)
     _randomise_adapters(full)
@@ -141,6 +141,12 @@ def test_qlora_forward_close_to_dequantised_reference(src: Path) -> None:
     plain = hf_model(src)
     plain.load_state_dict(merged)
     torch.testing.assert_close(plain.eval()(TOKENS), out_q, atol=1e-5, rtol=1e-5)
+    # merged save (dequantised) loads in transformers with the QLoRA model's logits
+    transformers = pytest.importorskip("transformers")
+    out = save_hf(q, tmp_path / "merged")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(TOKENS).logits, out_q, atol=1e-5, rtol=1e-5)
     # gradients reach the adapters only
     q.train()(TOKENS).logsumexp(-1).mean().backward()
     assert all(p.grad is not None for p in get_adapter_params(q).values())
