@@ -204,6 +204,23 @@ def test_lazy_matches_eager(tok, write_jsonl, caplog, cache_dir):
     assert lazy.num_truncated == 2 and sum(r.levelno == logging.WARNING for r in caplog.records) == 1
 
 
+def test_lazy_is_automatic_for_large_datasets(tok, write_jsonl, monkeypatch, cache_dir):
+    from kdtune.data.datasets import _sft
+
+    monkeypatch.setattr(_sft, "EAGER_MAX_ROWS", 2)
+    path = write_jsonl(PAIRS)
+    assert instruct_dataset(tok, source="json", data_files=path, cache_dir=cache_dir).lazy
+    assert not instruct_dataset(tok, source="json", data_files=path, lazy=False, cache_dir=cache_dir).lazy
+    assert (
+        len(instruct_dataset(tok, source="json", data_files=path, packed=True, max_seq_len=64, cache_dir=cache_dir))
+        == 1
+    )
+    # rows are still checked at start-up in lazy mode
+    bad = write_jsonl([*PAIRS, {"source": 1, "target": "x"}], "bad.jsonl")
+    with pytest.raises(DataError, match="row 3: column 'source' should hold text"):
+        instruct_dataset(tok, source="json", data_files=bad, cache_dir=cache_dir)
+
+
 def test_validation_split_is_deterministic_and_disjoint(tok, write_jsonl, cache_dir):
     rows = [{"source": f"s{i}", "target": f"t{i}"} for i in range(20)]
     path = write_jsonl(rows)

@@ -102,10 +102,12 @@ def _finish(
     max_seq_len: int | None,
     packed: bool,
     split_across_pack: bool,
-    lazy: bool,
+    lazy: bool | None,
 ) -> Dataset:
     if packed and lazy:
         raise DataError("packed=True encodes every example up front; it cannot be combined with lazy=True")
+    if packed:
+        lazy = False
     ds = SFTDataset(rows, encode_fn, max_seq_len=max_seq_len, lazy=lazy, source=where)
     if packed:
         if max_seq_len is None:
@@ -148,7 +150,7 @@ def _message_dataset(
     val_split_seed: int,
     eval_split: str | None,
     subset: Subset,
-    lazy: bool,
+    lazy: bool | None,
     load_dataset_kwargs: dict[str, Any],
 ) -> Dataset:
     rows, where = _load_subset(
@@ -248,7 +250,7 @@ def sft_dataset(
     val_split_seed: int = 0,
     eval_split: str | None = None,
     subset: Subset = "train",
-    lazy: bool = False,
+    lazy: bool | None = None,
     **load_dataset_kwargs: Any,
 ) -> Dataset:
     """Any SFT / distillation dataset; the row format is detected from the columns unless ``format`` is given.
@@ -278,7 +280,8 @@ def sft_dataset(
         val_split_seed: Seed of the held-out split.
         eval_split: Use this split of the source as the validation set instead.
         subset: ``"train"`` or ``"validation"`` (the held-out part).
-        lazy: Tokenize on access instead of up front (for very large datasets; not with ``packed``).
+        lazy: Tokenize on access instead of up front (for very large datasets; not with ``packed``). Default
+            (None): up front for datasets of at most 100,000 rows, on access for larger ones.
         **load_dataset_kwargs: Passed to `datasets.load_dataset` (``name``, ``revision``, ``cache_dir``...).
 
     Returns:
@@ -327,7 +330,7 @@ def instruct_dataset(
     val_split_seed: int = 0,
     eval_split: str | None = None,
     subset: Subset = "train",
-    lazy: bool = False,
+    lazy: bool | None = None,
     **load_dataset_kwargs: Any,
 ) -> Dataset:
     """Single-turn instruction data: one prompt (masked unless ``train_on_input``) and one response.
@@ -383,7 +386,7 @@ def chat_dataset(
     val_split_seed: int = 0,
     eval_split: str | None = None,
     subset: Subset = "train",
-    lazy: bool = False,
+    lazy: bool | None = None,
     **load_dataset_kwargs: Any,
 ) -> Dataset:
     """Multi-turn chat data: a column holding a list of turns.
@@ -444,7 +447,7 @@ def text_completion_dataset(
     val_split_seed: int = 0,
     eval_split: str | None = None,
     subset: Subset = "train",
-    lazy: bool = False,
+    lazy: bool | None = None,
     **load_dataset_kwargs: Any,
 ) -> Dataset:
     """Plain text (continued pre-training, distillation on raw text): every token is trained.
@@ -470,17 +473,17 @@ def text_completion_dataset(
             f"{where} has no column {column!r}; columns present: {rows.column_names}; set column='<your text column>'"
         )
     keep_whole = packed and split_across_pack
+    if packed and lazy:
+        raise DataError("packed=True encodes every example up front; it cannot be combined with lazy=True")
     ds = SFTDataset(
         rows,
         _text_encoder(tokenizer, column, add_eos=add_eos),
         max_seq_len=None if keep_whole else max_seq_len,
-        lazy=lazy,
+        lazy=False if packed else lazy,
         source=where,
     )
     if not packed:
         return ds
-    if lazy:
-        raise DataError("packed=True encodes every example up front; it cannot be combined with lazy=True")
     if max_seq_len is None:
         raise DataError("packed=True needs max_seq_len (set it on the dataset or the tokenizer)")
     return PackedDataset(
@@ -562,7 +565,8 @@ def openorca_dataset(
 ) -> Dataset:
     """OpenOrca (``system_prompt``/``question``/``response``; an empty system prompt is left out).
 
-    The full hub dataset has ~4M rows: use a sliced ``split`` (``"train[:50000]"``) or ``lazy=True``.
+    The full hub dataset has ~4M rows, so it is tokenized on access (see ``lazy``); a sliced ``split``
+    (``"train[:50000]"``) keeps runs short.
     Further keyword arguments as in `instruct_dataset`.
     """
     return instruct_dataset(

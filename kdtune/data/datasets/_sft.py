@@ -16,6 +16,9 @@ logger = logging.getLogger("kdtune.data")
 
 CROSS_ENTROPY_IGNORE_IDX = -100
 
+#: Above this many rows, datasets are tokenized on access unless ``lazy=False`` is given.
+EAGER_MAX_ROWS = 100_000
+
 #: ``encode_fn(row, index) -> (tokens, labels)``; labels aligned with tokens, -100 where not trained.
 EncodeFn = Callable[[Mapping[str, Any], int], tuple[list[int], list[int]]]
 
@@ -35,14 +38,14 @@ class SFTDataset(Dataset):
     By default every row is encoded once at construction (``lazy=False``): rows that fail fail at start-up, the
     examples longer than ``max_seq_len`` are counted and reported in ONE warning, examples left with no trained token
     (e.g. a response cut away by truncation) are dropped, and the token ids are kept compactly (4 bytes per token).
-    With ``lazy=True`` rows are encoded in ``__getitem__`` (for datasets too large to encode up front); truncation
+    With ``lazy=True`` (the default, None, picks it for more than `EAGER_MAX_ROWS` rows) rows are encoded in ``__getitem__`` (for datasets too large to encode up front); truncation
     is then warned about once, at the first truncated example, and counted in `num_truncated`.
 
     Args:
         rows: The raw rows.
         encode_fn: ``(row, index) -> (tokens, labels)``.
         max_seq_len: Truncate longer examples to this many tokens (None: no truncation).
-        lazy: Encode on access instead of up front.
+        lazy: Encode on access instead of up front; None: up front unless there are more than `EAGER_MAX_ROWS` rows.
         source: Dataset name used in messages.
         drop_untrainable: Drop (eager mode) examples whose labels are all ignored.
     """
@@ -53,7 +56,7 @@ class SFTDataset(Dataset):
         encode_fn: EncodeFn,
         *,
         max_seq_len: int | None = None,
-        lazy: bool = False,
+        lazy: bool | None = None,
         source: str = "dataset",
         drop_untrainable: bool = True,
     ) -> None:
@@ -62,6 +65,14 @@ class SFTDataset(Dataset):
         self._rows = rows
         self._encode_fn = encode_fn
         self.max_seq_len = None if max_seq_len is None else int(max_seq_len)
+        if lazy is None:
+            lazy = len(rows) > EAGER_MAX_ROWS
+            if lazy:
+                logger.info(
+                    "%s has %d rows: tokenizing on access (lazy); set lazy=False to tokenize up front",
+                    source,
+                    len(rows),
+                )
         self.lazy = bool(lazy)
         self.source = source
         self.num_truncated = 0
@@ -72,6 +83,9 @@ class SFTDataset(Dataset):
             raise DataError(f"{source} has no rows; check split, split slicing and filter_fn")
         if not self.lazy:
             self._encode_all(drop_untrainable)
+        else:  # fail at start-up, not hours into training, on a systematic problem (wrong columns, roles, ...)
+            for i in range(min(len(rows), 64)):
+                self._encode_fn(rows[i], i)
 
     def _encode_all(self, drop_untrainable: bool) -> None:
         tokens, labels, offsets = array("i"), array("i"), array("q", [0])
