@@ -44,7 +44,7 @@ def evaluate_checkpoint(
     import torch
     import torch.nn.functional as F
 
-    from kdtune.data import Message, load_hf_tokenizer
+    from kdtune.data import Message, load_hf_tokenizer, mask_messages
     from kdtune.models import load_hf_model
     from kdtune.models.generation import generate
 
@@ -61,14 +61,15 @@ def evaluate_checkpoint(
         ]
         with torch.no_grad():
             outputs = generate(
-                model, prompts, max_new_tokens=max_new_tokens, eos_ids=_stop_ids(tokenizer), pad_id=tokenizer.pad_id
+                model, prompts, max_new_tokens=max_new_tokens, eos_ids=list(tokenizer.stop_ids), pad_id=tokenizer.pad_id
             )
         predictions += [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
 
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
         for ex in examples:
-            ids, mask = tokenizer.tokenize_messages([Message("user", ex.prompt), Message("assistant", ex.answer)])
+            messages = mask_messages([Message("user", ex.prompt), Message("assistant", ex.answer)])
+            ids, mask = tokenizer.tokenize_messages(messages)
             tokens = torch.tensor([ids])
             labels = torch.tensor([[-100 if m else t for t, m in zip(ids, mask)]])
             logits = model(tokens)  # [1, T, V]
@@ -86,13 +87,3 @@ def evaluate_checkpoint(
         "per_task": {task: sum(hits) / len(hits) for task, hits in sorted(per_task.items())},
         "samples": [(ex.prompt, ex.answer, pred) for ex, pred in list(zip(examples, predictions))[:8]],
     }
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: eos plus the chat format's end-of-turn token where it has one."""
-    ids = {tokenizer.eos_id}
-    for attr in ("eot_id", "im_end_id", "end_of_turn_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            ids.add(value)
-    return sorted(ids)

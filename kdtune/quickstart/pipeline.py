@@ -25,6 +25,12 @@ from kdtune.quickstart.tasks import corpus_for_tokenizer, make_splits, read_json
 
 _MARKER = "kdtune_quickstart_step.json"
 
+# ChatML as Qwen2.5 renders it, minus the default system prompt (it would triple every quickstart sequence).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -49,8 +55,8 @@ PRESETS: dict[str, Preset] = {
         student_train=500,
         val=200,
         test=400,
-        teacher_dims=dict(dim=128, layers=4, heads=4, kv_heads=2, intermediate=384),
-        student_dims=dict(dim=64, layers=2, heads=4, kv_heads=2, intermediate=192),
+        teacher_dims=dict(dim=128, layers=4, heads=4, kv_heads=2, intermediate_size=384),
+        student_dims=dict(dim=64, layers=2, heads=4, kv_heads=2, intermediate_size=192),
         teacher_steps=700,
         student_steps=300,
         batch_size=32,
@@ -62,8 +68,8 @@ PRESETS: dict[str, Preset] = {
         student_train=64,
         val=32,
         test=32,
-        teacher_dims=dict(dim=32, layers=2, heads=2, kv_heads=1, intermediate=64),
-        student_dims=dict(dim=16, layers=1, heads=2, kv_heads=1, intermediate=32),
+        teacher_dims=dict(dim=32, layers=2, heads=2, kv_heads=1, intermediate_size=64),
+        student_dims=dict(dim=16, layers=1, heads=2, kv_heads=1, intermediate_size=32),
         teacher_steps=6,
         student_steps=4,
         batch_size=8,
@@ -176,7 +182,14 @@ def prepare_tokenizer(out: Path) -> Path:
 
     tok_dir = out / "init" / "tokenizer"
     if _read_marker(tok_dir) != {"kind": "bpe-qwen2", "vocab_size": 300}:
-        write_bpe_tokenizer(tok_dir, corpus_for_tokenizer(), vocab_size=300, style="qwen2")
+        write_bpe_tokenizer(
+            tok_dir,
+            corpus_for_tokenizer(),
+            vocab_size=300,
+            style="qwen2",
+            chat_template=CHATML_TEMPLATE,
+            model_max_length=64,
+        )
         _write_marker(tok_dir, {"kind": "bpe-qwen2", "vocab_size": 300})
     return tok_dir
 

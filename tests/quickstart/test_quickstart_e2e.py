@@ -1,0 +1,37 @@
+"""The CI version of `kdtune quickstart`: every step end to end on tiny sizes; outputs exist, load, and are cached."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kdtune.models import load_hf_model
+
+
+@pytest.mark.slow
+def test_quickstart_ci_preset_runs_every_step(tmp_path):
+    out = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "kdtune", "quickstart", "--preset", "ci", "--seeds", "0", "--output-dir", str(out)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    # the real commands are shown to the user, and every step wrote an HF model that loads and runs
+    for step in ("teacher", "sft_seed0", "kd_seed0"):
+        assert (out / "runs" / step / "config.yaml").is_file()
+        model = load_hf_model(out / "runs" / step / "final")
+        logits = model(torch.tensor([[1, 2, 3]]))
+        assert logits.shape[:2] == (1, 3) and torch.isfinite(logits).all()
+    assert "kdtune run knowledge_distillation_single_device --config quickstart/student_kd" in first.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"teacher", "sft_seed0", "kd_seed0"}
+    for r in results.values():
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["loss"] > 0
+    assert "Held-out results" in first.stdout
+    assert (out / "quickstart.png").stat().st_size > 1000
+
+    # a second run reuses every trained step
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("[cached]") == 3
