@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kdtune.errors import CheckpointError, ConfigError
+from kdtune.training.recipe_settings import FinetuneSettings, KDSettings, LoRAFinetuneSettings
 from kdtune.training.resume import capture_rng_state, restore_rng_state
 
 __all__ = [
@@ -773,6 +774,7 @@ def build_sharded_model(
     *,
     seed: int = 0,
     activation_checkpointing: bool = False,
+    compile: bool = False,
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
     key: str = "model",
@@ -792,6 +794,7 @@ def build_sharded_model(
         runtime: device and dtype (:class:`kdtune.training.builders.Runtime`).
         seed: seed of the LoRA initialisation.
         activation_checkpointing: recompute each decoder layer in backward.
+        compile: ``torch.compile`` each decoder layer (after sharding).
         reshard_after_forward: see :func:`shard_model`.
         cpu_offload: keep parameter shards (and so gradients and optimizer state) in CPU memory (CUDA only).
         key: config key of the model, for error messages.
@@ -838,7 +841,44 @@ def build_sharded_model(
     elif hasattr(model, "init_weights"):
         model.init_weights()
     init_lora_parameters(model, seed)
+    if compile:
+        for layer in _decoder_layers(model):
+            layer.compile()
     return model, checkpointer
+
+
+class EvenEvalLoader:
+    """Validation batches of one rank: every example exactly once over all ranks, the same batch count on every rank.
+
+    FSDP needs every rank to run the same number of forwards, so a rank whose share is shorter gets padding batches
+    whose labels are all ignored (they add no token and no loss). Rank ``r`` takes examples ``r, r + W, ...`` in order.
+
+    Args:
+        loader: the single-process validation DataLoader (its dataset, batch size and collate function are reused).
+        rank: this rank.
+        world_size: number of ranks.
+    """
+
+    def __init__(self, loader: Any, rank: int | None = None, world_size: int | None = None) -> None:
+        self.dataset, self.collate_fn, self.batch_size = loader.dataset, loader.collate_fn, int(loader.batch_size)
+        ws = get_world_size() if world_size is None else world_size
+        rk = get_rank() if rank is None else rank
+        n = len(self.dataset)
+        self.indices = list(range(rk, n, ws))
+        self.num_batches = math.ceil(math.ceil(n / ws) / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for b in range(self.num_batches):
+            idx = self.indices[b * self.batch_size : (b + 1) * self.batch_size]
+            if idx:
+                yield self.collate_fn([self.dataset[i] for i in idx])
+            else:
+                batch = self.collate_fn([self.dataset[0]])
+                batch["labels"] = torch.full_like(batch["labels"], -100)  # padding: no valid token
+                yield batch
 
 
 def reduce_eval_metrics(metrics: dict[str, float], kd_ratio: float = 0.0) -> dict[str, float]:
@@ -911,3 +951,51 @@ def save_final_distributed(
     del full
     barrier()
     return written
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP unit of ``model`` that is still unsharded.
+
+    The root unit is kept unsharded after forward (the chunked output projection and its backward recompute use its
+    weights outside ``forward``); a frozen teacher has no backward to reshard it, so the recipes call this after each
+    micro-batch's backward.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# settings of the distributed recipes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class _FSDPSettings:
+    """What the distributed recipes add to the single-device settings."""
+
+    fsdp_cpu_offload: bool = field(
+        default=False,
+        metadata={"help": "Keep sharded parameters, gradients and optimizer state in CPU memory (CUDA only)."},
+    )
+    fsdp_reshard_after_forward: bool = field(
+        default=True,
+        metadata={"help": "Free each layer's gathered weights after its forward (less memory, more communication)."},
+    )
+
+
+@dataclass(kw_only=True)
+class FinetuneDistributedSettings(FinetuneSettings, _FSDPSettings):
+    """Settings of ``full_finetune_distributed``: ``full_finetune_single_device``'s plus FSDP options."""
+
+
+@dataclass(kw_only=True)
+class LoRAFinetuneDistributedSettings(LoRAFinetuneSettings, _FSDPSettings):
+    """Settings of ``lora_finetune_distributed``: ``lora_finetune_single_device``'s plus FSDP options."""
+
+
+@dataclass(kw_only=True)
+class KDDistributedSettings(KDSettings, _FSDPSettings):
+    """Settings of ``knowledge_distillation_distributed``: the single-device KD settings plus FSDP options."""

@@ -1,0 +1,124 @@
+"""Knowledge distillation on many devices (torchrun + FSDP2): teacher and student are both sharded over all ranks.
+
+    loss = (1 - kd_ratio) * cross-entropy(student, labels) + kd_ratio * KD(student, teacher)
+
+The same recipe as ``knowledge_distillation_single_device`` except where distribution needs it:
+
+* the process group comes from ``torchrun`` (NCCL on GPUs, Gloo on CPU), one device per local rank;
+* student and teacher are built on the meta device, sharded per decoder layer with ``fully_shard`` and filled from
+  their HF files one weight file at a time, so no rank ever holds a full copy of either model;
+* every rank reads its own slice of each optimizer step's global batch; the step's valid-token count and loss sums are
+  all-reduced, so the gradient is normalised over the global batch exactly and the logged metrics are global;
+* resume checkpoints are sharded (``torch.distributed.checkpoint``); the final HF model (and PEFT adapter for a LoRA
+  student) is gathered and written by rank 0.
+
+Run:  kdtune run --nproc_per_node 8 knowledge_distillation_distributed --config llama3_1/70B_to_8B_kd_distributed
+      (multi-node: add --nnodes N --node_rank R --rdzv_endpoint HOST:PORT)
+Copy and edit:  kdtune cp knowledge_distillation_distributed ./my_kd.py
+Every config key: docs/distributed.md and docs/recipes/knowledge_distillation_single_device.md
+"""
+
+import sys
+
+import torch
+from omegaconf import DictConfig
+
+from kdtune.config import parse_recipe_args, read_settings
+from kdtune.losses import ObjectiveOutput, distillation_objective
+from kdtune.training import StepAccumulator, check_kd_ratio, check_vocab_compatibility, mix_losses, setup_teacher
+from kdtune.training import builders as B
+from kdtune.training import distributed as D
+from kdtune.training.distributed import KDDistributedSettings
+from kdtune.training.runtime import set_seed
+
+RECIPE_DISTRIBUTED = True
+RECIPE_SETTINGS = "kdtune.training.distributed.KDDistributedSettings"
+
+
+def train(cfg: DictConfig) -> B.RunSummary:
+    """Distil the teacher into the student as configured by ``cfg`` on every rank; returns what the run measured."""
+    s = read_settings(KDDistributedSettings, cfg)
+    env = D.init_distributed(s.device)
+    try:
+        return _train(cfg, s, env)
+    finally:
+        D.destroy_distributed()
+
+
+def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> B.RunSummary:
+    rt = B.setup_runtime(str(env.device), s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg,
+                         save_config_file=env.is_rank_zero)  # fmt: skip
+    set_seed(s.seed, s.deterministic, rank=env.rank)  # dropout masks differ per rank; data order does not
+
+    # ---- models: both built on meta and sharded; the student (full or LoRA) trains, the teacher is frozen
+    tokenizer = B.build_tokenizer(s.tokenizer)
+    fsdp = {"cpu_offload": s.fsdp_cpu_offload, "reshard_after_forward": s.fsdp_reshard_after_forward}
+    student, checkpointer = D.build_sharded_model(
+        s.model, s.checkpointer, rt, seed=s.seed, activation_checkpointing=s.enable_activation_checkpointing,
+        compile=s.compile, **fsdp,
+    )  # fmt: skip
+    teacher, _ = D.build_sharded_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model", **fsdp)
+    setup_teacher(teacher)
+    teacher_tokenizer = B.build_tokenizer(s.teacher_tokenizer) if s.teacher_tokenizer is not None else None
+    check_vocab_compatibility(student.vocab_size, teacher.vocab_size, tokenizer, teacher_tokenizer)
+    kd_loss, kd_ratio = B.build_kd_loss(s.kd_loss, s.temperature), check_kd_ratio(s.kd_ratio)
+    num_chunks = s.num_output_chunks or kd_loss.num_output_chunks
+
+    # ---- data (this rank's slice of every global batch), optimizer, LR schedule, sharded checkpoints, metrics
+    data = B.build_data(s, tokenizer, rank=env.rank, world_size=env.world_size)
+    if data.val_loader is not None:  # every validation example once over all ranks, same batch count everywhere
+        data.val_loader = D.EvenEvalLoader(data.val_loader, env.rank, env.world_size)
+    optimizer = B.build_optimizer(s.optimizer, B.trainable_parameters(student))
+    scheduler = B.build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
+    ckpt = D.DistributedResumeCheckpoints(rt, s, student, optimizer, scheduler, data, cfg)
+    if s.resume_from_checkpoint:
+        ckpt.resume()
+    report = B.Reporter(rt, s, data, enabled=env.is_rank_zero)
+
+    def objective(batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        tokens, kwargs = batch["tokens"], B.model_inputs(batch)  # tokens [B, T]
+        teacher_hidden = None  # [B, T, D_teacher]
+        if kd_ratio > 0:
+            with torch.no_grad():
+                teacher_hidden = teacher(tokens, return_hidden=True, **kwargs)
+        student_hidden = student(tokens, return_hidden=True, **kwargs)  # [B, T, D_student]
+        return distillation_objective(
+            student_hidden, teacher_hidden, student, teacher, batch["labels"], kd_loss, kd_ratio, num_chunks
+        )
+
+    def validate(pos: B.DataPosition) -> None:
+        if data.val_loader is not None and report.last_eval_step != pos.global_step:
+            local = B.evaluate(student, objective, data.val_loader, rt.device, kd_ratio, s.max_eval_batches)
+            D.reshard(teacher)
+            report.eval(pos, D.reduce_eval_metrics(local, kd_ratio))
+
+    # ---- the loop: one optimizer step per `gradient_accumulation_steps` micro-batches on every rank
+    acc = StepAccumulator(student, all_reduce=D.all_reduce_sum, grad_average_factor=env.world_size)
+    for pos, micro_batches in data.steps():
+        student.train()
+        for batch in micro_batches:
+            out = objective(B.to_device(batch, rt.device))
+            loss_sum = mix_losses(out.class_loss_sum, out.kd_loss_sum, kd_ratio)
+            acc.backward(loss_sum, out.num_tokens, class_loss_sum=out.class_loss_sum, kd_loss_sum=out.kd_loss_sum)
+            D.reshard(teacher)  # the teacher's root weights were gathered for its chunked output projection
+        result = B.optimizer_step(acc, student, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
+        report.step(pos, result)
+        if B.due(pos.global_step, s.eval_every_n_steps):
+            validate(pos)
+        if B.due(pos.global_step, s.save_every_n_steps) or data.is_epoch_end(pos):
+            ckpt.save(pos)
+
+    # ---- the end: validation, HF model (+ PEFT adapter for a LoRA student), gathered and written by rank 0
+    validate(data.position)
+    D.save_final_distributed(rt, checkpointer, student, s.model, adapter_only=s.save_adapter_weights_only)
+    return report.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point (on every rank): ``--config <name|path> [overrides...]``."""
+    train(parse_recipe_args(sys.argv[1:] if argv is None else argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""LoRA supervised fine-tuning on many devices (torchrun + FSDP2), e.g. the 8B teacher of the KD tutorial.
+
+Only the LoRA adapters train (a ``lora_*`` builder, or ``kdtune.models.hf_model`` with ``lora_*`` arguments); QLoRA
+(``quantize_base: true``) is single-device only. The same recipe as ``lora_finetune_single_device`` except where
+distribution needs it:
+
+* the process group comes from ``torchrun`` (NCCL on GPUs, Gloo on CPU), one device per local rank;
+* the model is built on the meta device (adapters initialised from ``seed`` alone, as on one device), sharded per decoder layer with ``fully_shard`` and filled from its HF files
+  one weight file at a time, so no rank ever holds a full copy;
+* every rank reads its own slice of each optimizer step's global batch; the step's valid-token count and loss sums are
+  all-reduced, so the gradient is normalised over the global batch exactly and the logged metrics are global;
+* resume checkpoints are sharded (``torch.distributed.checkpoint``, adapters + optimizer only); the PEFT adapter
+  (``final_adapter/``) and the merged HF model (``final/``) are gathered and written by rank 0.
+
+Run:  kdtune run --nproc_per_node 8 lora_finetune_distributed --config llama3_1/8B_lora
+      (multi-node: add --nnodes N --node_rank R --rdzv_endpoint HOST:PORT)
+Copy and edit:  kdtune cp lora_finetune_distributed ./my_lora.py
+Every config key: docs/distributed.md and docs/recipes/lora_finetune_single_device.md
+"""
+
+import sys
+
+import torch
+from omegaconf import DictConfig
+
+from kdtune.config import parse_recipe_args, read_settings
+from kdtune.errors import ConfigError
+from kdtune.losses import ObjectiveOutput, distillation_objective
+from kdtune.training import StepAccumulator
+from kdtune.training import builders as B
+from kdtune.training import distributed as D
+from kdtune.training.distributed import LoRAFinetuneDistributedSettings
+from kdtune.training.runtime import set_seed
+
+RECIPE_DISTRIBUTED = True
+RECIPE_SETTINGS = "kdtune.training.distributed.LoRAFinetuneDistributedSettings"
+
+
+def train(cfg: DictConfig) -> B.RunSummary:
+    """Fine-tune the LoRA adapters of the model as configured by ``cfg`` on every rank; returns what the run measured."""
+    s = read_settings(LoRAFinetuneDistributedSettings, cfg)
+    env = D.init_distributed(s.device)
+    try:
+        return _train(cfg, s, env)
+    finally:
+        D.destroy_distributed()
+
+
+def _train(cfg: DictConfig, s: LoRAFinetuneDistributedSettings, env: D.DistEnv) -> B.RunSummary:
+    rt = B.setup_runtime(str(env.device), s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg,
+                         save_config_file=env.is_rank_zero)  # fmt: skip
+    set_seed(s.seed, s.deterministic, rank=env.rank)  # dropout masks differ per rank; data order does not
+
+    # ---- model (only the adapters train; built on meta, sharded, base filled shard by shard) and tokenizer
+    tokenizer = B.build_tokenizer(s.tokenizer)
+    model, checkpointer = D.build_sharded_model(
+        s.model, s.checkpointer, rt, seed=s.seed, activation_checkpointing=s.enable_activation_checkpointing,
+        compile=s.compile, cpu_offload=s.fsdp_cpu_offload, reshard_after_forward=s.fsdp_reshard_after_forward,
+    )  # fmt: skip
+    if not B.is_lora_model(model):
+        raise ConfigError("model: no LoRA adapters in this model; use a lora_* builder, or full_finetune_distributed")
+    num_chunks = s.num_output_chunks or 8
+
+    # ---- data (this rank's slice of every global batch), optimizer, LR schedule, sharded checkpoints, metrics
+    data = B.build_data(s, tokenizer, rank=env.rank, world_size=env.world_size)
+    if data.val_loader is not None:  # every validation example once over all ranks, same batch count everywhere
+        data.val_loader = D.EvenEvalLoader(data.val_loader, env.rank, env.world_size)
+    optimizer = B.build_optimizer(s.optimizer, B.trainable_parameters(model))
+    scheduler = B.build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
+    ckpt = D.DistributedResumeCheckpoints(rt, s, model, optimizer, scheduler, data, cfg)
+    if s.resume_from_checkpoint:
+        ckpt.resume()
+    report = B.Reporter(rt, s, data, enabled=env.is_rank_zero)
+
+    def objective(batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        hidden = model(batch["tokens"], return_hidden=True, **B.model_inputs(batch))  # [B, T, D]
+        return distillation_objective(hidden, None, model, None, batch["labels"], None, 0.0, num_chunks)
+
+    def validate(pos: B.DataPosition) -> None:
+        if data.val_loader is not None and report.last_eval_step != pos.global_step:
+            local = B.evaluate(model, objective, data.val_loader, rt.device, 0.0, s.max_eval_batches)
+            report.eval(pos, D.reduce_eval_metrics(local))
+
+    # ---- the loop: one optimizer step per `gradient_accumulation_steps` micro-batches on every rank
+    acc = StepAccumulator(model, all_reduce=D.all_reduce_sum, grad_average_factor=env.world_size)
+    for pos, micro_batches in data.steps():
+        model.train()
+        for batch in micro_batches:
+            out = objective(B.to_device(batch, rt.device))
+            acc.backward(out.class_loss_sum, out.num_tokens)
+        result = B.optimizer_step(acc, model, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
+        report.step(pos, result)
+        if B.due(pos.global_step, s.eval_every_n_steps):
+            validate(pos)
+        if B.due(pos.global_step, s.save_every_n_steps) or data.is_epoch_end(pos):
+            ckpt.save(pos)
+
+    # ---- the end: validation, the PEFT adapter (final_adapter/) and the merged HF model (final/), written by rank 0
+    validate(data.position)
+    D.save_final_distributed(rt, checkpointer, model, s.model, adapter_only=s.save_adapter_weights_only)
+    return report.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point (on every rank): ``--config <name|path> [overrides...]``."""
+    train(parse_recipe_args(sys.argv[1:] if argv is None else argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
