@@ -115,10 +115,19 @@ class LlamaLikeFamily(ModelFamily):
             output=None if tie else nn.Linear(dim, vocab, bias=False),
             rope=RotaryEmbedding(head_dim, theta, scaling),
             max_seq_len=int(cfg.get("max_position_embeddings", 4096)),
+            sliding_window=self.sliding_window(cfg),
         )
         model.hf_family = self.name
         model.hf_config = cfg
         return apply_lora_if_requested(model, lora_kwargs)
+
+    def sliding_window(self, cfg: dict[str, Any]) -> int | None:
+        """The attention window of every layer, or None for full causal attention (the default)."""
+        if cfg.get("use_sliding_window"):
+            raise CheckpointError(
+                f"config.json: use_sliding_window=true is not supported for {self.name} models; set it to false."
+            )
+        return None
 
     # ---------------------------------------------------------------------------------------------- names
     def module_name_to_hf(self, name: str) -> str:

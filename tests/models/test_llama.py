@@ -46,3 +46,16 @@ def test_mistral_logits_match_transformers(tmp_path, hf_save):
     tokens = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), ref(tokens).logits, atol=2e-5, rtol=1e-5)
+
+
+def test_mistral_sliding_window_matches_transformers(tmp_path, hf_save):
+    ref = hf_save("MistralConfig", "MistralForCausalLM", tmp_path, **TINY, num_key_value_heads=2, sliding_window=5)
+    model = load_hf_model(tmp_path)
+    assert model.sliding_window == 5
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        full = model(tokens)
+        torch.testing.assert_close(full, ref(tokens).logits, atol=2e-5, rtol=1e-5)
+        model.setup_caches(2, 16)
+        steps = [model(tokens[:, :3])] + [model(tokens[:, i : i + 1]) for i in range(3, 16)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

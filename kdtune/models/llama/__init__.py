@@ -1,8 +1,7 @@
 """Llama family: Llama 2, TinyLlama, Mistral, Llama 3 / 3.1 (scaled RoPE) / 3.2 (tied embeddings).
 
-HF ``LlamaForCausalLM`` and ``MistralForCausalLM``. Mistral's sliding-window attention is not implemented: results
-are exact for sequences no longer than ``sliding_window`` (4096 for Mistral-7B-v0.1); longer ones attend over the
-whole causal context.
+HF ``LlamaForCausalLM`` and ``MistralForCausalLM`` (with Mistral's sliding-window attention when ``sliding_window`` is
+set, e.g. 4096 for Mistral-7B-v0.1).
 """
 
 from __future__ import annotations
@@ -25,6 +24,11 @@ class LlamaFamily(LlamaLikeFamily):
     hf_model_types = ("llama", "mistral")
     default_architecture = "LlamaForCausalLM"
     default_model_type = "llama"
+
+    def sliding_window(self, cfg: dict[str, Any]) -> int | None:
+        """Mistral's ``sliding_window`` (None/absent: full attention; Llama configs have none)."""
+        window = cfg.get("sliding_window")
+        return int(window) if window else None
 
 
 FAMILY = register_family(LlamaFamily())

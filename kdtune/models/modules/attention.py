@@ -131,13 +131,14 @@ class MultiHeadAttention(nn.Module):
                 raise RuntimeError("cache_pos given but setup_caches() was not called")
             k, v = self.kv_cache.update(cache_pos, k, v)  # [B, H_kv, L, hd]
         is_causal = mask is None and cache_pos is None and t > 1
+        gqa = self.num_heads != self.num_kv_heads
+        if gqa and mask is not None:
+            # SDPA's fused kernels that take an arbitrary mask do not take enable_gqa; expand k/v instead of falling
+            # back to the math kernel.
+            rep = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            gqa = False
         out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=is_causal,
-            scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=gqa
         )  # [B, H, T, hd]
         return self.output_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

@@ -52,6 +52,8 @@ class TransformerDecoder(nn.Module):
         rope: rotary embedding (None for learned positions).
         pos_embeddings: learned position embedding ``nn.Embedding(max_seq_len, D)`` (GPT-2), or None.
         max_seq_len: the longest sequence the model was configured for.
+        sliding_window: if set, a token attends only to the previous ``sliding_window`` tokens (itself included),
+            as Mistral does; applied only when a sequence is longer than the window.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class TransformerDecoder(nn.Module):
         rope: RotaryEmbedding | None,
         pos_embeddings: nn.Embedding | None = None,
         max_seq_len: int = 4096,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
         self.tok_embeddings = tok_embeddings
@@ -79,6 +82,7 @@ class TransformerDecoder(nn.Module):
         self.embed_dim = tok_embeddings.embedding_dim
         self.num_layers = len(layers)
         self.max_seq_len = max_seq_len
+        self.sliding_window = sliding_window
         self.activation_checkpointing = False
         self._cache_pos = 0
         self._kv_valid: torch.Tensor | None = None  # [B, S] bool: which cache slots hold real tokens
@@ -191,16 +195,21 @@ class TransformerDecoder(nn.Module):
                 input_pos = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
             q_slot = torch.arange(start, end, device=device)[:, None]  # [T, 1]
             k_slot = torch.arange(end, device=device)[None, :]  # [1, L]
-            mask = ((k_slot <= q_slot)[None] & valid[:, None, :]) | (k_slot == q_slot)[None]  # [B, T, L]
-            mask = mask[:, None]
+            allowed = k_slot <= q_slot
+            if self.sliding_window is not None and end > self.sliding_window:
+                allowed = allowed & (q_slot - k_slot < self.sliding_window)
+            mask = ((allowed[None] & valid[:, None, :]) | (k_slot == q_slot)[None])[:, None]  # [B, 1, T, L]
             cache_pos = start
             self._cache_pos = end
         else:
             if input_pos is None:
                 input_pos = _default_positions(b, t, device, document_ids, padding_mask)
-            if document_ids is not None or padding_mask is not None:
+            windowed = self.sliding_window is not None and t > self.sliding_window
+            if document_ids is not None or padding_mask is not None or windowed:
                 idx = torch.arange(t, device=device)
                 mask = (idx[None, :] <= idx[:, None])[None]  # [1, T, T] causal
+                if windowed:
+                    mask = mask & (idx[:, None] - idx[None, :] < self.sliding_window)
                 if document_ids is not None:
                     mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])
                 if padding_mask is not None:
