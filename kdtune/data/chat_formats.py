@@ -1,7 +1,8 @@
 """Builtin chat formats, used when a tokenizer directory has no jinja ``chat_template`` (or when asked by name).
 
-Each format turns a conversation into pieces: text (encoded without BOS/EOS; special-token strings inside become
-their ids) or raw ids, each owned by a message or by nobody. A token is trained on only if its owner is a message
+Each format turns a conversation into pieces: text or raw ids, each owned by a message or by nobody. Consecutive text
+pieces are tokenized as one string (special-token strings inside become their ids), exactly as a rendered template
+would be. A token is trained on only if its owner is a message
 with ``masked=False``; headers of assistant turns (the generation prompt) are owned by nobody, so never trained.
 
 Formats (``chat_template=`` name): ``llama3``, ``llama2``, ``mistral``, ``chatml``, ``qwen2``, ``qwen2_5``,
@@ -46,15 +47,45 @@ class ChatFormat:
     def tokenize(
         self, tok: BaseTokenizer, messages: list[Message], add_eos: bool = True, add_generation_prompt: bool = False
     ) -> tuple[list[int], list[bool]]:
-        """Format and tokenize: ``(ids, mask)``."""
+        """Format and tokenize: ``(ids, mask)``.
+
+        Consecutive text pieces are joined and tokenized as ONE string (as a template would be), and each token goes
+        to the piece holding its first non-space character; an id piece (possibly empty) ends a run of text.
+        """
         self.check(tok)
         ids: list[int] = []
         mask: list[bool] = []
+
+        def owner_masked(owner: int | None) -> bool:
+            return True if owner is None else messages[owner].masked
+
+        run: list[tuple[str, int | None]] = []
+
+        def flush() -> None:
+            if not run:
+                return
+            text = "".join(t for t, _ in run)
+            bounds, pos = [], 0
+            for t, owner in run:
+                bounds.append((pos + len(t), owner))
+                pos += len(t)
+            run_ids, starts = tok.encode_with_offsets(text, add_bos=False, add_eos=False)
+            ends = starts[1:] + [len(text)]
+            for i, s, e in zip(run_ids, starts, ends):
+                a = next((j for j in range(s, max(s, e)) if not text[j].isspace()), s)
+                owner = next((o for b, o in bounds if a < b), bounds[-1][1])
+                ids.append(i)
+                mask.append(owner_masked(owner))
+            run.clear()
+
         for value, owner in self.pieces(tok, messages, add_eos, add_generation_prompt):
-            piece_ids = list(value) if isinstance(value, list) else tok.encode(value, add_bos=False, add_eos=False)
-            ids.extend(piece_ids)
-            masked = True if owner is None else messages[owner].masked
-            mask.extend([masked] * len(piece_ids))
+            if isinstance(value, list):
+                flush()
+                ids.extend(value)
+                mask.extend([owner_masked(owner)] * len(value))
+            elif value:
+                run.append((value, owner))
+        flush()
         return ids, mask
 
 
@@ -105,6 +136,7 @@ class Llama2Format(ChatFormat):
         for k in range(start, len(messages)):
             m = messages[k]
             if m.role == "assistant":
+                out.append(([], None))  # Meta encodes the answer on its own
                 out.append((m.content.strip(), k))
                 if _close_last(messages, k, add_eos):
                     out.append(([tok.eos_id], k))
@@ -201,7 +233,16 @@ class PlainFormat(ChatFormat):
 
 CHAT_FORMATS: dict[str, type[ChatFormat]] = {
     cls.name: cls
-    for cls in (Llama3Format, Llama2Format, MistralFormat, ChatMLFormat, Qwen2Format, Qwen2_5Format, ZephyrFormat, PlainFormat)
+    for cls in (
+        Llama3Format,
+        Llama2Format,
+        MistralFormat,
+        ChatMLFormat,
+        Qwen2Format,
+        Qwen2_5Format,
+        ZephyrFormat,
+        PlainFormat,
+    )
 }
 CHAT_FORMATS["gpt2"] = PlainFormat
 CHAT_FORMATS["tinyllama"] = ZephyrFormat

@@ -69,7 +69,11 @@ class Message:
                 f"message {dict(d)!r} has no role/content; expected keys 'role' and 'content' "
                 "(or ShareGPT 'from' and 'value')."
             )
-        return cls(role=normalize_role(str(role)), content=content, masked=bool(d.get("masked", False)) if masked is None else masked)
+        return cls(
+            role=normalize_role(str(role)),
+            content=content,
+            masked=bool(d.get("masked", False)) if masked is None else masked,
+        )
 
 
 def normalize_role(role: str) -> str:

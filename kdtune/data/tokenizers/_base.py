@@ -190,7 +190,9 @@ class BaseTokenizer:
             ``(ids, starts)``; BOS gets offset 0 and EOS offset ``len(text)``.
         """
         if not isinstance(text, str):
-            raise DataError(f"tokenizer.encode expects a string, got {type(text).__name__}; convert the column to text.")
+            raise DataError(
+                f"tokenizer.encode expects a string, got {type(text).__name__}; convert the column to text."
+            )
         ids: list[int] = []
         starts: list[int] = []
         if add_bos and self.bos_id is not None:
@@ -231,7 +233,9 @@ class BaseTokenizer:
                     parts.append(self._id_to_special[i])
             else:
                 if not 0 <= i < self.vocab_size:
-                    raise DataError(f"token id {i} is outside the vocabulary (size {self.vocab_size}) of {self.name_or_path!r}.")
+                    raise DataError(
+                        f"token id {i} is outside the vocabulary (size {self.vocab_size}) of {self.name_or_path!r}."
+                    )
                 run.append(i)
         if run:
             parts.append(self._decode_ordinary(run))
@@ -277,11 +281,17 @@ class BaseTokenizer:
         if self.chat_template is not None:
             from kdtune.data.tokenizers._jinja import tokenize_with_template
 
-            ids, mask = tokenize_with_template(self, messages, add_eos=add_eos, add_generation_prompt=add_generation_prompt)
+            ids, mask = tokenize_with_template(
+                self, messages, add_eos=add_eos, add_generation_prompt=add_generation_prompt
+            )
         else:
             if self.chat_format is None:
-                raise DataError(f"tokenizer {self.name_or_path!r} has no chat template or chat format; pass chat_template=...")
-            ids, mask = self.chat_format.tokenize(self, messages, add_eos=add_eos, add_generation_prompt=add_generation_prompt)
+                raise DataError(
+                    f"tokenizer {self.name_or_path!r} has no chat template or chat format; pass chat_template=..."
+                )
+            ids, mask = self.chat_format.tokenize(
+                self, messages, add_eos=add_eos, add_generation_prompt=add_generation_prompt
+            )
         if truncate_to_max_seq_len and self.max_seq_len:
             ids, mask_t = truncate(ids, mask, self.max_seq_len)
             mask = mask_t if mask_t is not None else []

@@ -29,7 +29,9 @@ def _raise_exception(message: str) -> None:
     raise TemplateError(f"chat template: {message}")
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -53,7 +55,9 @@ def compile_template(source: str) -> Any:
     try:
         return env.from_string(source)
     except TemplateSyntaxError as e:
-        raise DataError(f"chat_template does not compile (line {e.lineno}: {e.message}); fix tokenizer_config.json.") from e
+        raise DataError(
+            f"chat_template does not compile (line {e.lineno}: {e.message}); fix tokenizer_config.json."
+        ) from e
 
 
 def render_template(
@@ -111,14 +115,12 @@ def message_spans(
             except DataError:
                 end = start
         end = max(end, start)
+        raw_end = end
         if m.role == "assistant":
             # trailing whitespace after the end-of-turn token belongs to nobody (masked)
-            stripped = full[start:end].rstrip()
-            if k == len(messages) - 1 and add_generation_prompt:
-                stripped = full[start:end]
-            end = start + len(stripped)
+            end = start + len(full[start:end].rstrip())
         spans.append((start, end))
-        prev_end = max(prev_end, end)
+        prev_end = max(prev_end, raw_end)
     return spans
 
 

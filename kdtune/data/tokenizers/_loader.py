@@ -133,8 +133,13 @@ def load_hf_tokenizer(
 
     names = {k: tok_name(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
-    tiktoken_file = next((p for p in (d / "original" / "tokenizer.model", d / "tokenizer.model") if p.is_file() and is_tiktoken_file(p)), None)
-    spm_file = d / "tokenizer.model" if (d / "tokenizer.model").is_file() and tiktoken_file != d / "tokenizer.model" else None
+    tiktoken_file = next(
+        (p for p in (d / "original" / "tokenizer.model", d / "tokenizer.model") if p.is_file() and is_tiktoken_file(p)),
+        None,
+    )
+    spm_file = (
+        d / "tokenizer.model" if (d / "tokenizer.model").is_file() and tiktoken_file != d / "tokenizer.model" else None
+    )
     tj_bytelevel = bool(tj) and "ByteLevel" in json.dumps(tj.get("pre_tokenizer") or {})
     common: dict[str, Any] = {"max_seq_len": max_seq_len}
 
@@ -149,7 +154,9 @@ def load_hf_tokenizer(
         n_base = max(read_tiktoken_ranks(tiktoken_file).values()) + 1
         specials = llama3_special_tokens(n_base)
         specials.update({c: i for c, i in added.items() if i >= n_base})
-        tok = TikTokenLlama3Tokenizer(tiktoken_file, special_tokens=specials, **_ids(specials, names, cfg, gen, tj, "tiktoken"), **common)
+        tok = TikTokenLlama3Tokenizer(
+            tiktoken_file, special_tokens=specials, **_ids(specials, names, cfg, gen, tj, "tiktoken"), **common
+        )
         tok.name_or_path = str(d)
     elif tj_bytelevel:
         vocab, merges, pre, norm, ignore_merges = ByteLevelBPETokenizer.parse_tokenizer_json(tj, str(tj_path))
@@ -173,15 +180,21 @@ def load_hf_tokenizer(
         qwen = "qwen" in str(cfg.get("tokenizer_class", "")).lower()
         if qwen:
             pre = _PreTokenizer(
-                {"type": "Sequence", "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
-                    {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
-                ]},
+                {
+                    "type": "Sequence",
+                    "pretokenizers": [
+                        {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+                        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
+                    ],
+                },
                 str(d),
             )
             norm = _make_normalizer({"type": "NFC"}, str(d))
         else:
-            pre = _PreTokenizer({"type": "ByteLevel", "add_prefix_space": bool(cfg.get("add_prefix_space", False)), "use_regex": True}, str(d))
+            pre = _PreTokenizer(
+                {"type": "ByteLevel", "add_prefix_space": bool(cfg.get("add_prefix_space", False)), "use_regex": True},
+                str(d),
+            )
             assert GPT2_PATTERN  # the ByteLevel step above uses the GPT-2 pattern
             norm = None
         tok = _make_bpe(d, vocab, merges, pre, norm, False, added, special_ids, names, cfg, gen, tj, common)
@@ -214,7 +227,9 @@ def _ids(
     """bos/eos/pad/stop ids as constructor keyword arguments (only the ones the files determine)."""
     out: dict[str, Any] = {}
     gen_eos = gen.get("eos_token_id")
-    gen_eos_list = [int(x) for x in (gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])]
+    gen_eos_list = [
+        int(x) for x in (gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    ]
     eos = _lookup(names["eos_token"], table)
     if eos is None and gen_eos_list:
         eos = gen_eos_list[0]
@@ -269,7 +284,7 @@ def _make_bpe(
         eos = next((added[t] for t in ("<|endoftext|>", "<|end_of_text|>", "</s>") if t in added), None)
         if eos is None:
             raise DataError(
-                f"{d}: cannot tell the EOS token; set eos_token in tokenizer_config.json (e.g. \"<|endoftext|>\")."
+                f'{d}: cannot tell the EOS token; set eos_token in tokenizer_config.json (e.g. "<|endoftext|>").'
             )
         ids["eos_id"] = eos
     if "pad_id" not in ids and "<|finetune_right_pad_id|>" in added:

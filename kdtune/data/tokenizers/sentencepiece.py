@@ -128,7 +128,11 @@ class SentencePieceTokenizer(BaseTokenizer):
         kwargs.setdefault("eos_id", eos)
         kwargs.setdefault("pad_id", sp.pad_id() if sp.pad_id() >= 0 else None)
         kwargs.setdefault("vocab_size", max([self._sp_size - 1, *specials.values()]) + 1)
-        skip = set(skip_ids) if skip_ids is not None else {i for i in (sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.pad_id()) if i >= 0}
+        skip = (
+            set(skip_ids)
+            if skip_ids is not None
+            else {i for i in (sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.pad_id()) if i >= 0}
+        )
         super().__init__(special_tokens=specials, skip_ids=skip, name_or_path=str(path), **kwargs)
 
     def _encode_ordinary(self, text: str, at_start: bool) -> list[int]:
