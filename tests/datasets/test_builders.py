@@ -308,3 +308,25 @@ def test_errors(tok, tmp_path, write_jsonl, cache_dir):
     no_answer = write_jsonl([{"messages": [{"role": "user", "content": "x"}]}], "noans.jsonl")
     with pytest.raises(DataError, match="no example has a trained token"):
         chat_dataset(tok, source="json", data_files=no_answer, cache_dir=cache_dir)
+
+
+def test_builders_as_config_components(tok, write_jsonl, cache_dir):
+    from omegaconf import OmegaConf
+
+    from kdtune.config import instantiate, validate
+
+    path = write_jsonl([{"q": "hi", "a": "ok"}])
+    node = OmegaConf.create(
+        {
+            "dataset": {
+                "_component_": "kdtune.data.instruct_dataset",
+                "source": "json",
+                "data_files": [path],
+                "column_map": {"source": "q", "target": "a"},
+                "cache_dir": cache_dir,
+            }
+        }
+    )
+    assert validate(node) == []
+    ds = instantiate(node.dataset, tok)
+    assert tok.decode(ds[0]["tokens"]) == "hiok"

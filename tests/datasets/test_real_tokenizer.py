@@ -40,3 +40,28 @@ def test_truncation_not_hidden_by_tokenizer(qwen_dir, write_jsonl, cache_dir, ca
     ds = instruct_dataset(tok, source="json", data_files=write_jsonl(rows), train_on_input=True, cache_dir=cache_dir)
     assert len(ds[0]["tokens"]) == 16 and ds.num_truncated == 1
     assert "1 of 1 examples" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["qwen2_bpe", "llama3_tiktoken", "tinyllama_sentencepiece"])
+def test_chat_dataset_tokens_equal_hf_chat_template(kind, tmp_path, write_jsonl, cache_dir):
+    """The tokens a chat dataset yields equal transformers' `apply_chat_template` of the same conversation."""
+    transformers = pytest.importorskip("transformers")
+    writers = {
+        "qwen2_bpe": lambda d: testing_tok.write_bpe_tokenizer(d, style="qwen2"),
+        "llama3_tiktoken": testing_tok.write_tiktoken_llama3_tokenizer,
+        "tinyllama_sentencepiece": lambda d: testing_tok.write_sentencepiece_tokenizer(d, style="tinyllama"),
+    }
+    tok_dir = writers[kind](tmp_path / kind)
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 12 + 30?"},
+        {"role": "assistant", "content": "42."},
+        {"role": "user", "content": "And 1 + 1?"},
+        {"role": "assistant", "content": "2, of course."},
+    ]
+    ds = chat_dataset(
+        load_hf_tokenizer(tok_dir), source="json", data_files=write_jsonl([{"messages": conv}]), cache_dir=cache_dir
+    )
+    ref = transformers.AutoTokenizer.from_pretrained(str(tok_dir)).apply_chat_template(conv, tokenize=True)
+    ref = ref["input_ids"] if hasattr(ref, "keys") else ref
+    assert ds[0]["tokens"] == list(ref)
