@@ -112,3 +112,22 @@ def test_lora_builders_and_hf_model(tmp_path):
     lora = hf_model(path, lora_attn_modules=["q_proj"], apply_lora_to_mlp=True, lora_rank=2)
     assert {n for n, p in lora.named_parameters() if p.requires_grad} and lora.hf_config["hidden_size"] == 16
     assert all("lora" in n for n, p in lora.named_parameters() if p.requires_grad)
+
+
+def test_every_size_has_base_and_lora_builders_with_signatures():
+    import inspect
+
+    for module in (kdtune.models.llama, kdtune.models.qwen2, kdtune.models.qwen3, kdtune.models.gpt2):
+        for name in module.SIZES:
+            assert inspect.signature(getattr(module, name)).parameters == {}
+            params = inspect.signature(getattr(module, "lora_" + name)).parameters
+            assert list(params)[:2] == ["lora_attn_modules", "apply_lora_to_mlp"] and "quantize_base" in params
+
+
+def test_gpt2_learned_positions_bound():
+    from kdtune.models.gpt2 import gpt2
+
+    model = gpt2(vocab_size=32, num_layers=1, num_heads=2, embed_dim=8, max_seq_len=6)
+    model(torch.zeros(1, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="beyond the model's 6 learned positions"):
+        model(torch.zeros(1, 7, dtype=torch.long))

@@ -218,6 +218,11 @@ class TransformerDecoder(nn.Module):
 
         h = self.tok_embeddings(tokens)
         if self.pos_embeddings is not None:
+            n_pos = self.pos_embeddings.num_embeddings
+            if (cache_pos or 0) + t > n_pos and input_pos.numel() and int(input_pos.max()) >= n_pos:
+                raise ValueError(
+                    f"sequence position {int(input_pos.max())} is beyond the model's {n_pos} learned positions"
+                )
             h = h + self.pos_embeddings(input_pos)
         cos = sin = None
         if self.rope is not None:
