@@ -32,7 +32,12 @@ def train(cfg: DictConfig) -> B.RunSummary:
     # ---- model (all parameters train) and tokenizer
     tokenizer = B.build_tokenizer(s.tokenizer)
     model, checkpointer = B.build_model(
-        s.model, s.checkpointer, rt, activation_checkpointing=s.enable_activation_checkpointing, compile=s.compile
+        s.model,
+        s.checkpointer,
+        rt,
+        activation_checkpointing=s.enable_activation_checkpointing,
+        compile=s.compile,
+        lora_seed=s.seed,
     )
     if B.is_lora_model(model):
         raise ConfigError(

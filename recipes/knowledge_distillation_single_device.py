@@ -37,7 +37,12 @@ def train(cfg: DictConfig) -> B.RunSummary:
     # ---- models: the student (full or LoRA) trains; the teacher is frozen
     tokenizer = B.build_tokenizer(s.tokenizer)
     student, checkpointer = B.build_model(
-        s.model, s.checkpointer, rt, activation_checkpointing=s.enable_activation_checkpointing, compile=s.compile
+        s.model,
+        s.checkpointer,
+        rt,
+        activation_checkpointing=s.enable_activation_checkpointing,
+        compile=s.compile,
+        lora_seed=s.seed,
     )
     teacher, _ = B.build_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model")
     setup_teacher(teacher)

@@ -36,7 +36,12 @@ def train(cfg: DictConfig) -> B.RunSummary:
     # ---- model (only the adapters train; the base weights are frozen) and tokenizer
     tokenizer = B.build_tokenizer(s.tokenizer)
     model, checkpointer = B.build_model(
-        s.model, s.checkpointer, rt, activation_checkpointing=s.enable_activation_checkpointing, compile=s.compile
+        s.model,
+        s.checkpointer,
+        rt,
+        activation_checkpointing=s.enable_activation_checkpointing,
+        compile=s.compile,
+        lora_seed=s.seed,
     )
     if not B.is_lora_model(model):
         raise ConfigError("model: no LoRA adapters in this model; use a lora_* builder, or full_finetune_single_device")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -111,6 +110,7 @@ def build_model(
     *,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    lora_seed: int | None = None,
     key: str = "model",
 ) -> tuple[nn.Module, Any]:
     """Build a model from its ``_component_`` on the runtime's device/dtype and load its weights.
@@ -124,6 +124,8 @@ def build_model(
         runtime: device and dtype.
         activation_checkpointing: recompute each decoder layer in backward.
         compile: ``torch.compile`` each decoder layer.
+        lora_seed: (re-)initialise the LoRA matrices from this seed alone (PEFT init), so a run's adapters start the
+            same whatever the base model's construction consumed from the global RNG (and the same as a sharded run).
         key: config key of the model, for error messages.
 
     Returns:
@@ -144,6 +146,10 @@ def build_model(
     if checkpointer_cfg is not None:
         checkpointer = instantiate(checkpointer_cfg)
         checkpointer.load_into(model, strict=True)  # LoRA matrices are not in a base checkpoint: never "missing"
+    if lora_seed is not None and is_lora_model(model):
+        from kdtune.training.distributed import init_lora_parameters
+
+        init_lora_parameters(model, lora_seed)
     model.to(device=runtime.device)
     if activation_checkpointing:
         from kdtune.models import enable_activation_checkpointing
@@ -397,8 +403,16 @@ def build_train_data(
 
         collate_fn = partial(padded_collate, pad_id=pad_id, ignore_index=IGNORE_INDEX)
     sampler = ResumableSampler(len(train_ds), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    # the loader's own generator: creating an iterator must not draw from the global RNG (dropout), or a resumed run
+    # (which creates its iterator at another point of the RNG stream) would diverge from an uninterrupted one
     loader = DataLoader(
-        train_ds, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=True, num_workers=num_workers
+        train_ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        drop_last=True,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
     )
     micro_per_epoch = (len(train_ds) // world_size) // batch_size
     steps_per_epoch = micro_per_epoch // gradient_accumulation_steps
@@ -416,7 +430,12 @@ def build_train_data(
     if val_ds is not None and len(val_ds) > 0:
         val_sampler = ResumableSampler(len(val_ds), shuffle=False, rank=rank, world_size=world_size)
         val_loader = DataLoader(
-            val_ds, batch_size=batch_size, sampler=val_sampler, collate_fn=collate_fn, num_workers=num_workers
+            val_ds,
+            batch_size=batch_size,
+            sampler=val_sampler,
+            collate_fn=collate_fn,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(seed),
         )
     return TrainData(
         loader=loader,
@@ -673,61 +692,48 @@ class Reporter:
     """
 
     def __init__(self, runtime: Runtime, settings: Any, data: TrainData, *, enabled: bool = True) -> None:
-        from tqdm.auto import tqdm
+        from kdtune.training import ProgressBar
 
         self.runtime, self.enabled = runtime, enabled
         self.log_every = max(int(settings.log_every_n_steps), 1)
         self.log_memory = bool(settings.log_peak_memory_stats)
         self.total = data.total_steps
         self.logger = build_metric_logger(settings.metric_logger, runtime) if enabled else None
-        self.bar = tqdm(
-            total=data.total_steps,
-            initial=data.position.global_step,
-            disable=not (enabled and settings.progress_bar),
-            dynamic_ncols=True,
-            desc="train",
+        self.bar = ProgressBar(
+            data.total_steps, data.position.global_step, disable=not (enabled and settings.progress_bar)
         )
         self.steps: list[dict[str, float]] = []
         self.evals: list[dict[str, float]] = []
         self.last_eval_step: int | None = None
-        self._last = time.perf_counter()
 
     def step(self, pos: DataPosition, result: StepResult) -> dict[str, float]:
         """Record one optimizer step; returns its metrics."""
-        now = time.perf_counter()
-        elapsed, self._last = now - self._last, now
+        tokens_per_second = self.bar.update(result.num_tokens, result.loss, result.kd_loss, result.lr)
         m: dict[str, float] = {"step": pos.global_step, "epoch": pos.epoch, "loss": result.loss}
         if not math.isnan(result.kd_loss):
             m["class_loss"], m["kd_loss"] = result.class_loss, result.kd_loss
         m.update(
-            lr=result.lr,
-            grad_norm=result.grad_norm,
-            num_tokens=result.num_tokens,
-            tokens_per_second=result.num_tokens / max(elapsed, 1e-9),
+            lr=result.lr, grad_norm=result.grad_norm, num_tokens=result.num_tokens, tokens_per_second=tokens_per_second
         )
         if self.log_memory:
             from kdtune.training import peak_memory
 
             m.update(peak_memory(self.runtime.device))
         self.steps.append(m)
-        if self.enabled:
-            if pos.global_step % self.log_every == 0 or pos.global_step == self.total:
-                self.logger.log_dict({k: v for k, v in m.items() if k != "step"}, step=pos.global_step)
-            post = {"loss": f"{result.loss:.4f}", "lr": f"{result.lr:.2e}", "tok/s": f"{m['tokens_per_second']:.0f}"}
-            if "kd_loss" in m:
-                post["kd_loss"] = f"{result.kd_loss:.4f}"
-            self.bar.set_postfix(post, refresh=False)
-            self.bar.update(1)
+        if self.enabled and (pos.global_step % self.log_every == 0 or pos.global_step == self.total):
+            self.logger.log_dict({k: v for k, v in m.items() if k != "step"}, step=pos.global_step)
         return m
 
     def eval(self, pos: DataPosition, metrics: dict[str, float]) -> None:
         """Record one validation pass."""
+        from tqdm.auto import tqdm
+
         self.evals.append({"step": pos.global_step, **metrics})
         self.last_eval_step = pos.global_step
         if self.enabled:
             self.logger.log_dict(metrics, step=pos.global_step)
-            self.bar.write(f"step {pos.global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        self._last = time.perf_counter()  # evaluation time is not training throughput
+            tqdm.write(f"step {pos.global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        self.bar.reset_timer()  # evaluation time is not training throughput
 
     def close(self) -> RunSummary:
         """Close the bar and the logger; return the :class:`RunSummary`."""

@@ -1,0 +1,222 @@
+"""End-to-end runs of the single-device recipes on tiny generated HF models, a tiny tokenizer and local chat data.
+
+References are independent of kdtune: `transformers` loads the final HF directories and `peft` the adapters; the
+equivalence tests compare two kdtune runs that must be the same computation (accumulation, resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdtune.errors import KDTuneError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _log_rows(out: Path) -> list[dict]:
+    rows = []
+    for f in sorted((out / "logs").glob("*.jsonl")):
+        rows += [json.loads(line) for line in f.read_text().splitlines()]
+    return rows
+
+
+def _train_losses(out: Path) -> list[float]:
+    return [r["loss"] for r in _log_rows(out) if "loss" in r]
+
+
+def _kdtune_run(recipe: str, config: str, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "kdtune", "run", recipe, "--config", config, *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def _hf_logits(model_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+TOKENS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+
+
+# ------------------------------------------------------------------------------------------- CLI, each recipe
+def test_kd_recipe_via_kdtune_run(tiny, overrides, tmp_path: Path) -> None:
+    out = tmp_path / "kd"
+    r = _kdtune_run(
+        "knowledge_distillation_single_device", "tiny/kd", *overrides(out), "max_steps=8", "optimizer.lr=1e-2"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _log_rows(out)
+    train = [x for x in rows if "loss" in x]
+    assert [x["step"] for x in train] == list(range(1, 9))
+    for key in ("loss", "class_loss", "kd_loss", "lr", "grad_norm", "tokens_per_second", "peak_memory_rss"):
+        assert key in train[0], key
+    assert any("val_loss" in x for x in rows)
+    losses = [x["loss"] for x in train]
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    assert (out / "config.yaml").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
+    # the final student loads in transformers and matches kdtune's own forward of it
+    from kdtune.models import load_hf_model
+
+    ref = _hf_logits(out / "final", TOKENS)
+    ours = load_hf_model(out / "final")(TOKENS)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    before = load_file(tiny["student"] / "model.safetensors")
+    after = load_file(out / "final" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    assert (out / "final" / "tokenizer_config.json").is_file()  # tokenizer files travel with the model
+
+
+def test_lora_recipe_via_kdtune_run(tiny, overrides, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    r = _kdtune_run("lora_finetune_single_device", "tiny/lora", *overrides(out, None), "max_steps=6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = _train_losses(out)
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    base = AutoModelForCausalLM.from_pretrained(tiny["student"], torch_dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out / "final_adapter").eval()
+    with torch.no_grad():
+        peft_logits = peft_model(TOKENS).logits
+    merged_logits = _hf_logits(out / "final", TOKENS)
+    torch.testing.assert_close(merged_logits, peft_logits, atol=1e-5, rtol=1e-5)
+    base_logits = _hf_logits(tiny["student"], TOKENS)
+    assert (merged_logits - base_logits).abs().max() > 1e-4  # the adapter changed the model
+
+
+def test_full_recipe_via_kdtune_run(tiny, overrides, tmp_path: Path) -> None:
+    out = tmp_path / "full"
+    r = _kdtune_run("full_finetune_single_device", "tiny/full", *overrides(out, None), "max_steps=6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = _train_losses(out)
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    assert torch.isfinite(_hf_logits(out / "final", TOKENS)).all()
+    assert not (out / "final_adapter").exists()
+
+
+# ------------------------------------------------------------------------------------------- in-process checks
+LORA_STUDENT = ["+model.lora_attn_modules=[q_proj,v_proj]", "+model.lora_rank=4", "+model.lora_alpha=8"]
+
+
+def test_teacher_frozen_and_bit_identical(tiny, tiny_cfg, recipe, tmp_path: Path, monkeypatch) -> None:
+    from kdtune.training import assert_frozen, param_fingerprint, setup_teacher
+
+    kd = recipe("knowledge_distillation_single_device")
+    seen = {}
+
+    def spy(model):
+        setup_teacher(model)
+        seen["teacher"], seen["fingerprint"] = model, param_fingerprint(model)
+        return model
+
+    monkeypatch.setattr(kd, "setup_teacher", spy)
+    summary = kd.train(tiny_cfg("kd", tmp_path / "run", *LORA_STUDENT, "max_steps=3", "val_split_ratio=0.0"))
+    assert len(summary.steps) == 3 and summary.evals == []
+    assert_frozen(seen["teacher"], seen["fingerprint"])  # eval mode, no grads, weights unchanged bit for bit
+    # and the teacher on disk was not touched either
+    loaded = load_file(tiny["teacher"] / "model.safetensors")
+    from kdtune.models import load_hf_model
+
+    assert param_fingerprint(load_hf_model(tiny["teacher"])) == param_fingerprint(seen["teacher"])
+    assert loaded  # file still readable
+
+
+def test_grad_accumulation_equivalence(tiny_cfg, recipe, tmp_path: Path) -> None:
+    """batch 8 x accum 1 == batch 2 x accum 4: same losses per step and same final weights."""
+    kd = recipe("knowledge_distillation_single_device")
+    common = ["max_steps=3", "val_split_ratio=0.0", "save_every_n_steps=null", "optimizer.lr=1e-2"]
+    a = kd.train(tiny_cfg("kd", tmp_path / "a", *common, "batch_size=8", "gradient_accumulation_steps=1"))
+    b = kd.train(tiny_cfg("kd", tmp_path / "b", *common, "batch_size=2", "gradient_accumulation_steps=4"))
+    for key in ("loss", "class_loss", "kd_loss", "num_tokens", "grad_norm"):
+        torch.testing.assert_close(
+            torch.tensor([s[key] for s in a.steps], dtype=torch.float64),
+            torch.tensor([s[key] for s in b.steps], dtype=torch.float64),
+            atol=1e-6,
+            rtol=1e-5,
+            msg=key,
+        )
+    wa, wb = (
+        load_file(tmp_path / "a" / "final" / "model.safetensors"),
+        load_file(tmp_path / "b" / "final" / "model.safetensors"),
+    )
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("student", ["lora", "full"])
+def test_resume_equals_straight_run(tiny_cfg, recipe, tmp_path: Path, student: str) -> None:
+    """Train 6 steps over 2 epochs straight; resume from the step-2 checkpoint: steps 3..6 identical."""
+    kd = recipe("knowledge_distillation_single_device")
+    extra = LORA_STUDENT if student == "lora" else []
+    common = [*extra, "epochs=2", "max_steps_per_epoch=3", "max_steps=null", "save_every_n_steps=2",
+              "keep_last_n_checkpoints=5", "eval_every_n_steps=null", "+model.lora_dropout=0.1" if student == "lora" else "optimizer.lr=5e-3"]  # fmt: skip
+    out = tmp_path / "run"
+    straight = kd.train(tiny_cfg("kd", out, *common))
+    assert [s["step"] for s in straight.steps] == [1, 2, 3, 4, 5, 6]
+    assert [s["epoch"] for s in straight.steps] == [0, 0, 0, 1, 1, 1]
+    # keep only the step-2 checkpoint and pretend the run died there
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(out, resumed_dir)
+    for d in (resumed_dir / "checkpoints").iterdir():
+        if d.name != "step_00000002":
+            shutil.rmtree(d)
+    shutil.rmtree(resumed_dir / "final")
+    if student == "lora":
+        shutil.rmtree(resumed_dir / "final_adapter")
+    resumed = kd.train(tiny_cfg("kd", resumed_dir, *common, "resume_from_checkpoint=true"))
+    assert [s["step"] for s in resumed.steps] == [3, 4, 5, 6]
+    for key in ("loss", "class_loss", "kd_loss", "lr", "num_tokens"):
+        assert [s[key] for s in resumed.steps] == [s[key] for s in straight.steps[2:]], key
+    name = "final_adapter/adapter_model.safetensors" if student == "lora" else "final/model.safetensors"
+    wa, wb = load_file(out / name), load_file(resumed_dir / name)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_padded_teacher_vocab_is_sliced(tiny, tiny_cfg, recipe, tmp_path: Path) -> None:
+    kd = recipe("knowledge_distillation_single_device")
+    summary = kd.train(tiny_cfg("kd", tmp_path / "run", "max_steps=2", "val_split_ratio=0.0", teacher="teacher_padded"))
+    from kdtune.models import load_hf_model
+
+    assert load_hf_model(tiny["teacher_padded"]).vocab_size == load_hf_model(tiny["student"]).vocab_size + 64
+    assert all(torch.isfinite(torch.tensor(s["kd_loss"])) and s["kd_loss"] > 0 for s in summary.steps)
+
+
+def test_incompatible_teacher_tokenizer_is_refused(tiny_cfg, recipe, tmp_path: Path) -> None:
+    kd = recipe("knowledge_distillation_single_device")
+    with pytest.raises(KDTuneError, match="(?i)vocab|tokenizer"):
+        kd.train(tiny_cfg("kd", tmp_path / "run", "max_steps=1", teacher="other_tok_teacher"))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_cfg, recipe, tmp_path: Path) -> None:
+    from kdtune.training import NonFiniteLossError
+
+    full = recipe("full_finetune_single_device")
+    out = tmp_path / "run"
+    cfg = tiny_cfg(
+        "full", out, "optimizer=torch.optim.SGD", "optimizer.lr=1e30",
+        "clip_grad_norm=null", "~lr_scheduler", "save_every_n_steps=1", "keep_last_n_checkpoints=1", "max_steps=6",
+        "val_split_ratio=0.0",
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=r"at step (\d+)") as info:
+        full.train(cfg)
+    bad_step = int(info.value.args[0].split("at step ")[1].split(";")[0].split(":")[0])
+    assert bad_step >= 2
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == [f"step_{bad_step - 1:08d}"]  # the last good one, nothing after it
+    assert f"step_{bad_step - 1:08d}" in str(info.value)
+    assert not (out / "final").exists()
