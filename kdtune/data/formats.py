@@ -283,6 +283,8 @@ class RowConverter:
             raise DataError(
                 f"{where}: column {column!r} should hold a list of messages but holds {type(turns).__name__}"
             )
+        if not turns:
+            raise DataError(f"{where}: column {column!r} holds an empty conversation; remove the row (filter_fn)")
         return self._parse_turns(turns, where, column)
 
     def _parse_turns(self, turns: list[Any], where: str, column: str) -> list[tuple[str, str]]:

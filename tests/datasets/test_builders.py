@@ -330,3 +330,19 @@ def test_builders_as_config_components(tok, write_jsonl, cache_dir):
     assert validate(node) == []
     ds = instantiate(node.dataset, tok)
     assert tok.decode(ds[0]["tokens"]) == "hiok"
+
+
+def test_num_proc_matches_serial(tok, write_jsonl, caplog, cache_dir):
+    rows = [{"source": "s" * (i % 7), "target": "t" * (1 + i % 5)} for i in range(40)]
+    path = write_jsonl(rows)
+    kw = dict(source="json", data_files=path, max_seq_len=12, cache_dir=cache_dir)
+    serial = instruct_dataset(tok, **kw)
+    caplog.clear()
+    parallel = instruct_dataset(tok, num_proc=2, **kw)
+    assert [parallel[i] for i in range(len(parallel))] == [serial[i] for i in range(len(serial))]
+    assert (parallel.num_truncated, parallel.num_dropped) == (serial.num_truncated, serial.num_dropped)
+    assert sum(r.levelno == logging.WARNING for r in caplog.records) == 1
+    chat = [{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}] * 40
+    bad = write_jsonl([*chat, {"messages": []}], "bad.jsonl")
+    with pytest.raises(DataError, match="row 40: column 'messages' holds an empty conversation"):
+        chat_dataset(tok, source="json", data_files=bad, num_proc=2, cache_dir=cache_dir)

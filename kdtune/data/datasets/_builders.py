@@ -103,12 +103,13 @@ def _finish(
     packed: bool,
     split_across_pack: bool,
     lazy: bool | None,
+    num_proc: int | None,
 ) -> Dataset:
     if packed and lazy:
         raise DataError("packed=True encodes every example up front; it cannot be combined with lazy=True")
     if packed:
         lazy = False
-    ds = SFTDataset(rows, encode_fn, max_seq_len=max_seq_len, lazy=lazy, source=where)
+    ds = SFTDataset(rows, encode_fn, max_seq_len=max_seq_len, lazy=lazy, source=where, num_proc=num_proc)
     if packed:
         if max_seq_len is None:
             raise DataError("packed=True needs max_seq_len (set it on the dataset or the tokenizer)")
@@ -151,6 +152,7 @@ def _message_dataset(
     eval_split: str | None,
     subset: Subset,
     lazy: bool | None,
+    num_proc: int | None,
     load_dataset_kwargs: dict[str, Any],
 ) -> Dataset:
     rows, where = _load_subset(
@@ -183,6 +185,7 @@ def _message_dataset(
             packed=packed,
             split_across_pack=split_across_pack,
             lazy=lazy,
+            num_proc=num_proc,
         )
     convert = RowConverter(
         fmt,
@@ -212,6 +215,7 @@ def _message_dataset(
         packed=packed,
         split_across_pack=split_across_pack,
         lazy=lazy,
+        num_proc=num_proc,
     )
 
 
@@ -251,6 +255,7 @@ def sft_dataset(
     eval_split: str | None = None,
     subset: Subset = "train",
     lazy: bool | None = None,
+    num_proc: int | None = None,
     **load_dataset_kwargs: Any,
 ) -> Dataset:
     """Any SFT / distillation dataset; the row format is detected from the columns unless ``format`` is given.
@@ -282,6 +287,8 @@ def sft_dataset(
         subset: ``"train"`` or ``"validation"`` (the held-out part).
         lazy: Tokenize on access instead of up front (for very large datasets; not with ``packed``). Default
             (None): up front for datasets of at most 100,000 rows, on access for larger ones.
+        num_proc: Tokenize up front with this many (forked) processes; the tokenizers are pure Python, so this is
+            what makes a large dataset start quickly.
         **load_dataset_kwargs: Passed to `datasets.load_dataset` (``name``, ``revision``, ``cache_dir``...).
 
     Returns:
@@ -308,6 +315,7 @@ def sft_dataset(
         eval_split=eval_split,
         subset=subset,
         lazy=lazy,
+        num_proc=num_proc,
         load_dataset_kwargs=load_dataset_kwargs,
     )
 
@@ -331,6 +339,7 @@ def instruct_dataset(
     eval_split: str | None = None,
     subset: Subset = "train",
     lazy: bool | None = None,
+    num_proc: int | None = None,
     **load_dataset_kwargs: Any,
 ) -> Dataset:
     """Single-turn instruction data: one prompt (masked unless ``train_on_input``) and one response.
@@ -361,6 +370,7 @@ def instruct_dataset(
         eval_split=eval_split,
         subset=subset,
         lazy=lazy,
+        num_proc=num_proc,
         load_dataset_kwargs=load_dataset_kwargs,
     )
 
@@ -387,6 +397,7 @@ def chat_dataset(
     eval_split: str | None = None,
     subset: Subset = "train",
     lazy: bool | None = None,
+    num_proc: int | None = None,
     **load_dataset_kwargs: Any,
 ) -> Dataset:
     """Multi-turn chat data: a column holding a list of turns.
@@ -427,6 +438,7 @@ def chat_dataset(
         eval_split=eval_split,
         subset=subset,
         lazy=lazy,
+        num_proc=num_proc,
         load_dataset_kwargs=load_dataset_kwargs,
     )
 
@@ -448,6 +460,7 @@ def text_completion_dataset(
     eval_split: str | None = None,
     subset: Subset = "train",
     lazy: bool | None = None,
+    num_proc: int | None = None,
     **load_dataset_kwargs: Any,
 ) -> Dataset:
     """Plain text (continued pre-training, distillation on raw text): every token is trained.
@@ -481,6 +494,7 @@ def text_completion_dataset(
         max_seq_len=None if keep_whole else max_seq_len,
         lazy=False if packed else lazy,
         source=where,
+        num_proc=num_proc,
     )
     if not packed:
         return ds

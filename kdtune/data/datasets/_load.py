@@ -132,7 +132,7 @@ def load_rows(
         missing = [
             p
             for p in _as_list(data_files)
-            if not any(c in p for c in "*?[") and not os.path.exists(os.path.expanduser(p))
+            if "://" not in p and not any(c in p for c in "*?[") and not os.path.exists(os.path.expanduser(p))
         ]
         if missing:
             raise DataError(f"data file {missing[0]!r} (key 'data_files') does not exist; check the path")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from array import array
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch.utils.data import Dataset
@@ -32,6 +34,26 @@ def labels_from_mask(
     return [ignore_index if m else t for t, m in zip(tokens, mask)]
 
 
+@dataclass
+class _EncodedChunk:
+    """Encoded examples of a range of rows (what a tokenizing worker sends back)."""
+
+    tokens: array = field(default_factory=lambda: array("i"))
+    labels: array = field(default_factory=lambda: array("i"))
+    lengths: list[int] = field(default_factory=list)
+    num_truncated: int = 0
+    num_dropped: int = 0
+    longest: int = 0
+
+
+_FORK_DATASET: SFTDataset | None = None
+
+
+def _encode_range_in_worker(args: tuple[int, int, bool]) -> _EncodedChunk:
+    assert _FORK_DATASET is not None
+    return _FORK_DATASET._encode_range(*args)
+
+
 class SFTDataset(Dataset):
     """Rows of a `datasets.Dataset` (or any sequence of dicts) encoded to ``{"tokens", "labels"}``.
 
@@ -48,6 +70,7 @@ class SFTDataset(Dataset):
         lazy: Encode on access instead of up front; None: up front unless there are more than `EAGER_MAX_ROWS` rows.
         source: Dataset name used in messages.
         drop_untrainable: Drop (eager mode) examples whose labels are all ignored.
+        num_proc: Tokenize up front with this many processes (forked, so the tokenizer is not pickled; Linux/macOS).
     """
 
     def __init__(
@@ -59,12 +82,14 @@ class SFTDataset(Dataset):
         lazy: bool | None = None,
         source: str = "dataset",
         drop_untrainable: bool = True,
+        num_proc: int | None = None,
     ) -> None:
         if max_seq_len is not None and int(max_seq_len) < 1:
             raise DataError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         self._rows = rows
         self._encode_fn = encode_fn
         self.max_seq_len = None if max_seq_len is None else int(max_seq_len)
+        self.num_proc = max(1, int(num_proc or 1))
         if lazy is None:
             lazy = len(rows) > EAGER_MAX_ROWS
             if lazy:
@@ -87,21 +112,48 @@ class SFTDataset(Dataset):
             for i in range(min(len(rows), 64)):
                 self._encode_fn(rows[i], i)
 
+    def _encode_range(self, start: int, end: int, drop_untrainable: bool) -> _EncodedChunk:
+        chunk = _EncodedChunk()
+        rows = self._rows
+        for i in range(start, end):
+            t, lab = self._encode_fn(rows[i], i)
+            chunk.longest = max(chunk.longest, len(t))
+            t, lab, cut = self._truncate(t, lab)
+            chunk.num_truncated += cut
+            if drop_untrainable and all(x == CROSS_ENTROPY_IGNORE_IDX for x in lab):
+                chunk.num_dropped += 1
+                continue
+            chunk.tokens.extend(t)
+            chunk.labels.extend(lab)
+            chunk.lengths.append(len(t))
+        return chunk
+
     def _encode_all(self, drop_untrainable: bool) -> None:
         tokens, labels, offsets = array("i"), array("i"), array("q", [0])
         longest = 0
         n = len(self._rows)
-        for i, row in enumerate(tqdm(self._rows, total=n, desc="Tokenizing", disable=n < 20000, leave=False)):
-            t, lab = self._encode_fn(row, i)
-            longest = max(longest, len(t))
-            t, lab, cut = self._truncate(t, lab)
-            self.num_truncated += cut
-            if drop_untrainable and all(x == CROSS_ENTROPY_IGNORE_IDX for x in lab):
-                self.num_dropped += 1
-                continue
-            tokens.extend(t)
-            labels.extend(lab)
-            offsets.append(len(tokens))
+        step = max(1, min(1000, -(-n // (4 * self.num_proc)))) if self.num_proc > 1 else 256
+        ranges = [(s, min(n, s + step), drop_untrainable) for s in range(0, n, step)]
+        progress = tqdm(total=n, desc="Tokenizing", disable=n < 20000, leave=False)
+        if self.num_proc > 1 and len(ranges) > 1 and "fork" in multiprocessing.get_all_start_methods():
+            global _FORK_DATASET
+            _FORK_DATASET = self  # inherited by the forked workers: nothing (tokenizer, rows) is pickled
+            try:
+                with multiprocessing.get_context("fork").Pool(min(self.num_proc, len(ranges))) as pool:
+                    chunks = pool.imap(_encode_range_in_worker, ranges)
+                    for chunk in chunks:
+                        self._add_chunk(chunk, tokens, labels, offsets)
+                        longest = max(longest, chunk.longest)
+                        progress.update(len(chunk.lengths) + chunk.num_dropped)
+            finally:
+                _FORK_DATASET = None
+        else:
+            for start, end, drop in ranges:
+                chunk = self._encode_range(start, end, drop)
+                self._add_chunk(chunk, tokens, labels, offsets)
+                longest = max(longest, chunk.longest)
+                progress.update(end - start)
+        progress.close()
         self._tokens, self._labels, self._offsets = tokens, labels, offsets
         self._rows = None  # the encoded form is all that is needed now
         if self.num_truncated or self.num_dropped:
@@ -119,6 +171,16 @@ class SFTDataset(Dataset):
                 f"{self.source}: no example has a trained token (all {n} were dropped); check the masking settings "
                 f"(train_on_input, masking), the response columns and max_seq_len"
             )
+
+    def _add_chunk(self, chunk: _EncodedChunk, tokens: array, labels: array, offsets: array) -> None:
+        tokens.extend(chunk.tokens)
+        labels.extend(chunk.labels)
+        end = offsets[-1]
+        for length in chunk.lengths:
+            end += length
+            offsets.append(end)
+        self.num_truncated += chunk.num_truncated
+        self.num_dropped += chunk.num_dropped
 
     def _truncate(self, tokens: list[int], labels: list[int]) -> tuple[list[int], list[int], bool]:
         if self.max_seq_len is not None and len(tokens) > self.max_seq_len:
