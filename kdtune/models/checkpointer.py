@@ -43,6 +43,7 @@ from kdtune.models._safetensors_io import (
     resolve_weight_files,
 )
 from kdtune.models.modules.lora import (
+    LoRALinear,
     _dequantize,
     get_adapter_params,
     get_lora_modules,
@@ -365,47 +366,94 @@ def save_hf(
 
 
 # ------------------------------------------------------------------------------------------------------ adapters
-def _lora_hf_names(model: nn.Module, family: ModelFamily) -> dict[str, str]:
-    """kdtune LoRA module path → HF module path; errors when two kdtune modules map to one HF module (e.g. GPT-2's
-    fused ``c_attn``), which PEFT cannot represent as separate adapters."""
-    names: dict[str, str] = {}
-    for name in get_lora_modules(model):
+@dataclass
+class _AdapterTarget:
+    """One HF module that carries a PEFT LoRA pair.
+
+    ``members`` are all kdtune linear modules stored inside that HF module (one, or several when HF fuses them, like
+    GPT-2's ``c_attn`` = q/k/v); ``lora`` are those of them with LoRA, in model order.
+    """
+
+    hf: str
+    members: list[str]
+    lora: list[str]
+
+    @property
+    def fused(self) -> bool:
+        return len(self.members) > 1
+
+
+def _adapter_targets(model: nn.Module, family: ModelFamily) -> list[_AdapterTarget]:
+    """Group the model's LoRA modules by the HF module they live in."""
+    lora_mods = get_lora_modules(model)
+    lora_names = set(lora_mods)
+    by_hf: dict[str, _AdapterTarget] = {}
+    for name in lora_mods:
         try:
-            names[name] = family.module_name_to_hf(name)
+            hf = family.module_name_to_hf(name)
         except Exception as e:
             raise CheckpointError(
                 f"save_adapter: the {family.name} family has no HF module for LoRA module {name!r} ({e}); "
                 "save the merged model with save_hf instead."
             ) from e
-    inverse: dict[str, list[str]] = {}
-    for k, v in names.items():
-        inverse.setdefault(v, []).append(k)
-    clashes = {v: ks for v, ks in inverse.items() if len(ks) > 1}
-    if clashes:
-        hf, ks = next(iter(clashes.items()))
-        raise CheckpointError(
-            f"save_adapter: LoRA modules {ks} all live in the single HF module {hf!r}, which a PEFT adapter cannot "
-            "express; save the merged model (save_hf) or adapt fewer modules (e.g. only output_proj / the MLP)."
-        )
-    return names
-
-
-def _target_modules(model: nn.Module, family: ModelFamily, targets: list[str]) -> list[str]:
-    """PEFT ``target_modules``: for each adapted HF module the shortest dotted suffix that matches no linear layer
-    without an adapter (so ``q_proj`` for Llama, ``attn.c_proj`` where ``c_proj`` also names an MLP layer)."""
-    others: list[str] = []
-    lora_names = set(get_lora_modules(model))
+        by_hf.setdefault(hf, _AdapterTarget(hf, [], [])).lora.append(name)
     for name, mod in model.named_modules():
-        if name in lora_names or not isinstance(mod, nn.Linear | nn.Embedding):
-            continue
-        if any(name.startswith(f"{ln}.") for ln in lora_names):
+        if not isinstance(mod, nn.Linear | LoRALinear) or any(name.startswith(f"{ln}.") for ln in lora_names):
             continue
         try:
-            others.append(family.module_name_to_hf(name))
+            hf = family.module_name_to_hf(name)
         except Exception:
             continue
+        if hf in by_hf:
+            by_hf[hf].members.append(name)
+    return list(by_hf.values())
+
+
+def _out_features(mod: nn.Module) -> int:
+    return mod.out_dim if isinstance(mod, LoRALinear) else mod.out_features
+
+
+def _fused_layout(family: ModelFamily, hf_config: dict[str, Any], target: _AdapterTarget, mods: dict[str, nn.Module]):
+    """``(to_hf, from_hf)``: map per-member ``[out_m, R]`` matrices to the fused HF module's ``[sum out_m, R]`` (rows in
+    HF order) and back, using the family's own weight conversion (so the fusion order is the family's)."""
+    probe = family.state_dict_to_hf(
+        {f"{m}.weight": torch.zeros(_out_features(mods[m]), 1) for m in target.members}, hf_config
+    )
+    key = f"{target.hf}.weight"
+    if key not in probe:
+        raise CheckpointError(f"save_adapter: the {family.name} conversion produced no {key!r}; cannot fuse LoRA.")
+    out_total = sum(_out_features(mods[m]) for m in target.members)
+    transposed = tuple(probe[key].shape) == (1, out_total) and out_total != 1  # Conv1D-style [in, out] storage
+
+    def to_hf(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        fused = family.state_dict_to_hf({f"{m}.weight": t for m, t in parts.items()}, hf_config)[key]
+        return fused.t().contiguous() if transposed else fused.contiguous()
+
+    def from_hf(fused: torch.Tensor) -> dict[str, torch.Tensor]:
+        stored = fused.t().contiguous() if transposed else fused
+        back = family.state_dict_from_hf({key: stored}, hf_config)
+        return {m: back[f"{m}.weight"] for m in target.members}
+
+    return to_hf, from_hf
+
+
+def _target_modules(model: nn.Module, family: ModelFamily, targets: list[_AdapterTarget]) -> list[str]:
+    """PEFT ``target_modules``: for each adapted HF module the shortest dotted suffix that matches no linear layer
+    without an adapter (so ``q_proj`` for Llama, ``attn.c_proj`` where ``c_proj`` also names an MLP layer)."""
+    adapted = {t.hf for t in targets}
+    lora_names = set(get_lora_modules(model))
+    others: set[str] = set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear | nn.Embedding) or any(name.startswith(f"{ln}.") for ln in lora_names):
+            continue
+        try:
+            hf = family.module_name_to_hf(name)
+        except Exception:
+            continue
+        if hf not in adapted:
+            others.add(hf)
     chosen: list[str] = []
-    for hf in targets:
+    for hf in sorted(adapted):
         parts = hf.split(".")
         for n in range(1, len(parts) + 1):
             suffix = ".".join(parts[-n:])
@@ -413,7 +461,6 @@ def _target_modules(model: nn.Module, family: ModelFamily, targets: list[str]) -
                 break
         if suffix not in chosen:
             chosen.append(suffix)
-    # a shorter suffix chosen for one target must not hide an un-adapted module; checked above per target
     return sorted(chosen)
 
 
@@ -438,6 +485,48 @@ def _most_common(values: list[Any]) -> Any:
     return max(set(values), key=values.count)
 
 
+def _adapter_tensors(
+    model: nn.Module, family: ModelFamily
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
+    """PEFT tensors ``{base_model.model.<hf>.lora_A/B.weight}`` and ``{hf module: (r, alpha)}``.
+
+    Several kdtune LoRA modules inside one fused HF module (GPT-2 ``c_attn`` = q/k/v) are written exactly as one PEFT
+    pair: ``lora_A`` stacks their A matrices (rank R = sum of ranks) and ``lora_B`` is block-diagonal in the fused
+    output layout, with ``alpha = scale * R`` so PEFT's ``alpha / R`` equals the modules' common scale.
+    """
+    mods = dict(model.named_modules())
+    hf_config = getattr(model, "hf_config", None) or {}
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, tuple[int, float]] = {}
+    for target in _adapter_targets(model, family):
+        a_key, b_key = f"{_PEFT_PREFIX}{target.hf}.lora_A.weight", f"{_PEFT_PREFIX}{target.hf}.lora_B.weight"
+        loras: list[LoRALinear] = [mods[n] for n in target.lora]  # type: ignore[misc]
+        if not target.fused:
+            m = loras[0]
+            tensors[a_key] = m.lora_a.weight.detach().cpu().contiguous()
+            tensors[b_key] = m.lora_b.weight.detach().cpu().contiguous()
+            ranks[target.hf] = (m.rank, m.alpha)
+            continue
+        scales = {m.scaling for m in loras}
+        if len(scales) > 1:
+            raise CheckpointError(
+                f"save_adapter: LoRA modules {target.lora} share the HF module {target.hf!r} but have different "
+                "alpha/rank scales; use one lora_alpha/lora_rank for them or save the merged model (save_hf)."
+            )
+        total_r = sum(m.rank for m in loras)
+        to_hf, _ = _fused_layout(family, hf_config, target, mods)
+        dtype = loras[0].lora_b.weight.dtype
+        parts = {n: torch.zeros(_out_features(mods[n]), total_r, dtype=dtype) for n in target.members}
+        offset = 0
+        for n, m in zip(target.lora, loras):
+            parts[n][:, offset : offset + m.rank] = m.lora_b.weight.detach().cpu()
+            offset += m.rank
+        tensors[a_key] = torch.cat([m.lora_a.weight.detach().cpu() for m in loras], dim=0).contiguous()
+        tensors[b_key] = to_hf(parts)
+        ranks[target.hf] = (total_r, scales.pop() * total_r)
+    return tensors, ranks
+
+
 def save_adapter(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
@@ -448,6 +537,9 @@ def save_adapter(
     """Write the LoRA adapter of ``model`` in PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``
     (keys ``base_model.model.<HF module>.lora_A.weight`` / ``lora_B.weight``), so
     ``peft.PeftModel.from_pretrained(hf_base_model, out_dir)`` reproduces the model. Atomic.
+
+    LoRA modules that HF stores fused (GPT-2's q/k/v in ``c_attn``) become one exact PEFT pair (stacked A,
+    block-diagonal B); modules whose rank/alpha differ from the most common one go to ``rank_pattern``/``alpha_pattern``.
 
     Args:
         model: a kdtune model with LoRA modules.
@@ -465,22 +557,20 @@ def save_adapter(
             "save_adapter: the model has no LoRA modules; build it with a lora_* builder, or save it with save_hf."
         )
     family = family_for_model(model)
-    hf_names = _lora_hf_names(model, family)
-    ranks = [m.rank for m in lora_mods.values()]
-    alphas = [m.alpha for m in lora_mods.values()]
-    r, alpha = _most_common(ranks), _most_common(alphas)
-    rank_pattern = {hf_names[n]: m.rank for n, m in lora_mods.items() if m.rank != r}
-    alpha_pattern = {hf_names[n]: m.alpha for n, m in lora_mods.items() if m.alpha != alpha}
+    tensors, ranks = _adapter_tensors(model, family)
+    r = _most_common([v[0] for v in ranks.values()])
+    alpha = _most_common([v[1] for v in ranks.values()])
+    rank_pattern = {hf: rv for hf, (rv, _) in ranks.items() if rv != r}
+    alpha_pattern = {hf: av for hf, (_, av) in ranks.items() if av != alpha}
     dropout = _most_common([m.dropout_p for m in lora_mods.values()])
-    alpha_out: float | int = int(alpha) if float(alpha).is_integer() else alpha
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path or _base_model_name(None, model),
         "r": r,
-        "lora_alpha": alpha_out,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": dropout,
-        "target_modules": _target_modules(model, family, list(hf_names.values())),
+        "target_modules": _target_modules(model, family, _adapter_targets(model, family)),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -494,11 +584,6 @@ def save_adapter(
         "use_dora": False,
         "revision": None,
     }
-    tensors: dict[str, torch.Tensor] = {}
-    for name, mod in lora_mods.items():
-        hf = hf_names[name]
-        tensors[f"{_PEFT_PREFIX}{hf}.lora_A.weight"] = mod.lora_a.weight.detach().cpu().contiguous()
-        tensors[f"{_PEFT_PREFIX}{hf}.lora_B.weight"] = mod.lora_b.weight.detach().cpu().contiguous()
     with atomic_directory(out_dir) as tmp:
         if safe_serialization:
             from safetensors.torch import save_file
@@ -520,21 +605,13 @@ def _pattern_value(pattern: dict[str, Any], hf_module: str, default: Any) -> Any
     return default
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str]) -> list[str]:
-    """Load a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``/``.bin``) into the LoRA
-    modules of ``model`` (built with the same LoRA settings), e.g. to resume or evaluate. Returns the loaded module
-    names.
-
-    Raises:
-        CheckpointError: files missing, not a LoRA adapter, rank/alpha different from the model's, or adapter weights
-            for modules without LoRA in the model (or the reverse).
-    """
-    model = _unwrap(model)
-    d = Path(adapter_dir).expanduser()
-    cfg_path = d / ADAPTER_CONFIG
+def _read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], Path, dict[str, torch.Tensor]]:
+    cfg_path = adapter_dir / ADAPTER_CONFIG
     if not cfg_path.is_file():
-        what = "does not exist" if not d.exists() else f"has no {ADAPTER_CONFIG}"
-        raise CheckpointError(f"adapter dir {str(d)!r} {what}; point it at a directory written by save_adapter / PEFT.")
+        what = "does not exist" if not adapter_dir.exists() else f"has no {ADAPTER_CONFIG}"
+        raise CheckpointError(
+            f"adapter dir {str(adapter_dir)!r} {what}; point it at a directory written by save_adapter / PEFT."
+        )
     cfg = read_json(cfg_path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(
@@ -545,65 +622,114 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str]) -> list[
             raise CheckpointError(f"{cfg_path}: {flag}=true is not supported by kdtune's LoRALinear; use plain LoRA.")
     if cfg.get("bias", "none") != "none":
         raise CheckpointError(f"{cfg_path}: bias={cfg.get('bias')!r} is not supported; only bias='none' adapters load.")
-    wpath = d / ADAPTER_WEIGHTS
+    wpath = adapter_dir / ADAPTER_WEIGHTS
     if not wpath.is_file():
-        wpath = d / ADAPTER_WEIGHTS_BIN
+        wpath = adapter_dir / ADAPTER_WEIGHTS_BIN
     if not wpath.is_file():
         raise CheckpointError(
-            f"adapter dir {str(d)!r} has no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN}; files there: "
-            f"{sorted(p.name for p in d.iterdir())}."
+            f"adapter dir {str(adapter_dir)!r} has no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN}; files there: "
+            f"{sorted(p.name for p in adapter_dir.iterdir())}."
         )
-    tensors = read_weight_file(wpath)
+    return cfg, wpath, read_weight_file(wpath)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str]) -> list[str]:
+    """Load a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``/``.bin``) into the LoRA
+    modules of ``model`` (built with the same LoRA settings), e.g. to resume or evaluate. Returns the loaded module
+    names.
+
+    Raises:
+        CheckpointError: files missing, not a LoRA adapter, rank/alpha different from the model's, adapter weights for
+            modules without LoRA in the model (or the reverse), or a fused-module adapter (PEFT LoRA on GPT-2's
+            ``c_attn``) that is not block-diagonal, i.e. cannot be split into kdtune's separate q/k/v adapters.
+    """
+    model = _unwrap(model)
+    d = Path(adapter_dir).expanduser()
+    cfg, wpath, tensors = _read_adapter(d)
     lora_mods = get_lora_modules(model)
     if not lora_mods:
         raise CheckpointError(
             "load_adapter: the model has no LoRA modules; build it with the adapter's LoRA settings (a lora_* builder)."
         )
     family = family_for_model(model)
-    hf_names = _lora_hf_names(model, family)
-    by_hf = {v: k for k, v in hf_names.items()}
+    targets = {t.hf: t for t in _adapter_targets(model, family)}
+    mods = dict(model.named_modules())
+    hf_config = getattr(model, "hf_config", None) or {}
     r_default, alpha_default = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     found: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
     for key, t in tensors.items():
         m = re.match(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$", key)
-        if not m or m.group(1) not in by_hf:
+        if not m or m.group(1) not in targets:
             unknown.append(key)
             continue
-        found.setdefault(by_hf[m.group(1)], {})[m.group(2)] = t
+        found.setdefault(m.group(1), {})[m.group(2)] = t
     if unknown:
         raise CheckpointError(
             f"{wpath.name}: {len(unknown)} tensor(s) match no LoRA module of the model: {_few(unknown, 3)}; build the "
             "model with the adapter's lora_attn_modules / apply_lora_to_mlp / apply_lora_to_output."
         )
-    absent = [n for n in lora_mods if n not in found or len(found[n]) != 2]
+    absent = [n for hf, t in targets.items() if hf not in found or len(found[hf]) != 2 for n in t.lora]
     if absent:
         raise CheckpointError(
             f"{wpath.name}: no adapter weights for LoRA module(s) {_few(absent, 3)}; the model adapts more modules "
             "than the adapter — build it with the adapter's LoRA settings."
         )
-    with torch.no_grad():
-        for name, mod in lora_mods.items():
-            hf = hf_names[name]
-            r = int(_pattern_value(cfg.get("rank_pattern") or {}, hf, r_default))
-            alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, hf, alpha_default))
-            a, b = found[name]["lora_A"], found[name]["lora_B"]
-            if r != mod.rank or tuple(a.shape) != (mod.rank, mod.in_dim) or tuple(b.shape) != (mod.out_dim, mod.rank):
+    new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # kdtune module -> (A [r, in], B [out, r])
+    for hf, target in targets.items():
+        a, b = found[hf]["lora_A"], found[hf]["lora_B"]
+        r = int(_pattern_value(cfg.get("rank_pattern") or {}, hf, r_default))
+        alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, hf, alpha_default))
+        loras: list[LoRALinear] = [mods[n] for n in target.lora]  # type: ignore[misc]
+        want_r = sum(m.rank for m in loras)
+        scale = loras[0].scaling
+        if r != want_r or a.shape[0] != want_r or b.shape[1] != want_r:
+            raise CheckpointError(
+                f"{wpath.name}: module {hf!r} has rank {r} (lora_A {list(a.shape)}, lora_B {list(b.shape)}) but the "
+                f"model's LoRA rank there is {want_r}; build the model with lora_rank={r // len(loras) or r}."
+            )
+        if abs(alpha / r - scale) > 1e-9 * max(1.0, scale):
+            want_alpha = scale * loras[0].rank
+            raise CheckpointError(
+                f"{ADAPTER_CONFIG}: lora_alpha for {hf!r} is {alpha * loras[0].rank / r:g} but the model's is "
+                f"{want_alpha:g}; build the model with lora_alpha={alpha * loras[0].rank / r:g}."
+            )
+        if not target.fused:
+            new[target.lora[0]] = (a, b)
+            continue
+        _, from_hf = _fused_layout(family, hf_config, target, mods)
+        parts = from_hf(b)
+        offset = 0
+        for n, m in zip(target.lora, loras):
+            block = parts[n][:, offset : offset + m.rank]
+            rest = torch.cat([parts[n][:, :offset], parts[n][:, offset + m.rank :]], dim=1)
+            if rest.numel() and rest.abs().max() > 0:
                 raise CheckpointError(
-                    f"{wpath.name}: module {hf!r} has rank {r} (lora_A {list(a.shape)}, lora_B {list(b.shape)}) but the "
-                    f"model's LoRA rank is {mod.rank}; build the model with lora_rank={r}."
+                    f"{wpath.name}: the LoRA on fused module {hf!r} mixes the outputs of {target.members}; kdtune "
+                    "keeps separate adapters per projection and cannot load it — merge it into the base model instead."
                 )
-            if abs(alpha - mod.alpha) > 1e-9:
+            new[n] = (a[offset : offset + m.rank], block)
+            offset += m.rank
+        for n in target.members:
+            if n not in target.lora and parts[n].abs().max() > 0:
                 raise CheckpointError(
-                    f"{cfg_path.name}: lora_alpha for {hf!r} is {alpha:g} but the model's is {mod.alpha:g}; build the "
-                    f"model with lora_alpha={alpha:g}."
+                    f"{wpath.name}: the LoRA on fused module {hf!r} also changes {n!r}, which has no LoRA in the model; "
+                    "build the model with that projection in lora_attn_modules."
+                )
+    with torch.no_grad():
+        for name, (a, b) in new.items():
+            mod = lora_mods[name]
+            if tuple(a.shape) != (mod.rank, mod.in_dim) or tuple(b.shape) != (mod.out_dim, mod.rank):
+                raise CheckpointError(
+                    f"{wpath.name}: LoRA for {name!r} has shapes A {list(a.shape)}, B {list(b.shape)}; the model expects "
+                    f"A {[mod.rank, mod.in_dim]}, B {[mod.out_dim, mod.rank]} (wrong base model or lora_rank?)."
                 )
             for lin, t in ((mod.lora_a, a), (mod.lora_b, b)):
                 if lin.weight.is_meta:
-                    lin.weight = nn.Parameter(t.to(dtype=lin.weight.dtype), requires_grad=True)
+                    lin.weight = nn.Parameter(t.to(dtype=lin.weight.dtype).contiguous(), requires_grad=True)
                 else:
                     lin.weight.copy_(t.to(device=lin.weight.device, dtype=lin.weight.dtype))
-    return list(lora_mods)
+    return list(new)
 
 
 # ------------------------------------------------------------------------------------------------------ class API

@@ -15,7 +15,13 @@ import kdtune.models  # noqa: F401
 from kdtune.errors import CheckpointError
 from kdtune.models import hf_model
 from kdtune.models._family import registered_families
-from kdtune.models.checkpointer import HFCheckpointer, load_adapter, load_state_dict_shardwise, save_adapter
+from kdtune.models.checkpointer import (
+    HFCheckpointer,
+    family_for_model,
+    load_adapter,
+    load_state_dict_shardwise,
+    save_adapter,
+)
 from kdtune.models.modules.lora import LoRALinear, get_adapter_params
 from kdtune.testing.models import make_tiny_hf_checkpoint
 
@@ -33,7 +39,8 @@ _CASES = [
     ("llama", True, {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"]}),
     ("qwen2", True, {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True}),
     ("qwen3", False, {"lora_attn_modules": ["q_proj", "output_proj"], "apply_lora_to_mlp": True}),
-    ("gpt2", True, {"lora_attn_modules": ["output_proj"], "apply_lora_to_mlp": True}),
+    # GPT-2 fuses q/k/v in one Conv1D c_attn: separate q/v adapters are written as one exact PEFT pair
+    ("gpt2", True, {"lora_attn_modules": ["q_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True}),
 ]
 CASES = [
     pytest.param(f, t, kw, id=f"{f}-{'tied' if t else 'untied'}") for f, t, kw in _CASES if f in registered_families()
@@ -70,7 +77,10 @@ def test_adapter_and_merged_load_in_peft_and_transformers(tmp_path: Path, family
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 16 and cfg["base_model_name_or_path"] == "org/tiny-base"
     keys = load_file(str(adapter_dir / "adapter_model.safetensors"))
     n_lora = sum(isinstance(m, LoRALinear) for m in model.modules())
-    assert len(keys) == 2 * n_lora and all(k.startswith("base_model.model.") for k in keys)
+    fam = family_for_model(model)
+    # one PEFT pair per HF module (GPT-2: q and v share c_attn)
+    n_hf = len({fam.module_name_to_hf(n) for n, m in model.named_modules() if isinstance(m, LoRALinear)})
+    assert len(keys) == 2 * n_hf and all(k.startswith("base_model.model.") for k in keys)
 
     peft_model = peft.PeftModel.from_pretrained(_hf_base(src), str(adapter_dir)).eval()
     with torch.no_grad():
@@ -78,7 +88,7 @@ def test_adapter_and_merged_load_in_peft_and_transformers(tmp_path: Path, family
     torch.testing.assert_close(ours, peft_logits, atol=1e-5, rtol=1e-5)
     # PEFT created LoRA layers exactly where we have them (no extra modules matched by target_modules)
     peft_lora = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0]
-    assert len(peft_lora) == n_lora
+    assert len(peft_lora) == n_hf
 
     # merged save → plain transformers model with the same logits; the live model keeps its adapters
     before = {k: v.clone() for k, v in get_adapter_params(model).items()}
@@ -142,7 +152,26 @@ def test_adapter_errors(tmp_path: Path) -> None:
         load_adapter(model, tmp_path)
     with pytest.raises(CheckpointError, match="no LoRA modules"):
         save_adapter(hf_model(src), tmp_path / "b")
-    if "gpt2" in registered_families():
-        g = make_tiny_hf_checkpoint(tmp_path / "gpt2", "gpt2", seed=1)
-        with pytest.raises(CheckpointError, match="single HF module"):
-            save_adapter(hf_model(g, lora_attn_modules=["q_proj", "v_proj"]), tmp_path / "c")
+
+
+@pytest.mark.skipif("gpt2" not in registered_families(), reason="gpt2 family not registered")
+def test_peft_fused_c_attn_adapter_that_mixes_qkv_is_refused(tmp_path: Path) -> None:
+    src = make_tiny_hf_checkpoint(tmp_path / "src", "gpt2", seed=1)
+    pm = peft.get_peft_model(_hf_base(src), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    pm.save_pretrained(str(tmp_path / "a"))
+    model = hf_model(src, lora_attn_modules=["q_proj", "k_proj", "v_proj"], lora_rank=4, lora_alpha=8)
+    with pytest.raises(CheckpointError, match=r"rank 4 .*lora_rank=1"):
+        load_adapter(model, tmp_path / "a")
+    # with matching total rank (3 x 4 = 12) the block structure is checked
+    pm = peft.get_peft_model(_hf_base(src), peft.LoraConfig(r=12, lora_alpha=24, target_modules=["c_attn"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    pm.save_pretrained(str(tmp_path / "b"))
+    with pytest.raises(CheckpointError, match="mixes the outputs"):
+        load_adapter(model, tmp_path / "b")
