@@ -12,6 +12,7 @@ import difflib
 import os
 import runpy
 import sys
+import textwrap
 from pathlib import Path
 
 from kdtune.errors import ConfigError, KDTuneError
@@ -72,7 +73,8 @@ def split_run_args(argv: list[str]) -> tuple[list[str], str, list[str]]:
     Raises:
         ConfigError: unknown or unsupported option, an option missing its value, or no recipe.
     """
-    known = torchrun_options()
+    # importing torch.distributed.run costs seconds: only when there are options to check
+    known = torchrun_options() if argv and argv[0].startswith("-") and argv[0] != "--debug" else {}
     torchrun: list[str] = []
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
@@ -82,6 +84,8 @@ def split_run_args(argv: list[str]) -> tuple[list[str], str, list[str]]:
             os.environ["KDTUNE_DEBUG"] = "1"
             i += 1
             continue
+        if not known:
+            known = torchrun_options()
         if name in _UNSUPPORTED:
             raise ConfigError(f"torchrun option {name} is not supported by `kdtune run`; it runs the recipe itself")
         if name not in known:
@@ -158,7 +162,8 @@ def run_command(argv: list[str]) -> int:
 
     argv = list(argv)
     if argv and argv[0] in ("-h", "--help"):
-        print(RUN_USAGE.format(torchrun=" ".join(sorted(o for o in torchrun_options() if o.startswith("--")))))
+        opts = sorted(o for o in torchrun_options() if o.startswith("--") and "_" not in o)
+        print(RUN_USAGE.replace("{torchrun}", textwrap.fill(" ".join(opts), width=110, subsequent_indent="  ")))
         return 0
     torchrun, recipe_name, rest = split_run_args(argv)
     recipe = find_recipe(recipe_name)

@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 GOOD_TOKEN = "hf_goodTOKEN1234567890abcdef"
+NO_ACCESS_TOKEN = "hf_validButNoGatedAccess0987654321"
 SHA_MAIN = "a" * 40
 SHA_V1 = "b" * 40
 
@@ -60,7 +61,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(urlparse(self.path).path)
         self.server.requests.append((self.command, path, self._token()))
         token = self._token()
-        if token is not None and token != GOOD_TOKEN:
+        if token is not None and token not in (GOOD_TOKEN, NO_ACCESS_TOKEN):
             return self._error(401, "", "Invalid credentials in Authorization header", head)
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path)
         if m:
@@ -126,7 +127,8 @@ class _HubServer(ThreadingHTTPServer):
 
 @pytest.fixture
 def fake_hub():
-    """Yield the base URL of a running fake Hub; its ``requests`` log is at ``fake_hub.requests``."""
+    """Yield the base URL of a running fake Hub (a str); ``.requests`` logs (method, path, token), and ``.files``,
+    ``.good_token``, ``.no_access_token``, ``.sha_main``, ``.sha_v1`` describe what it serves."""
     server = _HubServer(("127.0.0.1", 0), _Handler)
     server.requests = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -134,6 +136,11 @@ def fake_hub():
 
     class _Hub(str):
         requests = server.requests
+        files = FILES
+        good_token = GOOD_TOKEN
+        no_access_token = NO_ACCESS_TOKEN
+        sha_main = SHA_MAIN
+        sha_v1 = SHA_V1
 
     yield _Hub(f"http://127.0.0.1:{server.server_address[1]}")
     server.shutdown()
