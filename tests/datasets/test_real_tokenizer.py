@@ -65,3 +65,15 @@ def test_chat_dataset_tokens_equal_hf_chat_template(kind, tmp_path, write_jsonl,
     ref = transformers.AutoTokenizer.from_pretrained(str(tok_dir)).apply_chat_template(conv, tokenize=True)
     ref = ref["input_ids"] if hasattr(ref, "keys") else ref
     assert ds[0]["tokens"] == list(ref)
+
+
+def test_template_error_names_the_row(tmp_path, write_jsonl, cache_dir):
+    """Mistral's template rejects a system turn; the error says which row of which file."""
+    from kdtune.errors import DataError
+
+    tok = load_hf_tokenizer(testing_tok.write_sentencepiece_tokenizer(tmp_path / "mistral", style="mistral"))
+    ok = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
+    bad = {"messages": [{"role": "system", "content": "s"}, *ok["messages"]]}
+    path = write_jsonl([ok, bad])
+    with pytest.raises(DataError, match=r"data.jsonl \(split 'train'\) row 1: .*"):
+        chat_dataset(tok, source="json", data_files=path, cache_dir=cache_dir)

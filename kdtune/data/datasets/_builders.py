@@ -203,7 +203,11 @@ def _message_dataset(
     )
 
     def encode(row: Mapping[str, Any], index: int) -> tuple[list[int], list[int]]:
-        tokens, mask = tokenizer.tokenize_messages(convert(row, index), add_eos=True, **extra)
+        messages = convert(row, index)
+        try:
+            tokens, mask = tokenizer.tokenize_messages(messages, add_eos=True, **extra)
+        except DataError as e:  # e.g. a role or order the chat template rejects: say which row
+            raise DataError(f"{where} row {index}: {e}") from e
         return list(tokens), labels_from_mask(tokens, mask)
 
     return _finish(
