@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any, Protocol, runtime_checkable
 
 from kdtune.data.messages import Message, validate_messages
 from kdtune.errors import DataError
+
+_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))  # UTF-8 continuation bytes (10xxxxxx)
 
 
 @runtime_checkable
@@ -113,6 +116,7 @@ class BaseTokenizer:
         self.stop_ids = sorted({eos_id, *stop_ids})
         self.name_or_path = name_or_path
         self._renderer: Any = None
+        self._lead_counts: dict[int, int] = {}
         if self.special_tokens:
             alternatives = sorted(self.special_tokens, key=len, reverse=True)
             self._special_re: re.Pattern[str] | None = re.compile("|".join(re.escape(s) for s in alternatives))
@@ -125,23 +129,27 @@ class BaseTokenizer:
         raise NotImplementedError
 
     def _encode_ordinary_with_offsets(self, text: str, at_start: bool) -> tuple[list[int], list[int]]:
-        """Ids and the character offset (in ``text``) where each token starts. Default: via token bytes."""
+        """Ids and the character offset (in ``text``) where each token starts. Default: from the tokens' bytes.
+
+        The character index at a byte position is the number of UTF-8 lead bytes before it, and that count is a
+        property of each token alone (cached per id), so no per-character scan of the text is needed.
+        """
         ids = self._encode_ordinary(text, at_start)
-        raw = text.encode("utf-8")
-        # char index of every byte position (a byte inside a multi-byte char maps to that char)
-        byte_to_char = [0] * (len(raw) + 1)
-        b = 0
-        for ci, ch in enumerate(text):
-            n = len(ch.encode("utf-8"))
-            for k in range(n):
-                byte_to_char[b + k] = ci
-            b += n
-        byte_to_char[len(raw)] = len(text)
-        starts, pos = [], 0
-        for i in ids:
-            starts.append(byte_to_char[min(pos, len(raw))])
-            pos += len(self._ordinary_token_bytes(i))
-        return ids, starts
+        return ids, self._starts_from_ids(ids, 0)
+
+    def _starts_from_ids(self, ids: list[int], shift: int) -> list[int]:
+        """Character start of each token, given that the tokens' bytes are ``shift`` chars longer than the text
+        at its start (a sentencepiece dummy prefix)."""
+        lead = self._lead_counts
+        counts = [lead.get(i) for i in ids]
+        if None in counts:
+            for j, i in enumerate(ids):
+                if counts[j] is None:
+                    counts[j] = lead[i] = len(self._ordinary_token_bytes(i).translate(None, _CONTINUATION_BYTES))
+        starts = list(accumulate(counts[:-1], initial=-shift)) if ids else []
+        if shift:
+            starts = [x if x > 0 else 0 for x in starts]
+        return starts
 
     def _ordinary_token_bytes(self, token_id: int) -> bytes:
         """The bytes one ordinary token stands for."""
@@ -205,7 +213,7 @@ class BaseTokenizer:
             else:
                 seg_ids, seg_starts = self._encode_ordinary_with_offsets(piece, at_start=offset == 0)
                 ids.extend(seg_ids)
-                starts.extend(offset + s for s in seg_starts)
+                starts.extend(map(offset.__add__, seg_starts) if offset else seg_starts)
         if add_eos:
             ids.append(self.eos_id)
             starts.append(len(text))

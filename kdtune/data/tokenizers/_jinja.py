@@ -10,6 +10,7 @@ belongs to the span holding its first non-space character.
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -132,6 +133,32 @@ def _anchor(text: str, start: int, end: int) -> int:
     return start
 
 
+def token_ranges(text: str, starts: list[int], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """For each character span, the contiguous range ``[lo, hi)`` of tokens whose anchor (first non-space character)
+    lies in it. ``starts`` are the tokens' character starts (non-decreasing)."""
+    n_tok = len(starts)
+    n = len(text)
+
+    def anchor(j: int) -> int:
+        s = starts[j]
+        e = starts[j + 1] if j + 1 < n_tok else n
+        return _anchor(text, s, e) if s < n and text[s].isspace() else s
+
+    out: list[tuple[int, int]] = []
+    for a, b in spans:
+        if b <= a:
+            out.append((0, 0))
+            continue
+        lo = bisect_left(starts, a)
+        hi = bisect_left(starts, b)
+        if lo > 0 and a <= anchor(lo - 1) < b:  # a token starting before the span whose text begins inside it
+            lo -= 1
+        if hi > lo and anchor(hi - 1) >= b:  # the last token starts inside but its text begins after the span
+            hi -= 1
+        out.append((lo, hi))
+    return out
+
+
 def tokenize_with_template(
     tok: BaseTokenizer, messages: list[Message], add_eos: bool = True, add_generation_prompt: bool = False
 ) -> tuple[list[int], list[bool]]:
@@ -139,22 +166,16 @@ def tokenize_with_template(
     full = render_template(tok, messages, add_generation_prompt=add_generation_prompt)
     ids, starts = tok.encode_with_offsets(full, add_bos=False, add_eos=False)
     spans = message_spans(tok, messages, full, add_generation_prompt)
-    ends = starts[1:] + [len(full)]
-    mask: list[bool] = []
-    owner: list[int] = []
-    si = 0
-    for s, e in zip(starts, ends):
-        a = _anchor(full, s, max(s, e))
-        while si < len(spans) and a >= spans[si][1]:
-            si += 1
-        k = si if si < len(spans) and spans[si][0] <= a < spans[si][1] else -1
-        owner.append(k)
-        mask.append(True if k < 0 else messages[k].masked)
+    ranges = token_ranges(full, starts, spans)
+    mask = [True] * len(ids)
+    for (lo, hi), m in zip(ranges, messages):
+        if m.masked is False and hi > lo:
+            mask[lo:hi] = [False] * (hi - lo)
     last = len(messages) - 1
     if messages[-1].role == "assistant" and not add_generation_prompt:
-        mine = [i for i, k in enumerate(owner) if k == last]
+        mine = range(*ranges[last])
         if add_eos:
-            if not any(tok.is_special(ids[i]) for i in mine):
+            if set(ids[mine.start : mine.stop]).isdisjoint(tok.special_tokens.values()):
                 ids.append(tok.eos_id)
                 mask.append(messages[-1].masked)
         else:

@@ -160,6 +160,7 @@ class ByteLevelBPETokenizer(BaseTokenizer):
         self._b2u = bytes_to_unicode()
         self._u2b = unicode_to_bytes()
         self._cache: dict[str, list[int]] = {}
+        self._piece_cache: dict[str, list[int]] = {}
         super().__init__(**kwargs)
 
     # ------------------------------------------------------------------------------------------------- loading
@@ -256,9 +257,16 @@ class ByteLevelBPETokenizer(BaseTokenizer):
     def _encode_ordinary(self, text: str, at_start: bool) -> list[int]:
         text = self._prepare(text, at_start)
         b2u = self._b2u
+        cache = self._piece_cache
         ids: list[int] = []
         for piece, _ in self.pre_tokenizer.split(text):
-            ids.extend(self._bpe("".join(b2u[b] for b in piece.encode("utf-8"))))
+            out = cache.get(piece)
+            if out is None:
+                out = self._bpe("".join([b2u[b] for b in piece.encode("utf-8")]))
+                if len(cache) > 200_000:
+                    cache.clear()
+                cache[piece] = out
+            ids.extend(out)
         return ids
 
     def _encode_ordinary_with_offsets(self, text: str, at_start: bool) -> tuple[list[int], list[int]]:

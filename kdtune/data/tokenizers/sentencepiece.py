@@ -123,6 +123,7 @@ class SentencePieceTokenizer(BaseTokenizer):
         except (ValueError, IndexError, RuntimeError) as e:
             raise DataError(f"{path}: cannot read the sentencepiece model's normalizer settings ({e}).") from e
         self._sp_size = sp.get_piece_size()
+        self._adds_dummy_prefix = sp.id_to_piece(sp.encode("a")[0]).startswith("\u2581")
         kwargs.setdefault("bos_id", sp.bos_id() if sp.bos_id() >= 0 else None)
         eos = sp.eos_id()
         kwargs.setdefault("eos_id", eos)
@@ -142,24 +143,9 @@ class SentencePieceTokenizer(BaseTokenizer):
 
     def _encode_ordinary_with_offsets(self, text: str, at_start: bool) -> tuple[list[int], list[int]]:
         ids = self._encode_ordinary(text, at_start)
-        raw = text.encode("utf-8")
-        lengths = [len(self._ordinary_token_bytes(i)) for i in ids]
-        shift = sum(lengths) - len(raw)  # 1 when a dummy-prefix space was added
-        if shift not in (0, 1):  # a non-identity normalizer changed the text: offsets only per segment
-            return ids, [0] * len(ids)
-        byte_to_char = [0] * (len(raw) + 1)
-        b = 0
-        for ci, ch in enumerate(text):
-            n = len(ch.encode("utf-8"))
-            for k in range(n):
-                byte_to_char[b + k] = ci
-            b += n
-        byte_to_char[len(raw)] = len(text)
-        starts, pos = [], -shift
-        for n in lengths:
-            starts.append(byte_to_char[min(max(pos, 0), len(raw))])
-            pos += n
-        return ids, starts
+        # the pieces spell " " + text when the dummy prefix was added (identity normalization, as Llama models use)
+        shift = 1 if (at_start or self.legacy) and self._adds_dummy_prefix and text else 0
+        return ids, self._starts_from_ids(ids, shift)
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
         """Decode ids to text (byte-fallback pieces joined into characters; the dummy-prefix space removed)."""
