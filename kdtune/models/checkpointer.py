@@ -413,17 +413,26 @@ def _out_features(mod: nn.Module) -> int:
     return mod.out_dim if isinstance(mod, LoRALinear) else mod.out_features
 
 
-def _fused_layout(family: ModelFamily, hf_config: dict[str, Any], target: _AdapterTarget, mods: dict[str, nn.Module]):
-    """``(to_hf, from_hf)``: map per-member ``[out_m, R]`` matrices to the fused HF module's ``[sum out_m, R]`` (rows in
-    HF order) and back, using the family's own weight conversion (so the fusion order is the family's)."""
+def _stored_transposed(
+    family: ModelFamily, hf_config: dict[str, Any], target: _AdapterTarget, mods: dict[str, nn.Module]
+) -> bool:
+    """Whether HF stores this module's weight as ``[in, out]`` (GPT-2 Conv1D) rather than nn.Linear's ``[out, in]``,
+    found by converting a probe ``[out, 1]`` weight per member with the family's own conversion."""
     probe = family.state_dict_to_hf(
         {f"{m}.weight": torch.zeros(_out_features(mods[m]), 1) for m in target.members}, hf_config
     )
     key = f"{target.hf}.weight"
     if key not in probe:
-        raise CheckpointError(f"save_adapter: the {family.name} conversion produced no {key!r}; cannot fuse LoRA.")
+        raise CheckpointError(f"save_adapter: the {family.name} conversion produced no {key!r}; cannot map LoRA.")
     out_total = sum(_out_features(mods[m]) for m in target.members)
-    transposed = tuple(probe[key].shape) == (1, out_total) and out_total != 1  # Conv1D-style [in, out] storage
+    return tuple(probe[key].shape) == (1, out_total) and out_total != 1
+
+
+def _fused_layout(family: ModelFamily, hf_config: dict[str, Any], target: _AdapterTarget, mods: dict[str, nn.Module]):
+    """``(to_hf, from_hf)``: map per-member ``[out_m, R]`` matrices to the fused HF module's ``[sum out_m, R]`` (rows in
+    HF order) and back, using the family's own weight conversion (so the fusion order is the family's)."""
+    key = f"{target.hf}.weight"
+    transposed = _stored_transposed(family, hf_config, target, mods)
 
     def to_hf(parts: dict[str, torch.Tensor]) -> torch.Tensor:
         fused = family.state_dict_to_hf({f"{m}.weight": t for m, t in parts.items()}, hf_config)[key]
@@ -558,6 +567,11 @@ def save_adapter(
         )
     family = family_for_model(model)
     tensors, ranks = _adapter_tensors(model, family)
+    mods = dict(model.named_modules())
+    hf_config = getattr(model, "hf_config", None) or {}
+    targets = _adapter_targets(model, family)
+    # PEFT's flag for Conv1D-style [in, out] base weights (GPT-2); it only affects how PEFT merges, not A/B layouts
+    fan_in_fan_out = all(_stored_transposed(family, hf_config, t, mods) for t in targets)
     r = _most_common([v[0] for v in ranks.values()])
     alpha = _most_common([v[1] for v in ranks.values()])
     rank_pattern = {hf: rv for hf, (rv, _) in ranks.items() if rv != r}
@@ -570,9 +584,9 @@ def save_adapter(
         "r": r,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": dropout,
-        "target_modules": _target_modules(model, family, _adapter_targets(model, family)),
+        "target_modules": _target_modules(model, family, targets),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,

@@ -74,6 +74,7 @@ def test_adapter_and_merged_load_in_peft_and_transformers(tmp_path: Path, family
     adapter_dir = ckpt.save_adapter(model, "adapter")
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["bias"] == "none"
+    assert cfg["fan_in_fan_out"] == (family == "gpt2")  # GPT-2 Conv1D weights are stored [in, out]
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 16 and cfg["base_model_name_or_path"] == "org/tiny-base"
     keys = load_file(str(adapter_dir / "adapter_model.safetensors"))
     n_lora = sum(isinstance(m, LoRALinear) for m in model.modules())
