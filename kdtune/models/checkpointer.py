@@ -231,9 +231,12 @@ def load_state_dict_shardwise(
     if strict and (missing or result.unexpected_keys):
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensor(s) the model needs: {_few(missing)}")
+            named = [f"{_hf_name_of_key(family, k)} ({k})" for k in missing[:5]]
+            parts.append(f"missing {len(missing)} tensor(s) the model needs: {_few(named + missing[5:])}")
         if result.unexpected_keys:
-            parts.append(f"{len(result.unexpected_keys)} unexpected tensor(s): {_few(result.unexpected_keys)}")
+            unexp = result.unexpected_keys
+            named = [f"{_hf_name_of_key(family, k)} ({k})" for k in unexp[:5]]
+            parts.append(f"{len(unexp)} unexpected tensor(s): {_few(named + unexp[5:])}")
         raise CheckpointError(
             f"checkpoint {str(ckpt_dir)!r} ({_few(result.files, 3)}) does not match the model: {'; '.join(parts)}. "
             f"Weight files present: {list_weight_files(ckpt_dir)}; check checkpoint_files and config.json."

@@ -94,7 +94,7 @@ def test_missing_and_unexpected_keys(src: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as e:
         HFCheckpointer(src, tmp_path / "o").load_into(hf_model(src))
     msg = _one_line(e)
-    assert "missing 1 tensor(s)" in msg and "layers.1.mlp.w2.weight" in msg
+    assert "missing 1 tensor(s) the model needs: model.layers.1.mlp.down_proj.weight (layers.1.mlp.w2.weight)" in msg
     # non-strict: loads the rest and reports
     res = HFCheckpointer(src, tmp_path / "o").load_into(hf_model(src), strict=False)
     assert res.missing_keys == ["layers.1.mlp.w2.weight"]
@@ -104,7 +104,9 @@ def test_missing_and_unexpected_keys(src: Path, tmp_path: Path) -> None:
     save_file(tensors, str(src / "model.safetensors"))
     with pytest.raises(CheckpointError) as e:
         HFCheckpointer(src, tmp_path / "o").load_into(hf_model(src))
-    assert "1 unexpected tensor(s): layers.7.attn.q_proj.weight" in _one_line(e)
+    assert "1 unexpected tensor(s): model.layers.7.self_attn.q_proj.weight (layers.7.attn.q_proj.weight)" in _one_line(
+        e
+    )
 
 
 @pytest.mark.skipif("qwen2" not in registered_families(), reason="qwen2 family not registered yet")
