@@ -1,0 +1,276 @@
+"""KD training throughput and memory, and the KD loss's own peak memory at a large vocabulary (run by hand).
+
+Part 1 ("train") builds a Llama-architecture student and teacher with kdtune's builders (random weights), freezes the
+teacher with ``setup_teacher``, and runs real KD optimizer steps exactly as the recipe does: teacher forward under
+``no_grad`` → ``distillation_objective`` (chunked, fp32 per chunk) → ``StepAccumulator`` → AdamW. It reports
+tokens/s (valid label tokens per second, timed steps only) and peak memory (CUDA allocator peak on GPU; process peak
+RSS on CPU).
+
+Part 2 ("loss") measures the memory of the KD loss alone — forward + backward of cross-entropy + forward KL from
+hidden states for ``--loss-tokens`` positions at ``--loss-vocab`` (default 128256, Llama-3) — computed unchunked
+(full ``[N, V]`` logits of both models, then the loss) versus chunked (``distillation_objective`` with
+``--num-output-chunks``). On CPU each variant runs in a fresh subprocess and reports its peak RSS growth over the
+state just before the loss; on CUDA the allocator's peak above the same baseline.
+
+Examples::
+
+    python benchmarks/kd_throughput.py                          # defaults: ~15M student, ~60M teacher, V=32k, T=512
+    python benchmarks/kd_throughput.py --steps 3 --warmup-steps 1 --loss-tokens 1024
+    python benchmarks/kd_throughput.py --device cuda --dtype bf16 --batch-size 8 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from kdtune.losses import ForwardKLLoss, distillation_objective, forward_kl
+from kdtune.models.llama import llama
+from kdtune.training import (
+    StepAccumulator,
+    get_device,
+    get_dtype,
+    mix_losses,
+    peak_memory,
+    reset_peak_memory,
+    set_seed,
+    setup_teacher,
+)
+
+GIB = float(2**30)
+
+
+def build(vocab: int, dim: int, layers: int, heads: int, seq_len: int, tie: bool) -> torch.nn.Module:
+    """A Llama-architecture decoder (GQA with heads/4 KV heads, SwiGLU at ~2.75 × D)."""
+    return llama(
+        vocab_size=vocab,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=max(1, heads // 4),
+        embed_dim=dim,
+        intermediate_dim=int(dim * 2.75) // 64 * 64 or 64,
+        max_seq_len=seq_len,
+        tie_word_embeddings=tie,
+    )
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Part 1: KD optimizer steps of a student/teacher pair; returns tokens/s and peak memory."""
+    device = get_device(args.device)
+    dtype = get_dtype(args.dtype, device)
+    set_seed(0)
+    with torch.device(device):
+        student = build(args.vocab, args.student_dim, args.student_layers, args.student_heads, args.seq_len, True)
+        teacher = build(args.vocab, args.teacher_dim, args.teacher_layers, args.teacher_heads, args.seq_len, True)
+    student.to(dtype)
+    teacher = setup_teacher(teacher.to(dtype))
+    if args.activation_checkpointing:
+        from kdtune.models import enable_activation_checkpointing  # noqa: PLC0415
+
+        enable_activation_checkpointing(student)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    kd_loss = ForwardKLLoss(temperature=args.temperature)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def one_step() -> int:
+        acc = StepAccumulator(student)
+        for _ in range(args.grad_accum):
+            tokens = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), generator=g).to(device)
+            with torch.no_grad():
+                t_hidden = teacher(tokens, return_hidden=True)
+            s_hidden = student(tokens, return_hidden=True)
+            out = distillation_objective(
+                s_hidden, t_hidden, student, teacher, tokens, kd_loss, args.kd_ratio, args.num_output_chunks
+            )
+            acc.backward(mix_losses(out.class_loss_sum, out.kd_loss_sum, args.kd_ratio), out.num_tokens)
+        metrics = acc.finish()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return metrics.num_tokens
+
+    for _ in range(args.warmup_steps):
+        one_step()
+    _sync(device)
+    reset_peak_memory(device)
+    tokens = 0
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        tokens += one_step()
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    return {
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "student_params_M": n_params(student) / 1e6,
+        "teacher_params_M": n_params(teacher) / 1e6,
+        "vocab": args.vocab,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "timed_steps": args.steps,
+        "seconds_per_step": elapsed / max(args.steps, 1),
+        "tokens_per_second": tokens / elapsed if elapsed > 0 else float("nan"),
+        **{k: round(v, 3) for k, v in peak_memory(device).items()},
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
+
+
+def loss_probe(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """Part 2 for one mode (``chunked`` / ``unchunked``) in this process: peak memory of the loss fwd + bwd."""
+    device = get_device(args.device)
+    dtype = get_dtype(args.dtype, device)
+    torch.manual_seed(0)
+    d, v = args.loss_hidden, args.loss_vocab
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(v, d, device=device, dtype=dtype) * d**-0.5)
+
+        def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+            return h @ self.w.t()  # [..., V]
+
+    student, teacher = Head(), setup_teacher(Head())
+    kd_loss = ForwardKLLoss()
+
+    def run(n: int) -> tuple[float, float, float]:
+        s_hidden = torch.randn(1, n + 1, d, device=device, dtype=dtype, requires_grad=True)
+        t_hidden = torch.randn(1, n + 1, d, device=device, dtype=dtype)
+        labels = torch.randint(0, v, (1, n + 1), device=device)
+        student.w.grad = None
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device) / GIB
+        else:
+            base = _rss_gib()
+        start = time.perf_counter()
+        if mode == "unchunked":
+            s_logits = student.output_logits(s_hidden[:, :-1]).float()  # [1, N, V]
+            with torch.no_grad():
+                t_logits = teacher.output_logits(t_hidden[:, :-1]).float()  # [1, N, V]
+            tgt = labels[:, 1:]
+            ce = torch.nn.functional.cross_entropy(s_logits.reshape(-1, v), tgt.reshape(-1), reduction="sum")
+            kd = forward_kl(s_logits, t_logits, tgt)
+        else:
+            out = distillation_objective(
+                s_hidden, t_hidden, student, teacher, labels, kd_loss, 0.5, args.num_output_chunks
+            )
+            ce, kd = out.class_loss_sum, out.kd_loss_sum
+        loss = mix_losses(ce, kd, 0.5)
+        loss.backward()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / GIB - base
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB - base
+        return float(loss.item()) / n, peak, elapsed
+
+    run(max(args.num_output_chunks, 8))  # load kernels / thread pools before measuring
+    value, peak, elapsed = run(args.loss_tokens)
+    return {
+        "mode": mode,
+        "loss_per_token": round(value, 6),
+        "peak_gib_above_baseline": round(peak, 3),
+        "seconds": round(elapsed, 3),
+        "one_fp32_logits_tensor_gib": round(args.loss_tokens * v * 4 / GIB, 3),
+    }
+
+
+def bench_loss(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Part 2: run each mode in a fresh subprocess on CPU (peak RSS cannot be reset), in-process on CUDA."""
+    results = []
+    for mode in ("unchunked", "chunked"):
+        if get_device(args.device).type == "cuda":
+            results.append(loss_probe(args, mode))
+            torch.cuda.empty_cache()
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--_loss-probe", mode, *sys.argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            results.append({"mode": mode, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"})
+        else:
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", help="fp32 or bf16")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--student-dim", type=int, default=256)
+    p.add_argument("--student-layers", type=int, default=8)
+    p.add_argument("--student-heads", type=int, default=4)
+    p.add_argument("--teacher-dim", type=int, default=512)
+    p.add_argument("--teacher-layers", type=int, default=14)
+    p.add_argument("--teacher-heads", type=int, default=8)
+    p.add_argument("--num-output-chunks", type=int, default=8)
+    p.add_argument("--kd-ratio", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps first")
+    p.add_argument("--loss-vocab", type=int, default=128256)
+    p.add_argument("--loss-tokens", type=int, default=2048, help="positions in the loss-memory measurement")
+    p.add_argument("--loss-hidden", type=int, default=256)
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-loss", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--_loss-probe", dest="loss_probe", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.loss_probe:
+        print(json.dumps(loss_probe(args, args.loss_probe)))
+        return 0
+    results: dict[str, Any] = {}
+    if not args.skip_train:
+        results["train"] = bench_train(args)
+        print("KD training:", json.dumps(results["train"], indent=2))
+    if not args.skip_loss:
+        results["loss_memory"] = bench_loss(args)
+        print(f"KD loss memory (V={args.loss_vocab}, N={args.loss_tokens}, D={args.loss_hidden}):")
+        for r in results["loss_memory"]:
+            print("  ", json.dumps(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
