@@ -346,3 +346,12 @@ def test_num_proc_matches_serial(tok, write_jsonl, caplog, cache_dir):
     bad = write_jsonl([*chat, {"messages": []}], "bad.jsonl")
     with pytest.raises(DataError, match="row 40: column 'messages' holds an empty conversation"):
         chat_dataset(tok, source="json", data_files=bad, num_proc=2, cache_dir=cache_dir)
+
+
+def test_errors_name_the_row_of_the_file_after_filtering(tok, write_jsonl, cache_dir):
+    ok = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}], "keep": True}
+    skip = {**ok, "keep": False}
+    bad = {"messages": [{"role": "wizard", "content": "x"}], "keep": True}
+    path = write_jsonl([ok, skip, skip, bad])
+    with pytest.raises(DataError, match=r"row 3: messages\[0\] has unknown role 'wizard'"):
+        chat_dataset(tok, source="json", data_files=path, filter_fn=lambda r: r["keep"], cache_dir=cache_dir)

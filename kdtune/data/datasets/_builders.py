@@ -39,6 +39,8 @@ Subset = Literal["train", "validation"]
 
 def _describe(source: str, data_files: Any, split: str) -> str:
     """A short name of the dataset for messages: ``dataset data/train.jsonl (split 'train')``."""
+    if isinstance(data_files, Mapping) and split.split("[")[0] in data_files:
+        data_files = data_files[split.split("[")[0]]
     if data_files is not None:
         files = (
             data_files
@@ -63,8 +65,13 @@ def _load_subset(
     eval_split: str | None,
     subset: Subset,
     load_dataset_kwargs: dict[str, Any],
-) -> tuple[Any, str]:
-    """Load, filter and pick the train or validation part of the rows. Returns (rows, description)."""
+) -> tuple[Any, str, list[int] | None]:
+    """Load, filter and pick the train or validation part of the rows.
+
+    Returns:
+        ``(rows, description, row_ids)``; ``row_ids[i]`` is the position of ``rows[i]`` in the loaded split (None when
+        no row was left out), so messages name the row of the user's file.
+    """
     if subset not in ("train", "validation"):
         raise DataError(f"subset must be 'train' or 'validation', got {subset!r}")
     if eval_split is not None and val_split_ratio is not None:
@@ -78,6 +85,7 @@ def _load_subset(
     where = _describe(source, data_files, load_split)
     if len(rows) == 0:
         raise DataError(f"{where} has no rows; check split and its slicing")
+    row_ids: list[int] | None = None
     fn = resolve_callable(filter_fn, key="filter_fn")
     if fn is not None:
         keep = [i for i, row in enumerate(rows) if fn(row)]
@@ -85,12 +93,14 @@ def _load_subset(
             raise DataError(f"{where} is empty after filter_fn ({len(rows)} rows before filtering); relax filter_fn")
         if len(keep) < len(rows):
             logger.info("filter_fn kept %d of %d rows of %s", len(keep), len(rows), where)
-            rows = rows.select(keep)
+            rows, row_ids = rows.select(keep), keep
     if val_split_ratio is not None:
         train_idx, val_idx = split_indices(len(rows), val_split_ratio, val_split_seed)
-        rows = rows.select(val_idx if subset == "validation" else train_idx)
+        part = val_idx if subset == "validation" else train_idx
+        rows = rows.select(part)
+        row_ids = [row_ids[i] for i in part] if row_ids is not None else part
         where = f"{where} ({subset} part of val_split_ratio={val_split_ratio}, seed {val_split_seed})"
-    return rows, where
+    return rows, where, row_ids
 
 
 def _finish(
@@ -104,15 +114,18 @@ def _finish(
     split_across_pack: bool,
     lazy: bool | None,
     num_proc: int | None,
+    row_ids: list[int] | None,
 ) -> Dataset:
     if packed and lazy:
         raise DataError("packed=True encodes every example up front; it cannot be combined with lazy=True")
+    if packed and max_seq_len is None:
+        raise DataError("packed=True needs max_seq_len (set it on the dataset or the tokenizer)")
     if packed:
         lazy = False
-    ds = SFTDataset(rows, encode_fn, max_seq_len=max_seq_len, lazy=lazy, source=where, num_proc=num_proc)
+    ds = SFTDataset(
+        rows, encode_fn, max_seq_len=max_seq_len, lazy=lazy, source=where, num_proc=num_proc, row_ids=row_ids
+    )
     if packed:
-        if max_seq_len is None:
-            raise DataError("packed=True needs max_seq_len (set it on the dataset or the tokenizer)")
         return PackedDataset(
             ds, max_seq_len, padding_idx=getattr(tokenizer, "pad_id", 0) or 0, split_across_pack=split_across_pack
         )
@@ -155,7 +168,7 @@ def _message_dataset(
     num_proc: int | None,
     load_dataset_kwargs: dict[str, Any],
 ) -> Dataset:
-    rows, where = _load_subset(
+    rows, where, row_ids = _load_subset(
         source,
         data_files=data_files,
         split=split,
@@ -186,6 +199,7 @@ def _message_dataset(
             split_across_pack=split_across_pack,
             lazy=lazy,
             num_proc=num_proc,
+            row_ids=row_ids,
         )
     convert = RowConverter(
         fmt,
@@ -220,6 +234,7 @@ def _message_dataset(
         split_across_pack=split_across_pack,
         lazy=lazy,
         num_proc=num_proc,
+        row_ids=row_ids,
     )
 
 
@@ -474,7 +489,7 @@ def text_completion_dataset(
     continue across packs. Other arguments as in `sft_dataset`.
     """
     max_seq_len = _max_seq_len(tokenizer, max_seq_len)
-    rows, where = _load_subset(
+    rows, where, row_ids = _load_subset(
         source,
         data_files=data_files,
         split=split,
@@ -492,6 +507,8 @@ def text_completion_dataset(
     keep_whole = packed and split_across_pack
     if packed and lazy:
         raise DataError("packed=True encodes every example up front; it cannot be combined with lazy=True")
+    if packed and max_seq_len is None:
+        raise DataError("packed=True needs max_seq_len (set it on the dataset or the tokenizer)")
     ds = SFTDataset(
         rows,
         _text_encoder(tokenizer, column, add_eos=add_eos),
@@ -499,11 +516,10 @@ def text_completion_dataset(
         lazy=False if packed else lazy,
         source=where,
         num_proc=num_proc,
+        row_ids=row_ids,
     )
     if not packed:
         return ds
-    if max_seq_len is None:
-        raise DataError("packed=True needs max_seq_len (set it on the dataset or the tokenizer)")
     return PackedDataset(
         ds, max_seq_len, padding_idx=getattr(tokenizer, "pad_id", 0) or 0, split_across_pack=split_across_pack
     )

@@ -70,6 +70,8 @@ class SFTDataset(Dataset):
         lazy: Encode on access instead of up front; None: up front unless there are more than `EAGER_MAX_ROWS` rows.
         source: Dataset name used in messages.
         drop_untrainable: Drop (eager mode) examples whose labels are all ignored.
+        row_ids: The row number (in the user's split) of each row, passed to ``encode_fn`` for messages when rows were
+            filtered or split (default: the position).
         num_proc: Tokenize up front with this many processes (forked, so the tokenizer is not pickled; Linux/macOS).
     """
 
@@ -83,6 +85,7 @@ class SFTDataset(Dataset):
         source: str = "dataset",
         drop_untrainable: bool = True,
         num_proc: int | None = None,
+        row_ids: Sequence[int] | None = None,
     ) -> None:
         if max_seq_len is not None and int(max_seq_len) < 1:
             raise DataError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
@@ -90,6 +93,7 @@ class SFTDataset(Dataset):
         self._encode_fn = encode_fn
         self.max_seq_len = None if max_seq_len is None else int(max_seq_len)
         self.num_proc = max(1, int(num_proc or 1))
+        self._row_ids = None if row_ids is None else list(row_ids)
         if lazy is None:
             lazy = len(rows) > EAGER_MAX_ROWS
             if lazy:
@@ -110,13 +114,13 @@ class SFTDataset(Dataset):
             self._encode_all(drop_untrainable)
         else:  # fail at start-up, not hours into training, on a systematic problem (wrong columns, roles, ...)
             for i in range(min(len(rows), 64)):
-                self._encode_fn(rows[i], i)
+                self._encode_fn(rows[i], self._row_id(i))
 
     def _encode_range(self, start: int, end: int, drop_untrainable: bool) -> _EncodedChunk:
         chunk = _EncodedChunk()
         rows = self._rows
         for i in range(start, end):
-            t, lab = self._encode_fn(rows[i], i)
+            t, lab = self._encode_fn(rows[i], self._row_id(i))
             chunk.longest = max(chunk.longest, len(t))
             t, lab, cut = self._truncate(t, lab)
             chunk.num_truncated += cut
@@ -172,6 +176,9 @@ class SFTDataset(Dataset):
                 f"(train_on_input, masking), the response columns and max_seq_len"
             )
 
+    def _row_id(self, i: int) -> int:
+        return i if self._row_ids is None else self._row_ids[i]
+
     def _add_chunk(self, chunk: _EncodedChunk, tokens: array, labels: array, offsets: array) -> None:
         tokens.extend(chunk.tokens)
         labels.extend(chunk.labels)
@@ -192,7 +199,9 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         if self.lazy:
-            tokens, labels = self._encode_fn(self._rows[index], index)
+            if index < 0:
+                index += len(self)
+            tokens, labels = self._encode_fn(self._rows[index], self._row_id(index))
             tokens, labels, cut = self._truncate(tokens, labels)
             if cut and index not in self._truncated_indices:
                 self._truncated_indices.add(index)
