@@ -319,7 +319,13 @@ def shard_model(
         ConfigError: CPU offload was asked for on a CPU device, or the model has no ``layers``.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     device = torch.device(device) if device is not None else _comm_device()
     if cpu_offload and device.type != "cuda":
@@ -336,6 +342,9 @@ def shard_model(
     for layer in _decoder_layers(model):
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)
+    if callable(getattr(model, "output_logits", None)):
+        # the chunked loss calls output_logits outside forward: let FSDP gather the root's weights for it too
+        register_fsdp_forward_method(model, "output_logits")
     return model
 
 
