@@ -108,6 +108,13 @@ def test_sharded_and_bin_loads_equal_single(tmp_path: Path, family: str, tie: bo
     assert sorted(sharded.state_dict()) == sorted(single)
     for k, v in sharded.state_dict().items():
         assert torch.equal(v, single[k]), k
+    # the same files named explicitly: torchtune's {filename_format, max_filename} mapping, or the index file
+    shard_names = sorted(p.name for p in sharded_dir.glob("model-*.safetensors"))
+    n = len(shard_names)
+    spec = {"filename_format": "model-{}-of-{}.safetensors", "max_filename": f"{n:05d}"}
+    for files in (spec, ["model.safetensors.index.json"], shard_names):
+        for k, v in _loaded(sharded_dir, checkpoint_files=files).state_dict().items():
+            assert torch.equal(v, single[k]), (files, k)
 
     # pytorch_model.bin (torch pickle, loaded with weights_only=True)
     bin_dir = tmp_path / "bin"
