@@ -11,8 +11,10 @@ Typical use::
     model = kdtune.models.hf_model("/tmp/Llama-3.2-1B-Instruct")    # or a named builder
     ckpt.load_into(model)
     ...
-    ckpt.save_hf(model, "epoch_0")          # merged LoRA, loads in transformers
-    ckpt.save_adapter(model, "epoch_0/adapter")   # PEFT adapter (LoRA models)
+    ckpt.save_hf(model, "epoch_0")                # merged LoRA, loads in transformers
+    ckpt.save_adapter(model, "epoch_0_adapter")   # PEFT adapter (LoRA models)
+
+Each save replaces its whole target directory, so keep adapters and full models in sibling directories.
 """
 
 from __future__ import annotations
