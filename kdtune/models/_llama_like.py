@@ -113,7 +113,7 @@ class LlamaLikeFamily(ModelFamily):
             layers=layers,
             norm=RMSNorm(dim, eps),
             output=None if tie else nn.Linear(dim, vocab, bias=False),
-            rope=RotaryEmbedding(head_dim, theta, scaling),
+            rope=RotaryEmbedding(int(head_dim * float(cfg.get("partial_rotary_factor", 1.0))), theta, scaling),
             max_seq_len=int(cfg.get("max_position_embeddings", 4096)),
             sliding_window=self.sliding_window(cfg),
         )

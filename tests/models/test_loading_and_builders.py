@@ -12,6 +12,7 @@ import kdtune.models.gpt2
 import kdtune.models.llama2
 import kdtune.models.llama3_1
 import kdtune.models.llama3_2
+import kdtune.models.phi3
 import kdtune.models.qwen2
 import kdtune.models.qwen2_5
 import kdtune.models.qwen3
@@ -90,6 +91,7 @@ SIZES = [
     (kdtune.models.qwen2_5, "qwen2_5_14b", 14_770_033_664),
     (kdtune.models.qwen3, "qwen3_0_6b", 596_049_920),
     (kdtune.models.gpt2, "dialogpt_small", 124_439_808),
+    (kdtune.models.phi3, "phi3_mini", 3_821_079_552),
     (kdtune.models.gpt2, "dialogpt_medium", 354_823_168),
 ]
 
@@ -117,7 +119,13 @@ def test_lora_builders_and_hf_model(tmp_path):
 def test_every_size_has_base_and_lora_builders_with_signatures():
     import inspect
 
-    for module in (kdtune.models.llama, kdtune.models.qwen2, kdtune.models.qwen3, kdtune.models.gpt2):
+    for module in (
+        kdtune.models.llama,
+        kdtune.models.qwen2,
+        kdtune.models.qwen3,
+        kdtune.models.gpt2,
+        kdtune.models.phi3,
+    ):
         for name in module.SIZES:
             assert inspect.signature(getattr(module, name)).parameters == {}
             params = inspect.signature(getattr(module, "lora_" + name)).parameters

@@ -67,3 +67,16 @@ def test_gpt2_state_dict_to_hf_round_trips(tmp_path, hf_save):
     assert set(back) == set(hf_state) - {"lm_head.weight"}
     for k, v in back.items():
         assert torch.equal(v, hf_state[k]), k
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(partial_rotary_factor=0.5, sliding_window=6)])
+def test_phi3_logits_match_transformers(extra, tmp_path, hf_save):
+    from kdtune.models.phi3 import FAMILY
+
+    ref = hf_save("Phi3Config", "Phi3ForCausalLM", tmp_path, **QWEN, num_key_value_heads=2, pad_token_id=0, **extra)
+    model = load_hf_model(tmp_path)
+    assert model.hf_family == "phi3"
+    _compare(model, ref)
+    hf_state = load_file(str(tmp_path / "model.safetensors"))
+    back = FAMILY.state_dict_to_hf(model.state_dict(), model.hf_config)
+    assert set(back) == set(hf_state) and all(torch.equal(back[k], hf_state[k]) for k in back)

@@ -13,7 +13,15 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.mark.parametrize(
     "family,tie",
-    [("llama", False), ("llama", True), ("mistral", False), ("qwen2", True), ("qwen3", False), ("gpt2", True)],
+    [
+        ("llama", False),
+        ("llama", True),
+        ("mistral", False),
+        ("qwen2", True),
+        ("qwen3", False),
+        ("phi3", False),
+        ("gpt2", True),
+    ],
 )
 def test_tiny_checkpoint_loads_in_transformers(family, tie, tmp_path):
     path = make_tiny_hf_checkpoint(

@@ -106,7 +106,7 @@ class MultiHeadAttention(nn.Module):
 
         Args:
             x: ``[B, T, D]``.
-            rope: ``(cos, sin)``, each ``[B, 1, T, hd]``, or None (no rotary embedding).
+            rope: ``(cos, sin)``, each ``[B, 1, T, rot]`` (``rot <= hd``: the first ``rot`` dims are rotated), or None.
             mask: boolean ``[B, 1, T, L]`` (True = may attend), or None for plain causal attention.
             cache_pos: first cache slot of these tokens when the KV cache is in use, else None.
 
@@ -124,8 +124,13 @@ class MultiHeadAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(_kv), T, hd]
         if rope is not None:
             cos, sin = rope
-            q = apply_rotary(q, cos, sin)
-            k = apply_rotary(k, cos, sin)
+            rot = cos.shape[-1]
+            if rot == self.head_dim:
+                q = apply_rotary(q, cos, sin)
+                k = apply_rotary(k, cos, sin)
+            else:  # partial rotary (Phi-3 with partial_rotary_factor < 1): rotate the first `rot` dims only
+                q = torch.cat((apply_rotary(q[..., :rot], cos, sin), q[..., rot:]), dim=-1)
+                k = torch.cat((apply_rotary(k[..., :rot], cos, sin), k[..., rot:]), dim=-1)
         if cache_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("cache_pos given but setup_caches() was not called")
