@@ -313,13 +313,31 @@ def test_run_recipe_and_config_by_path(tree: Path, tmp_path: Path, monkeypatch, 
         (["tiny", "--config", "fam/tiny", "kd_ration=0.1"], "'kd_ration' is not in the config (closest: kd_ratio"),
         (["tiny", "--config", "fam/tiny", "+fail=true"], "dataset column 'text' is missing in train.jsonl"),
         (["tiny", "fam/tiny"], "missing --config"),
-        (["--nproc_per_nod", "2", "tiny", "--config", "fam/tiny"], "unknown option '--nproc_per_nod'"),
         ([], "missing recipe"),
     ],
 )
 def test_run_errors_are_one_line(tree: Path, args: list[str], expected: str) -> None:
     line = one_line_error(kdtune(tree, "run", *args))
     assert expected in line
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--nproc_per_nod", "2", "tiny", "--config", "fam/tiny"],
+            "unknown option '--nproc_per_nod' before the recipe",
+        ),
+        (["--no-python", "tiny", "--config", "fam/tiny"], "--no-python is not supported"),
+        (["--nnodes"], "--nnodes needs a value"),
+    ],
+)
+def test_run_torchrun_option_errors(capsys, args: list[str], expected: str) -> None:
+    from kdtune.cli.main import main
+
+    assert main(["run", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.count("kdtune: error:") == 1 and expected in err, err
 
 
 @pytest.mark.parametrize(
