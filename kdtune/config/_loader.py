@@ -35,11 +35,11 @@ def load_config(name_or_path: str | os.PathLike[str]) -> DictConfig:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(
-            f"YAML syntax error in {where}: {problem}; fix the file's indentation/quoting there"
-        ) from None
+        raise ConfigError(f"YAML syntax error in {where}: {problem}; fix the YAML at that line") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            f"cannot read config {path}: {str(e).splitlines()[0]}; check the ${{...}} interpolations in it"
+        ) from None
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     if isinstance(cfg, ListConfig):
