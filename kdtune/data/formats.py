@@ -29,6 +29,7 @@ Masking: instruction formats produce one prompt turn (masked unless ``train_on_i
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -173,7 +174,7 @@ def check_columns(
 
 
 def _text(value: Any, *, where: str, column: str) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # CSV reads empty cells as NaN
         return ""
     if isinstance(value, str):
         return value

@@ -92,6 +92,14 @@ def test_file_types(tok, tmp_path, kind, cache_dir):
     assert [tok.decode(x["tokens"]) for x in ds] == [p["source"] + p["target"] for p in PAIRS]
 
 
+def test_csv_empty_cells_are_empty_text(tok, tmp_path, chars, cache_dir):
+    path = tmp_path / "alpaca.csv"
+    path.write_text("instruction,input,output\nHi.,,Yo\n")
+    ds = alpaca_dataset(tok, source=str(path), cache_dir=cache_dir)
+    prompt = ALPACA_PROMPT_NO_INPUT.format(instruction="Hi.")
+    assert ds[0]["tokens"] == [BOS, USER, *chars(prompt), EOT, ASSISTANT, *chars("Yo"), EOT, EOS]
+
+
 def test_save_to_disk_dir_and_slicing(tok, tmp_path):
     datasets.Dataset.from_list(PAIRS).save_to_disk(str(tmp_path / "saved"))
     ds = sft_dataset(tok, str(tmp_path / "saved"), split="train[1:]")
