@@ -94,10 +94,31 @@ def _common_prefix_len(a: str, b: str) -> int:
     return i
 
 
+def _locate_turn(tok: BaseTokenizer, full: str, content: str, start: int) -> int | None:
+    """End of a message found by its content: the content (as is, or stripped) at or after ``start``, plus an
+    end-of-turn special token that follows it after nothing but spaces. None if the content is not there."""
+    for c in (content, content.strip()):
+        if not c:
+            continue
+        pos = full.find(c, start)
+        if pos < 0:
+            continue
+        end = pos + len(c)
+        m = tok._special_re.search(full, end) if tok._special_re is not None else None
+        if m is not None and not full[end : m.start()].strip(" "):
+            end = m.end()
+        return end
+    return None
+
+
 def message_spans(
     tok: BaseTokenizer, messages: list[Message], full: str, add_generation_prompt: bool
 ) -> list[tuple[int, int]]:
-    """Character span ``[start, end)`` of each message inside the fully rendered conversation ``full``."""
+    """Character span ``[start, end)`` of each message inside the fully rendered conversation ``full``.
+
+    When a prefix of the conversation renders differently from the same messages inside the whole conversation (Qwen3
+    drops the ``<think>`` block of earlier turns), the message's end is found from its content instead.
+    """
     spans: list[tuple[int, int]] = []
     prev_end = 0
     for k, m in enumerate(messages):
@@ -112,9 +133,15 @@ def message_spans(
             end = len(full)
         else:
             try:
-                end = _common_prefix_len(render_template(tok, messages[: k + 1], add_generation_prompt=False), full)
+                rendered = render_template(tok, messages[: k + 1], add_generation_prompt=False)
+                end = _common_prefix_len(rendered, full)
+                consistent = end == len(rendered)
             except DataError:
-                end = start
+                end, consistent = start, False
+            if not consistent:
+                located = _locate_turn(tok, full, m.content, start)
+                if located is not None:
+                    end = located
         end = max(end, start)
         raw_end = end
         if m.role == "assistant":
