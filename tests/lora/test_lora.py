@@ -14,6 +14,7 @@ from kdtune.models import hf_model
 from kdtune.models.checkpointer import load_state_dict_shardwise, save_hf
 from kdtune.models.modules.lora import (
     LoRALinear,
+    apply_lora,
     disable_adapters,
     get_adapter_params,
     get_merged_lora_state_dict,
@@ -111,6 +112,8 @@ def test_apply_lora_errors(src: Path, tmp_path: Path) -> None:
         hf_model(tied, lora_attn_modules=["q_proj"], apply_lora_to_output=True)
     with pytest.raises(ConfigError, match="selects no module"):
         hf_model(src, lora_attn_modules=[])
+    with pytest.raises(ConfigError, match="already has LoRA modules"):
+        apply_lora(hf_model(src, lora_attn_modules=["q_proj"]), ["v_proj"])
     with pytest.raises(ConfigError, match="lora_rank must be a positive"):
         LoRALinear(8, 8, rank=0, alpha=1)
 

@@ -308,6 +308,10 @@ def apply_lora(
             "LoRA selects no module: lora_attn_modules is empty and apply_lora_to_mlp/apply_lora_to_output are False; "
             "set e.g. lora_attn_modules=[q_proj, v_proj]."
         )
+    if get_lora_modules(model):
+        raise ConfigError(
+            f"{type(model).__name__} already has LoRA modules; apply_lora once (a lora_* builder already applies it)."
+        )
     targets = _lora_targets(model, attn_modules, apply_lora_to_mlp, apply_lora_to_output)
     if not targets:
         raise ConfigError(
