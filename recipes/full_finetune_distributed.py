@@ -62,7 +62,8 @@ def _train(cfg: DictConfig, s: FinetuneDistributedSettings, env: D.DistEnv) -> B
     num_chunks = s.num_output_chunks or 8
 
     # ---- data (this rank's slice of every global batch), optimizer, LR schedule, sharded checkpoints, metrics
-    data = B.build_data(s, tokenizer, rank=env.rank, world_size=env.world_size)
+    with D.rank_zero_first():  # rank 0 fills the datasets cache, the others then read it
+        data = B.build_data(s, tokenizer, rank=env.rank, world_size=env.world_size)
     if data.val_loader is not None:  # every validation example once over all ranks, same batch count everywhere
         data.val_loader = D.EvenEvalLoader(data.val_loader, env.rank, env.world_size)
     optimizer = B.build_optimizer(s.optimizer, B.trainable_parameters(model))

@@ -21,6 +21,7 @@ instead would need a ``PREMUL_SUM``/``SUM`` reduce-scatter that Gloo does not of
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -51,6 +52,7 @@ __all__ = [
     "barrier",
     "all_reduce_sum",
     "broadcast_object",
+    "rank_zero_first",
     "global_grad_scale",
     "shard_model",
     "materialize_meta_model",
@@ -246,6 +248,18 @@ def all_reduce_sum(values: torch.Tensor | float | int | Iterable[float]) -> torc
         t = t.to(_comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu()
+
+
+@contextlib.contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Run the block on rank 0 first, then on the other ranks (e.g. building a dataset that writes a shared cache)."""
+    if not is_rank_zero():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_rank_zero():
+            barrier()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
