@@ -34,6 +34,8 @@ __all__ = [
 WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin", ".pt", ".pth")
 _INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
+# trainer/optimizer state that sits next to weights in some directories (never model weights)
+_NOT_WEIGHTS = ("adapter_", "training_args", "optimizer", "scheduler", "rng_state", "scaler")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {
     "": 1,
@@ -159,9 +161,7 @@ def resolve_weight_files(directory: Path, checkpoint_files: list[str] | dict[str
             names = sorted(
                 p.name
                 for p in directory.iterdir()
-                if p.is_file()
-                and p.name.endswith((".bin", ".pt", ".pth"))
-                and not p.name.startswith(("adapter_", "training_args"))
+                if p.is_file() and p.name.endswith((".bin", ".pt", ".pth")) and not p.name.startswith(_NOT_WEIGHTS)
             )
         if not names:
             raise CheckpointError(
