@@ -151,11 +151,32 @@ class Llama2Format(ChatFormat):
         return out
 
 
-class MistralFormat(Llama2Format):
-    """Mistral instruct (v0.1/v0.2): ``<s>[INST] user [/INST]answer</s>``; a system prompt is prepended to the first user turn."""
+class MistralFormat(ChatFormat):
+    """Mistral instruct (v0.1/v0.2 template): ``<s>[INST] user [/INST]answer</s>[INST] user2 [/INST]``.
+
+    One BOS at the start; the whole conversation is tokenized as one text, like the template. Mistral has no system
+    role: a system message is prepended to the first user turn followed by a blank line.
+    """
 
     name = "mistral"
-    system_wrap = ("", "\n\n")
+
+    def pieces(self, tok, messages, add_eos, add_generation_prompt):  # noqa: D102
+        out: list[Piece] = []
+        if tok.bos_id is not None:
+            out.append(([tok.bos_id], 0))
+        system = ""
+        start = 0
+        if messages[0].role == "system":
+            system, start = messages[0].content + "\n\n", 1
+        eos = tok.special_token_text(tok.eos_id) or ""
+        for k in range(start, len(messages)):
+            m = messages[k]
+            if m.role == "assistant":
+                out.append((m.content + (eos if _close_last(messages, k, add_eos) else ""), k))
+            else:
+                content = (system + m.content) if system and k == start else m.content
+                out.append((f"[INST] {content} [/INST]", k))
+        return out
 
 
 class ChatMLFormat(ChatFormat):

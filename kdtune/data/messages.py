@@ -64,6 +64,14 @@ class Message:
         """
         role = d.get("role", d.get("from"))
         content = d.get("content", d.get("value"))
+        if isinstance(content, list):  # OpenAI content parts: keep the text parts, in order
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                kinds = sorted({str(p.get("type")) if isinstance(p, dict) else type(p).__name__ for p in content})
+                raise DataError(
+                    f"message content parts of type {kinds} are not supported; kdtune trains on text, so keep only "
+                    "'text' parts (or a plain string) in the data."
+                )
+            content = "".join(p.get("text", "") for p in content)
         if role is None or content is None:
             raise DataError(
                 f"message {dict(d)!r} has no role/content; expected keys 'role' and 'content' "
