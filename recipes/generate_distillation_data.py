@@ -1,0 +1,174 @@
+"""Offline distillation, step 1: the teacher writes the answers a student is then fine-tuned on.
+
+For every prompt of a dataset (its conversation up to the last assistant turn), the teacher generates
+``num_generations`` completions with the KV cache, and each (prompt, completion) pair is written as one JSON line with
+both an OpenAI ``messages`` column and ``prompt``/``completion`` columns. Step 2 is an ordinary SFT run on that file:
+
+    kdtune run generate_distillation_data --config llama3_2/generate_distillation_data
+    kdtune run full_finetune_single_device --config llama3_2/sft_on_generated   # or any SFT config with
+        dataset._component_=kdtune.data.chat_dataset dataset.source=json dataset.data_files=<output_file>
+
+Prompts longer than ``max_prompt_tokens`` are skipped (and counted). Lines are appended batch by batch to
+``<output_file>.partial``; a rerun with ``resume_from_checkpoint=True`` continues after the last finished batch, and the
+file is renamed to ``output_file`` only when every prompt is done.
+
+Copy and edit:  kdtune cp generate_distillation_data ./my_generate.py
+"""
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from kdtune.config import parse_recipe_args, read_settings
+from kdtune.data import Message
+from kdtune.data.datasets._load import load_rows
+from kdtune.data.formats import detect_format, get_format, make_row_converter
+from kdtune.errors import ConfigError, DataError
+from kdtune.models.generation import generate
+from kdtune.training import builders as B
+
+RECIPE_DISTRIBUTED = False
+
+
+@dataclass(kw_only=True)
+class PromptSource:
+    """Where the prompts come from (any ``datasets.load_dataset`` source, any kdtune row format)."""
+
+    source: str = field(metadata={"help": "Hub dataset name, or json/csv/parquet/arrow with data_files."})
+    data_files: Any = field(default=None, metadata={"help": "Local file(s) for a packaged builder."})
+    split: str = field(default="train", metadata={"help": "Split, slicing allowed (train_sft[:1000])."})
+    format: str = field(default="auto", metadata={"help": "Row format (openai, sharegpt, alpaca, ...); auto = detect."})
+    column_map: Any = field(
+        default=None, metadata={"help": "Canonical column -> your column, e.g. {source: question}."}
+    )
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts; null = all."})
+
+
+@dataclass(kw_only=True)
+class GenerateSettings:
+    """Every key ``generate_distillation_data`` reads."""
+
+    output_dir: str = field(metadata={"help": "Directory for the generated file and the resolved config.yaml."})
+    output_file: str | None = field(
+        default=None, metadata={"help": "JSON-lines output; null = output_dir/generated.jsonl."}
+    )
+    model: Any = field(metadata={"help": "Teacher model `_component_` (e.g. kdtune.models.hf_model)."})
+    checkpointer: Any = field(metadata={"help": "kdtune.models.HFCheckpointer the teacher's weights come from."})
+    tokenizer: Any = field(metadata={"help": "The teacher's tokenizer `_component_` (its chat template is used)."})
+    prompts: PromptSource = field(metadata={"help": "The prompt dataset (see PromptSource)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "Replace/insert a system turn in every prompt."})
+    num_generations: int = field(default=1, metadata={"help": "Completions per prompt (use temperature > 0 for >1)."})
+    max_prompt_tokens: int = field(default=512, metadata={"help": "Skip prompts longer than this many tokens."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Longest completion, in tokens."})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 samples from logits / temperature."})
+    top_k: int | None = field(default=None, metadata={"help": "Sample among the top-k tokens only; null = all."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts generated together (left-padded)."})
+    keep_unfinished: bool = field(default=False, metadata={"help": "Keep completions that hit max_new_tokens."})
+    seed: int = field(default=42, metadata={"help": "Sampling seed (same seed -> same file)."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
+    dtype: str = field(default="fp32", metadata={"help": "fp32 or bf16."})
+    resume_from_checkpoint: bool = field(default=False, metadata={"help": "Continue an interrupted .partial file."})
+
+
+def load_prompts(p: PromptSource, tokenizer: Any, system_prompt: str | None) -> list[list[Message]]:
+    """Each row as the conversation to continue: its messages up to (not including) the last assistant turn."""
+    rows = load_rows(p.source, data_files=p.data_files, split=p.split)
+    fmt = (
+        detect_format(rows.column_names, p.column_map, kinds=("instruct", "chat"), source=p.source)
+        if p.format == "auto"
+        else get_format(p.format, key="prompts.format")
+    )
+    if fmt.kind == "text":
+        raise ConfigError(f"prompts.format: {fmt.name!r} rows have no prompt to answer; use an instruction or chat set")
+    to_messages = make_row_converter(fmt, column_map=p.column_map, new_system_prompt=system_prompt, source=p.source)
+    conversations = []
+    for index, row in enumerate(rows):
+        if p.max_prompts is not None and len(conversations) >= p.max_prompts:
+            break
+        messages = to_messages(row, index)
+        last_assistant = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=len(messages))
+        prompt = messages[:last_assistant]
+        if prompt and prompt[-1].role != "assistant":
+            conversations.append(prompt)
+    if not conversations:
+        raise DataError(f"prompts: no usable prompt in {p.source!r} split {p.split!r}")
+    return conversations
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg: DictConfig = parse_recipe_args(argv)
+    s = read_settings(GenerateSettings, cfg)
+    if s.num_generations > 1 and s.temperature == 0.0:
+        raise ConfigError("num_generations > 1 with temperature=0 gives identical copies; set temperature (e.g. 0.7)")
+    rt = B.setup_runtime(s.device, s.dtype, s.output_dir, s.seed, cfg=cfg)
+    tokenizer = B.build_tokenizer(s.tokenizer)
+    model, _ = B.build_model(s.model, s.checkpointer, rt)
+    model.eval()
+    output = Path(s.output_file or rt.output_dir / "generated.jsonl")
+    partial = output.with_name(output.name + ".partial")
+
+    conversations = load_prompts(s.prompts, tokenizer, s.system_prompt)
+    encoded = [
+        tokenizer.tokenize_messages(c, add_eos=False, add_generation_prompt=True, truncate_to_max_seq_len=False)[0]
+        for c in conversations
+    ]
+    keep = [i for i, ids in enumerate(encoded) if len(ids) <= s.max_prompt_tokens]
+    print(
+        f"{len(keep)} prompts to answer ({len(encoded) - len(keep)} longer than {s.max_prompt_tokens} tokens skipped)"
+    )
+
+    done_batches = 0
+    if s.resume_from_checkpoint and partial.exists():
+        done_batches = int(json.loads(partial.with_suffix(".progress").read_text())["batches"])
+        print(f"resuming after {done_batches} finished batches of {partial}")
+    elif partial.exists():
+        partial.unlink()
+    generator = torch.Generator(device=rt.device).manual_seed(s.seed)
+    stop_ids = list(tokenizer.stop_ids)
+    started, written, unfinished = time.monotonic(), 0, 0
+    batches = [keep[i : i + s.batch_size] for i in range(0, len(keep), s.batch_size)]
+    with open(partial, "a", encoding="utf-8") as out:
+        for batch_index, batch in enumerate(batches):
+            # each batch draws from a generator seeded by (seed, batch): resuming gives the same completions
+            generator.manual_seed(s.seed * 1_000_003 + batch_index)
+            if batch_index < done_batches:
+                continue
+            prompts = [encoded[i] for i in batch for _ in range(s.num_generations)]
+            with torch.no_grad():
+                completions = generate(
+                    model, prompts, s.max_new_tokens, eos_ids=stop_ids, pad_id=tokenizer.pad_id,
+                    temperature=s.temperature, top_k=s.top_k, generator=generator,
+                )  # fmt: skip
+            for k, ids in enumerate(completions):
+                finished = bool(ids) and ids[-1] in stop_ids
+                if not finished and not s.keep_unfinished:
+                    unfinished += 1
+                    continue
+                conversation = conversations[batch[k // s.num_generations]]
+                text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                record = {
+                    "messages": [{"role": m.role, "content": m.content} for m in conversation]
+                    + [{"role": "assistant", "content": text}],
+                    "prompt": conversation[-1].content,
+                    "completion": text,
+                }
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                written += 1
+            out.flush()
+            os.fsync(out.fileno())
+            partial.with_suffix(".progress").write_text(json.dumps({"batches": batch_index + 1}))
+            print(f"batch {batch_index + 1}/{len(batches)}: {written} written, {time.monotonic() - started:.0f} s")
+    os.replace(partial, output)
+    partial.with_suffix(".progress").unlink(missing_ok=True)
+    print(f"wrote {output} ({written} pairs; {unfinished} unfinished completions dropped)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
