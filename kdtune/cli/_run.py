@@ -9,6 +9,7 @@ prints user errors as one line.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import runpy
 import sys
@@ -140,6 +141,11 @@ def _launch_distributed(torchrun: list[str], recipe: Path, recipe_argv: list[str
     if not any(a.split("=", 1)[0] in _RENDEZVOUS for a in opts):
         opts.append("--standalone")  # single node: pick a free port instead of a fixed 29500
     args = get_args_parser().parse_args([*opts, "--module", "kdtune.cli._worker", str(recipe), *recipe_argv])
+    from kdtune.cli.main import debug_enabled
+
+    if not debug_enabled():
+        # the summary below names the failed rank and exit code; torch's own log line repeats it
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
         run(args)
     except ChildFailedError as e:

@@ -17,29 +17,15 @@ TINY_RECIPE = '''\
 """A tiny single-device recipe: one SGD step of a Linear layer built from the config."""
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+from tiny_settings import Settings
 
 from kdtune.config import instantiate, parse_recipe_args, read_settings, save_config
 from kdtune.errors import DataError
 
 RECIPE_DISTRIBUTED = False
-
-
-@dataclass
-class Settings:
-    output_dir: str = field(metadata={"help": "where the resolved config goes"})
-    model: Any = field(metadata={"help": "model component"})
-    optimizer: Any = field(metadata={"help": "optimizer component"})
-    log_dir: str = ""
-    kd_ratio: float = 0.5
-    seed: int | None = 0
-    run_id: str = "x"
-    lora_attn_modules: list[str] = field(default_factory=list)
-    fail: bool = False
-    profiler: Any = None
+RECIPE_SETTINGS = "tiny_settings.Settings"
 
 
 def main(argv=None):
@@ -57,6 +43,45 @@ def main(argv=None):
     print("RESULT " + json.dumps({"kd_ratio": s.kd_ratio, "seed": s.seed, "run_id": s.run_id,
           "modules": s.lora_attn_modules, "optimizer": type(opt).__name__, "lr": opt.defaults["lr"],
           "out_features": model.out_features, "profiler": s.profiler is not None}))
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+SETTINGS_MODULE = """\
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Settings:
+    output_dir: str = field(metadata={"help": "where the resolved config goes"})
+    model: Any = field(metadata={"help": "model component"})
+    optimizer: Any = field(metadata={"help": "optimizer component"})
+    log_dir: str = ""
+    kd_ratio: float = 0.5
+    seed: int | None = 0
+    run_id: str = "x"
+    lora_attn_modules: list[str] = field(default_factory=list)
+    fail: bool = False
+    profiler: Any = None
+"""
+
+DIST_FAIL_RECIPE = '''\
+"""Fails on every rank with a user error, before importing torch."""
+
+import os
+
+from kdtune.config import parse_recipe_args
+from kdtune.errors import DataError
+
+RECIPE_DISTRIBUTED = True
+
+
+def main(argv=None):
+    parse_recipe_args(argv, print_config=False)
+    raise DataError(f"rank {os.environ['RANK']}: shard 3 of train.jsonl is empty; regenerate it")
 
 
 if __name__ == "__main__":
@@ -132,6 +157,10 @@ def tree(tmp_path_factory) -> Path:
     (root / "configs" / "fam").mkdir(parents=True)
     (root / "recipes" / "tiny.py").write_text(TINY_RECIPE)
     (root / "recipes" / "tiny_dist.py").write_text(DIST_RECIPE)
+    (root / "recipes" / "dist_fail.py").write_text(DIST_FAIL_RECIPE)
+    (root / "lib").mkdir()
+    (root / "lib" / "tiny_settings.py").write_text(SETTINGS_MODULE)
+    (root / "configs" / "fam" / "dist_fail.yaml").write_text("recipe: dist_fail\n")
     (root / "configs" / "fam" / "tiny.yaml").write_text(TINY_CONFIG.format(out=root / "out"))
     (root / "configs" / "fam" / "dist.yaml").write_text("recipe: tiny_dist\nvalue: 1\n")
     (root / "configs" / "fam" / "bad.yaml").write_text(BAD_CONFIG)
@@ -139,12 +168,22 @@ def tree(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def inproc(tree: Path, monkeypatch) -> Path:
+    """Run `kdtune.cli.main.main` in this process against the tree (as `kdtune run` runs single-device recipes)."""
+    monkeypatch.setenv("KDTUNE_RECIPES_DIR", str(tree / "recipes"))
+    monkeypatch.setenv("KDTUNE_CONFIGS_DIR", str(tree / "configs"))
+    monkeypatch.setenv("KDTUNE_DEBUG", "0")
+    monkeypatch.syspath_prepend(str(tree / "lib"))
+    return tree
+
+
 def kdtune(tree: Path, *args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
     full_env = {
         **os.environ,
         "KDTUNE_RECIPES_DIR": str(tree / "recipes"),
         "KDTUNE_CONFIGS_DIR": str(tree / "configs"),
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(tree / "lib"), os.environ.get("PYTHONPATH", "")]),
         "KDTUNE_DEBUG": "0",
         **env,
     }
@@ -227,27 +266,30 @@ def test_cat(tree: Path) -> None:
     assert "closest: fam/tiny" in one_line_error(kdtune(tree, "cat", "fam/tinyy"))
 
 
-def test_validate(tree: Path, monkeypatch, capsys) -> None:
+def test_validate(tree: Path, inproc: Path, capsys) -> None:
     proc = kdtune(tree, "validate", "fam/bad")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     problems = [line.strip() for line in proc.stderr.splitlines()[1:]]
-    assert len(problems) == 3, proc.stderr
+    assert len(problems) == 4, proc.stderr
     assert problems[0].startswith(
         "model.out_feature: torch.nn.Linear has no argument 'out_feature' (closest: out_features"
     )
     assert problems[1].startswith("optimizer._component_: cannot import 'torch.optim.AdamWW'")
     assert problems[2].startswith("losses[0].ignore_idx: torch.nn.CrossEntropyLoss has no argument 'ignore_idx'")
+    # the recipe declares RECIPE_SETTINGS: top-level keys are checked against its settings dataclass
+    assert problems[3].startswith("settings of recipe tiny: unknown config key 'losses'")
     line = one_line_error(kdtune(tree, "validate", "fam/broken"))
     assert f"YAML syntax error in {tree / 'configs' / 'fam' / 'broken.yaml'}:4:" in line
     # the valid cases in-process (importing torch in yet another process costs seconds on a busy CI machine)
     from kdtune.cli.main import main
 
-    monkeypatch.setenv("KDTUNE_RECIPES_DIR", str(tree / "recipes"))
-    monkeypatch.setenv("KDTUNE_CONFIGS_DIR", str(tree / "configs"))
     assert main(["validate", "fam/tiny"]) == 0
     assert main(["validate", "fam/tiny", "model.in_features=3", "optimizer=torch.optim.SGD"]) == 0
     assert main(["validate", "fam/tiny", "+optimizer.nesterov=true"]) == 1  # AdamW has no nesterov
     assert "optimizer.nesterov: torch.optim.AdamW has no argument 'nesterov'" in capsys.readouterr().err
+    assert main(["validate", "fam/tiny", "+kd_ration=0.1"]) == 1
+    err = capsys.readouterr().err
+    assert "settings of recipe tiny: unknown config key 'kd_ration' (did you mean kd_ratio?)" in err
 
 
 def test_run_with_overrides(tree: Path, tmp_path: Path) -> None:
@@ -287,7 +329,7 @@ def test_run_with_overrides(tree: Path, tmp_path: Path) -> None:
     assert saved["optimizer"] == {"_component_": "torch.optim.SGD", "lr": 0.001, "weight_decay": 0.0, "momentum": 0.9}
 
 
-def test_run_recipe_and_config_by_path(tree: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_run_recipe_and_config_by_path(inproc: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     # in-process, as `kdtune run` runs single-device recipes (runpy in this interpreter)
     from kdtune.cli.main import main
 
@@ -348,30 +390,27 @@ def test_run_torchrun_option_errors(capsys, args: list[str], expected: str) -> N
         ("+model.biass=true", "model.biass: torch.nn.Linear has no argument 'biass' (closest: bias"),
     ],
 )
-def test_recipe_errors_in_process(tree: Path, monkeypatch, capsys, override: str, expected: str) -> None:
+def test_recipe_errors_in_process(inproc: Path, capsys, override: str, expected: str) -> None:
     from kdtune.cli.main import main
 
-    monkeypatch.setenv("KDTUNE_RECIPES_DIR", str(tree / "recipes"))
-    monkeypatch.setenv("KDTUNE_CONFIGS_DIR", str(tree / "configs"))
-    monkeypatch.setenv("KDTUNE_DEBUG", "0")
-    code = main(["run", "tiny", "--config", "fam/tiny", f"output_dir={tree / 'o2'}", override])
+    code = main(["run", "tiny", "--config", "fam/tiny", f"output_dir={inproc / 'o2'}", override])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("kdtune: error:")]
     assert len(errors) == 1 and expected in errors[0], err
 
 
-def test_debug_shows_traceback(tree: Path, monkeypatch, capsys) -> None:
-    proc = kdtune(tree, "--debug", "run", "tiny", "--config", "fam/tiny", "+fail=true")
-    assert proc.returncode == 1 and "Traceback" in proc.stderr and "DataError" in proc.stderr
+def test_debug_shows_traceback(inproc: Path, monkeypatch, capsys) -> None:
     from kdtune.cli.main import main
 
-    monkeypatch.setenv("KDTUNE_RECIPES_DIR", str(tree / "recipes"))
-    monkeypatch.setenv("KDTUNE_CONFIGS_DIR", str(tree / "configs"))
     monkeypatch.setenv("KDTUNE_DEBUG", "1")
     assert main(["run", "tiny", "--config", "fam/tiny", "+fail=true"]) == 1
     err = capsys.readouterr().err
-    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("kdtune: error: dataset column")
+    assert "Traceback" in err and "DataError" in err
+    assert err.strip().splitlines()[-1].startswith("kdtune: error: dataset column")
+    monkeypatch.setenv("KDTUNE_DEBUG", "0")
+    assert main(["--debug", "run", "tiny", "--config", "fam/tiny", "+fail=true"]) == 1  # --debug sets KDTUNE_DEBUG
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_run_distributed_through_torchrun(tree: Path) -> None:
@@ -379,6 +418,16 @@ def test_run_distributed_through_torchrun(tree: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("DIST"))
     assert lines == ["DIST rank=0 world=2 sum=3.0 value=5", "DIST rank=1 world=2 sum=3.0 value=5"]
+
+
+def test_run_distributed_worker_error_is_one_line(tree: Path) -> None:
+    proc = kdtune(tree, "run", "dist_fail", "--config", "fam/dist_fail")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kdtune: error:")]
+    assert errors == [
+        "kdtune: error: rank 0: shard 3 of train.jsonl is empty; regenerate it",
+        "kdtune: error: the recipe failed on 1 process(es) (first: global rank 0, exit code 1); see the messages above",
+    ], proc.stderr
 
 
 def test_run_distributed_error_is_reported(tree: Path) -> None:
