@@ -22,6 +22,7 @@ from kdtune.training import builders as B
 from kdtune.training.recipe_settings import FinetuneSettings
 
 RECIPE_DISTRIBUTED = False
+RECIPE_SETTINGS = "kdtune.training.recipe_settings.FinetuneSettings"  # read by `kdtune validate`
 
 
 def train(cfg: DictConfig) -> B.RunSummary:

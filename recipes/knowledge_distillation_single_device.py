@@ -27,6 +27,7 @@ from kdtune.training import builders as B
 from kdtune.training.recipe_settings import KDSettings
 
 RECIPE_DISTRIBUTED = False
+RECIPE_SETTINGS = "kdtune.training.recipe_settings.KDSettings"  # read by `kdtune validate`
 
 
 def train(cfg: DictConfig) -> B.RunSummary:

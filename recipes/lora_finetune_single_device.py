@@ -26,6 +26,7 @@ from kdtune.training import builders as B
 from kdtune.training.recipe_settings import LoRAFinetuneSettings
 
 RECIPE_DISTRIBUTED = False
+RECIPE_SETTINGS = "kdtune.training.recipe_settings.LoRAFinetuneSettings"  # read by `kdtune validate`
 
 
 def train(cfg: DictConfig) -> B.RunSummary:

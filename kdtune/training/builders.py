@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from kdtune.config import instantiate
-from kdtune.errors import ConfigError
+from kdtune.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("kdtune")
 
@@ -131,10 +131,13 @@ def build_model(
     Returns:
         ``(model, checkpointer)`` (checkpointer None when ``checkpointer_cfg`` is None).
     """
+    checkpointer = instantiate(checkpointer_cfg) if checkpointer_cfg is not None else None
+    from_disk = checkpointer is not None and getattr(checkpointer, "checkpoint_dir", None) is not None
     prev = torch.get_default_dtype()
     torch.set_default_dtype(runtime.dtype)
     try:
-        with runtime.device:
+        # weights that come from disk: build on the meta device (no random init, no second copy) and assign them
+        with torch.device("meta") if from_disk else runtime.device:
             model = instantiate(model_cfg)
     finally:
         torch.set_default_dtype(prev)
@@ -142,14 +145,15 @@ def build_model(
         raise ConfigError(
             f"{key}: _component_ built a {type(model).__name__}, not a model; use a kdtune.models builder"
         )
-    checkpointer = None
-    if checkpointer_cfg is not None:
-        checkpointer = instantiate(checkpointer_cfg)
-        checkpointer.load_into(model, strict=True)  # LoRA matrices are not in a base checkpoint: never "missing"
-    if lora_seed is not None and is_lora_model(model):
-        from kdtune.training.distributed import init_lora_parameters
-
-        init_lora_parameters(model, lora_seed)
+    if from_disk:
+        # LoRA matrices are not in a base checkpoint (never "missing"); they are created on the device at PEFT init
+        checkpointer.load_into(model, strict=True, assign=True, device=runtime.device)
+        on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if on_meta:
+            raise CheckpointError(
+                f"{key}: {len(on_meta)} tensors were not filled from {checkpointer.checkpoint_dir} (e.g. {on_meta[:3]}); "
+                "the checkpoint does not match the model builder"
+            )
     model.to(device=runtime.device)
     if activation_checkpointing:
         from kdtune.models import enable_activation_checkpointing

@@ -220,3 +220,39 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_cfg, recipe, tm
     assert kept == [f"step_{bad_step - 1:08d}"]  # the last good one, nothing after it
     assert f"step_{bad_step - 1:08d}" in str(info.value)
     assert not (out / "final").exists()
+
+
+def test_packed_data_and_activation_checkpointing(tiny_cfg, recipe, tmp_path: Path) -> None:
+    """Packed sequences (document masks, positions) train; per-layer activation checkpointing changes no number."""
+    kd = recipe("knowledge_distillation_single_device")
+    common = ["+dataset.packed=true", "max_steps=2", "val_split_ratio=0.0", "batch_size=2", "save_every_n_steps=null"]
+    plain = kd.train(tiny_cfg("kd", tmp_path / "a", *common))
+    ac = kd.train(tiny_cfg("kd", tmp_path / "b", *common, "enable_activation_checkpointing=true"))
+    assert [s["loss"] for s in plain.steps] == pytest.approx([s["loss"] for s in ac.steps], rel=1e-6, abs=1e-7)
+    assert all(s["num_tokens"] > 0 for s in plain.steps)
+
+
+def test_bf16_run(tiny_cfg, recipe, tmp_path: Path) -> None:
+    kd = recipe("knowledge_distillation_single_device")
+    summary = kd.train(tiny_cfg("kd", tmp_path / "run", "dtype=bf16", "max_steps=2", "val_split_ratio=0.0"))
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in summary.steps)
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
+
+
+def test_fp16_is_refused(tiny_cfg, recipe, tmp_path: Path) -> None:
+    with pytest.raises(KDTuneError, match="fp16"):
+        recipe("full_finetune_single_device").train(tiny_cfg("full", tmp_path / "run", "dtype=fp16"))
+
+
+def test_qlora_finetune(tiny, tiny_cfg, recipe, tmp_path: Path) -> None:
+    """QLoRA (NF4 base weights) on the dim-64 model: trains, and the merged final dir loads in transformers."""
+    lora = recipe("lora_finetune_single_device")
+    out = tmp_path / "q"
+    cfg = tiny_cfg(
+        "lora", out, "+model.quantize_base=true", "max_steps=2", f"checkpointer.checkpoint_dir={tiny['teacher']}"
+    )
+    summary = lora.train(cfg)
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in summary.steps)
+    assert torch.isfinite(_hf_logits(out / "final", TOKENS)).all()
+    assert (out / "final_adapter" / "adapter_config.json").is_file()
