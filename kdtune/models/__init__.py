@@ -1,9 +1,9 @@
 """Models: shared modules, one package per family, and HF checkpoint loading.
 
-Importing this package registers every family (llama, qwen2, qwen3, gpt2, phi3).
+Importing this package registers every family (llama, qwen2, qwen3, gpt2, phi3, gemma).
 """
 
-from kdtune.models import gpt2, llama, phi3, qwen2, qwen3  # noqa: F401  (each registers its family)
+from kdtune.models import gemma, gpt2, llama, phi3, qwen2, qwen3  # noqa: F401  (each registers its family)
 from kdtune.models.checkpointer import HFCheckpointer, load_state_dict_shardwise
 from kdtune.models.hf import hf_model, load_hf_model, read_hf_config
 from kdtune.models.modules import TransformerDecoder, enable_activation_checkpointing

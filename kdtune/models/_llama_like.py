@@ -74,6 +74,12 @@ class LlamaLikeFamily(ModelFamily):
     qkv_bias_always = False  # Qwen2: q/k/v carry a bias whatever the config says
     qk_norm = False  # Qwen3: per-head RMSNorm on q and k
     out_bias_from_config = True  # Qwen2: o_proj never has a bias
+    rms_offset = False  # Gemma: norms scale by (1 + weight)
+    scale_embeddings = False  # Gemma: embeddings multiplied by sqrt(hidden_size)
+
+    def activation(self, cfg: dict[str, Any]) -> str:
+        """The MLP activation named by the config."""
+        return cfg.get("hidden_act", "silu")
 
     # ---------------------------------------------------------------------------------------------- building
     def build(self, hf_config: dict[str, Any], **lora_kwargs: Any) -> nn.Module:
@@ -88,7 +94,7 @@ class LlamaLikeFamily(ModelFamily):
         vocab = int(require(cfg, "vocab_size"))
         hidden = int(require(cfg, "intermediate_size"))
         eps = float(cfg.get("rms_norm_eps", 1e-6))
-        act = cfg.get("hidden_act", "silu")
+        act = self.activation(cfg)
         qkv_bias = self.qkv_bias_always or bool(cfg.get("attention_bias", False))
         out_bias = self.out_bias_from_config and bool(cfg.get("attention_bias", False))
         mlp_bias = bool(cfg.get("mlp_bias", False))
@@ -103,19 +109,21 @@ class LlamaLikeFamily(ModelFamily):
                 head_dim,
                 qkv_bias=qkv_bias,
                 out_bias=out_bias,
-                q_norm=RMSNorm(head_dim, eps) if self.qk_norm else None,
-                k_norm=RMSNorm(head_dim, eps) if self.qk_norm else None,
+                q_norm=RMSNorm(head_dim, eps, self.rms_offset) if self.qk_norm else None,
+                k_norm=RMSNorm(head_dim, eps, self.rms_offset) if self.qk_norm else None,
             )
             mlp = GatedMLP(dim, hidden, act, bias=mlp_bias)
-            layers.append(TransformerSelfAttentionLayer(attn, mlp, RMSNorm(dim, eps), RMSNorm(dim, eps)))
+            norms = RMSNorm(dim, eps, self.rms_offset), RMSNorm(dim, eps, self.rms_offset)
+            layers.append(TransformerSelfAttentionLayer(attn, mlp, *norms))
         model = TransformerDecoder(
             tok_embeddings=nn.Embedding(vocab, dim),
             layers=layers,
-            norm=RMSNorm(dim, eps),
+            norm=RMSNorm(dim, eps, self.rms_offset),
             output=None if tie else nn.Linear(dim, vocab, bias=False),
             rope=RotaryEmbedding(int(head_dim * float(cfg.get("partial_rotary_factor", 1.0))), theta, scaling),
             max_seq_len=int(cfg.get("max_position_embeddings", 4096)),
             sliding_window=self.sliding_window(cfg),
+            embed_scale=dim**0.5 if self.scale_embeddings else None,
         )
         model.hf_family = self.name
         model.hf_config = cfg

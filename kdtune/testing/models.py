@@ -24,14 +24,15 @@ def tiny_hf_config(
     **extra: Any,
 ) -> dict[str, Any]:
     """The HF ``config.json`` dict of a tiny model of ``family`` (``llama``, ``mistral``, ``qwen2``, ``qwen3``,
-    ``phi3``, ``gpt2``); ``extra`` keys override or add HF config fields (e.g. ``rope_scaling``, ``intermediate_size``)."""
-    if family in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+    ``phi3``, ``gemma``, ``gpt2``); ``extra`` keys override or add HF config fields (e.g. ``rope_scaling``, ``intermediate_size``)."""
+    if family in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"):
         arch = {
             "llama": "LlamaForCausalLM",
             "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM",
             "phi3": "Phi3ForCausalLM",
+            "gemma": "GemmaForCausalLM",
         }[family]
         cfg: dict[str, Any] = {
             "architectures": [arch],
@@ -54,6 +55,10 @@ def tiny_hf_config(
             cfg["attention_bias"] = False
         if family == "llama":
             cfg["mlp_bias"] = False
+        if family == "gemma":
+            cfg.update(
+                hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1
+            )
         if family == "phi3":  # Phi3Config defaults name ids of the real 32k vocab
             cfg.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     elif family == "gpt2":
@@ -72,7 +77,7 @@ def tiny_hf_config(
             "torch_dtype": "float32",
         }
     else:
-        raise ValueError(f"unknown family {family!r}; expected llama, mistral, qwen2, qwen3, phi3 or gpt2")
+        raise ValueError(f"unknown family {family!r}; expected llama, mistral, qwen2, qwen3, phi3, gemma or gpt2")
     cfg.update(extra)
     return cfg
 
@@ -97,7 +102,7 @@ def make_tiny_hf_checkpoint(
 
     Args:
         out_dir: directory to create (parents too); existing files of the same names are overwritten.
-        family: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3`` or ``gpt2``.
+        family: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``, ``gemma`` or ``gpt2``.
         vocab_size: V.
         dim: hidden size.
         layers: number of blocks.

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import kdtune.models.gemma
 import kdtune.models.gpt2
 import kdtune.models.llama2
 import kdtune.models.llama3_1
@@ -92,6 +93,7 @@ SIZES = [
     (kdtune.models.qwen3, "qwen3_0_6b", 596_049_920),
     (kdtune.models.gpt2, "dialogpt_small", 124_439_808),
     (kdtune.models.phi3, "phi3_mini", 3_821_079_552),
+    (kdtune.models.gemma, "gemma_2b", 2_506_172_416),
     (kdtune.models.gpt2, "dialogpt_medium", 354_823_168),
 ]
 

@@ -80,3 +80,17 @@ def test_phi3_logits_match_transformers(extra, tmp_path, hf_save):
     hf_state = load_file(str(tmp_path / "model.safetensors"))
     back = FAMILY.state_dict_to_hf(model.state_dict(), model.hf_config)
     assert set(back) == set(hf_state) and all(torch.equal(back[k], hf_state[k]) for k in back)
+
+
+def test_gemma_logits_match_transformers(tmp_path, hf_save):
+    ref = hf_save(
+        "GemmaConfig", "GemmaForCausalLM", tmp_path, **QWEN, num_key_value_heads=1, head_dim=32, pad_token_id=0
+    )
+    model = load_hf_model(tmp_path)
+    assert model.hf_family == "gemma" and model.output is None
+    _compare(model, ref)
+    # bf16: the sqrt(D) embedding scale is rounded to bf16 as HF does, and norms multiply in fp32
+    ref16, m16 = ref.to(torch.bfloat16), load_hf_model(tmp_path, dtype=torch.bfloat16)
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(m16(tokens), ref16(tokens).logits, atol=1e-2, rtol=1e-2)

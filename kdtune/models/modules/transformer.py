@@ -54,6 +54,7 @@ class TransformerDecoder(nn.Module):
         max_seq_len: the longest sequence the model was configured for.
         sliding_window: if set, a token attends only to the previous ``sliding_window`` tokens (itself included),
             as Mistral does; applied only when a sequence is longer than the window.
+        embed_scale: multiply token embeddings by this (Gemma: ``sqrt(D)``, rounded to the model dtype as HF does).
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class TransformerDecoder(nn.Module):
         pos_embeddings: nn.Embedding | None = None,
         max_seq_len: int = 4096,
         sliding_window: int | None = None,
+        embed_scale: float | None = None,
     ) -> None:
         super().__init__()
         self.tok_embeddings = tok_embeddings
@@ -83,6 +85,7 @@ class TransformerDecoder(nn.Module):
         self.num_layers = len(layers)
         self.max_seq_len = max_seq_len
         self.sliding_window = sliding_window
+        self.embed_scale = embed_scale
         self.activation_checkpointing = False
         self._cache_pos = 0
         self._kv_valid: torch.Tensor | None = None  # [B, S] bool: which cache slots hold real tokens
@@ -148,7 +151,7 @@ class TransformerDecoder(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                module.reset_parameters()
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(
@@ -217,6 +220,8 @@ class TransformerDecoder(nn.Module):
                 mask = mask.expand(b, t, t)[:, None]  # [B, 1, T, T]
 
         h = self.tok_embeddings(tokens)
+        if self.embed_scale is not None:
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype, device=h.device)
         if self.pos_embeddings is not None:
             n_pos = self.pos_embeddings.num_embeddings
             if (cache_pos or 0) + t > n_pos and input_pos.numel() and int(input_pos.max()) >= n_pos:
