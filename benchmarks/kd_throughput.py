@@ -209,7 +209,10 @@ def bench_loss(args: argparse.Namespace) -> list[dict[str, Any]]:
             torch.cuda.empty_cache()
             continue
         cmd = [sys.executable, os.path.abspath(__file__), "--_loss-probe", mode, *sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        # Fixed mmap threshold: glibc then returns every large freed block to the OS at once, so the peak RSS
+        # follows the peak of live tensor memory instead of allocator caching.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
             results.append({"mode": mode, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"})
         else:

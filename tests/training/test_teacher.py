@@ -81,3 +81,20 @@ def test_vocab_incompatible_is_refused_clearly():
         check_vocab_compatibility(1000, 1280, _Tok(1200), _Tok(1200))
     # with identical tokenizers a large padding is fine (the tokenizer proves ids fit)
     assert check_vocab_compatibility(1000, 2048, _Tok(1000), _Tok(1000)) == 1000
+
+
+def test_vocab_check_with_real_tokenizers(tmp_path):
+    from kdtune.data import load_hf_tokenizer
+    from kdtune.testing.tokenizers import write_bpe_tokenizer, write_sentencepiece_tokenizer
+
+    for name, style in (("qwen_a", "qwen2"), ("qwen_b", "qwen2"), ("gpt2", "gpt2")):
+        (tmp_path / name).mkdir()
+        write_bpe_tokenizer(tmp_path / name, style=style)
+    (tmp_path / "sp").mkdir()
+    write_sentencepiece_tokenizer(tmp_path / "sp", style="llama2")
+    qa, qb, g, sp = (load_hf_tokenizer(tmp_path / n) for n in ("qwen_a", "qwen_b", "gpt2", "sp"))
+    # same tokenizer, teacher padded larger (the Qwen2.5 case) -> KD over the student's vocab
+    assert check_vocab_compatibility(576, 640, qa, qb) == 576
+    for other in (g, sp):
+        with pytest.raises(ConfigError, match="tokenizers are incompatible"):
+            check_vocab_compatibility(1024, 1024, qa, other)
