@@ -38,6 +38,7 @@ TEXTS = [
     "\n\n\n",
     "a",
     LONG,
+    "thequickbrownfoxjumpsoverthelazydog" * 150,  # one 5k-letter pre-token (the O(n log n) merge path)
 ]
 SPECIAL_TEXTS = {
     "llama3": [

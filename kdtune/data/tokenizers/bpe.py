@@ -7,6 +7,7 @@ applied lowest rank first inside each pre-token -> vocabulary ids.
 
 from __future__ import annotations
 
+import heapq
 import json
 import unicodedata
 from collections.abc import Callable
@@ -18,6 +19,8 @@ import regex
 
 from kdtune.data.tokenizers._base import BaseTokenizer
 from kdtune.errors import DataError
+
+_HEAP_MIN_LEN = 48  # pre-tokens longer than this use the O(n log n) merge loop
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -218,6 +221,8 @@ class ByteLevelBPETokenizer(BaseTokenizer):
             return cached
         if self.ignore_merges and word in self.vocab:
             out = [self.vocab[word]]
+        elif len(word) > _HEAP_MIN_LEN:
+            out = [self.vocab[p] for p in self._bpe_heap(word) if p in self.vocab]
         else:
             parts = list(word)
             ranks = self.ranks
@@ -246,6 +251,44 @@ class ByteLevelBPETokenizer(BaseTokenizer):
             self._cache.clear()
         self._cache[word] = out
         return out
+
+    def _bpe_heap(self, word: str) -> list[str]:
+        """BPE for long pre-tokens in O(n log n): a heap of candidate pairs ordered by (rank, position), symbols in
+        a linked list, stale heap entries skipped by version numbers (the same merge order as the simple loop)."""
+        ranks = self.ranks
+        sym = list(word)
+        n = len(sym)
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        ver = [0] * n
+        heap: list[tuple[int, int, int, int, int]] = []
+        for i in range(n - 1):
+            r = ranks.get((sym[i], sym[i + 1]))
+            if r is not None:
+                heap.append((r, i, i + 1, 0, 0))
+        heapq.heapify(heap)
+        while heap:
+            _, i, j, vi, vj = heapq.heappop(heap)
+            if ver[i] != vi or ver[j] != vj or nxt[i] != j or not sym[i] or not sym[j]:
+                continue
+            sym[i] = sym[i] + sym[j]
+            sym[j] = ""
+            ver[i] += 1
+            ver[j] += 1
+            k = nxt[j]
+            nxt[i] = k
+            if k < n:
+                prv[k] = i
+            h = prv[i]
+            if h >= 0:
+                r = ranks.get((sym[h], sym[i]))
+                if r is not None:
+                    heapq.heappush(heap, (r, h, i, ver[h], ver[i]))
+            if k < n:
+                r = ranks.get((sym[i], sym[k]))
+                if r is not None:
+                    heapq.heappush(heap, (r, i, k, ver[i], ver[k]))
+        return [x for x in sym if x]
 
     def _prepare(self, text: str, at_start: bool) -> str:
         if self.normalizer is not None:
