@@ -182,3 +182,20 @@ def test_bf16_load(tmp_path):
         out16 = m16(tokens)
         assert out16.dtype == torch.bfloat16
         torch.testing.assert_close(out16.float(), m32(tokens), atol=3e-2, rtol=3e-2)
+
+
+def test_init_weights_after_meta_build_with_lora():
+    from kdtune.models.llama import FAMILY
+    from kdtune.models.modules.lora import LoRALinear
+
+    cfg = _tiny("llama").hf_config
+    with torch.device("meta"):
+        model = FAMILY.build(cfg, lora_attn_modules=["q_proj", "v_proj"], lora_rank=4)
+    model.to_empty(device="cpu")
+    model.init_weights(std=0.02)
+    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(loras) == 4
+    for m in loras:
+        assert torch.count_nonzero(m.lora_b.weight) == 0 and m.lora_a.weight.abs().sum() > 0
+        assert 0.01 < m.weight.std() < 0.03
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -139,9 +139,25 @@ class TransformerDecoder(nn.Module):
     # ----------------------------------------------------------------------------------------------- init
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """HF-style random init: linear/embedding weights ~ N(0, std), biases 0, norm scales 1 (shifts 0)."""
+        """HF-style random init: linear/embedding weights ~ N(0, std), biases 0, norm scales to identity.
+
+        LoRA layers keep their adapter init (``lora_a`` Kaiming-uniform, ``lora_b`` zeros) and get their frozen base
+        weight drawn like a linear layer (NF4-quantised bases are left as they are). Works after ``to_empty``.
+        """
+        from kdtune.models.modules.lora import LoRALinear, is_nf4
+
+        lora_children: set[int] = set()
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, LoRALinear):
+                if not is_nf4(module.weight):
+                    nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+                module.reset_lora_parameters()
+                lora_children.update(id(m) for m in module.modules() if m is not module)
+            elif id(module) in lora_children:
+                continue
+            elif isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
