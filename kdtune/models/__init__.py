@@ -1,6 +1,26 @@
 """Models: shared modules, one package per family, and HF checkpoint loading.
 
-Importing this package registers every family (llama, qwen2, qwen3, gpt2, phi3, gemma).
+Importing this package registers every family. Each family package owns its size table (the public ``config.json``
+values of each released model), its builders and its HF name/layout conversion (a ``ModelFamily``):
+
+| family package | HF architectures | named builders (each also as ``lora_<name>``) |
+|---|---|---|
+| ``llama`` | LlamaForCausalLM, MistralForCausalLM | llama3_2_1b/3b, llama3_1_8b/70b, llama3_8b/70b, llama2_7b/13b/70b, tinyllama_1_1b, mistral_7b |
+| ``qwen2`` | Qwen2ForCausalLM | qwen2_0_5b/1_5b/7b, qwen2_5_0_5b/1_5b/3b/7b/14b |
+| ``qwen3`` | Qwen3ForCausalLM | qwen3_0_6b/1_7b/4b/8b/14b |
+| ``gpt2`` | GPT2LMHeadModel | gpt2_small/medium/large/xl, dialogpt_small/medium/large |
+| ``phi3`` | Phi3ForCausalLM | phi3_mini, phi3_medium (4k context; longrope not supported) |
+| ``gemma`` | GemmaForCausalLM | gemma_2b, gemma_7b (Gemma 1 only) |
+
+Builders are also reachable by model line: ``kdtune.models.{llama3_2, llama3_1, llama3, llama2, tinyllama, mistral,
+qwen2, qwen2_5, qwen3, gpt2}.<name>``. Generic builders for any dimensions: ``llama.llama``, ``qwen2.qwen2``,
+``qwen3.qwen3``, ``gpt2.gpt2``. Any supported checkpoint directory works without a named builder:
+``load_hf_model(dir, dtype, device)`` (architecture + weights) or ``hf_model(dir, **lora_kwargs)`` (architecture only).
+
+Every model is a ``TransformerDecoder`` carrying ``hf_family`` and ``hf_config``. It holds no non-persistent buffers
+(RoPE is computed from positions on the fly), so it can be built under ``torch.device("meta")``, materialised with
+``to_empty`` and filled from a checkpoint (or ``init_weights()``). KV caches exist only after ``setup_caches``;
+``kdtune.models.generation.generate`` drives them for batched, left-padded prompts.
 """
 
 from kdtune.models import gemma, gpt2, llama, phi3, qwen2, qwen3  # noqa: F401  (each registers its family)
