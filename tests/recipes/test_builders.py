@@ -1,0 +1,121 @@
+"""Unit tests of the recipe builders: resumable data order, step arithmetic, validation split, helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from kdtune.errors import ConfigError
+from kdtune.training.builders import DataPosition, ResumableSampler, build_train_data, count_valid_tokens, due
+
+
+class _Toy(Dataset):
+    """Item i: tokens [i, i+1, i+2], the first label masked."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return {"tokens": [i, i + 1, i + 2], "labels": [-100, i + 1, i + 2]}
+
+
+def test_sampler_order_depends_only_on_seed_and_epoch() -> None:
+    a = ResumableSampler(20, shuffle=True, seed=3)
+    b = ResumableSampler(20, shuffle=True, seed=3)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert a.epoch_indices(0) == b.epoch_indices(0)
+    assert a.epoch_indices(0) != a.epoch_indices(1)
+    assert sorted(a.epoch_indices(1)) == list(range(20))
+    a.set_epoch(1, start=7)
+    assert list(a) == a.epoch_indices(1)[7:] and len(a) == 13
+    assert list(ResumableSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+def test_sampler_ranks_partition_the_epoch() -> None:
+    full = ResumableSampler(10, seed=1).epoch_indices(2)
+    parts = [ResumableSampler(10, seed=1, rank=r, world_size=3).epoch_indices(2) for r in range(3)]
+    assert all(len(p) == 3 for p in parts)  # 10 // 3, the tail is dropped
+    assert sorted(sum(parts, [])) == sorted(full[:9])
+    with pytest.raises(ValueError):
+        ResumableSampler(10, rank=3, world_size=3)
+
+
+def _data(n: int = 22, **kw):
+    args = {"pad_id": 0, "batch_size": 2, "gradient_accumulation_steps": 2, "epochs": 2, "shuffle": True, "seed": 0}
+    return build_train_data(_Toy(n), None, **{**args, **kw})
+
+
+def test_step_arithmetic_and_epochs() -> None:
+    data = _data()  # 22 items -> 11 micro-batches -> 5 steps per epoch
+    assert (data.steps_per_epoch, data.total_steps) == (5, 10)
+    seen = [(pos.epoch, pos.step_in_epoch, pos.global_step, len(mb)) for pos, mb in data.steps()]
+    assert [s[2] for s in seen] == list(range(1, 11))
+    assert [s[0] for s in seen] == [0] * 5 + [1] * 5
+    assert all(s[3] == 2 for s in seen)
+    assert data.position == DataPosition(2, 0, 10)
+    assert _data(max_steps_per_epoch=3).total_steps == 6
+    assert _data(max_steps=7).total_steps == 7
+    assert _data(max_steps_per_epoch=3, max_steps=4).total_steps == 4
+
+
+def test_steps_resume_mid_epoch_sees_the_same_batches() -> None:
+    straight = [[b["tokens"].tolist() for b in mb] for _, mb in _data().steps()]
+    resumed = _data()
+    resumed.position = DataPosition(epoch=0, step_in_epoch=3, global_step=3)
+    rest = [[b["tokens"].tolist() for b in mb] for _, mb in resumed.steps()]
+    assert rest == straight[3:]
+
+
+def test_each_epoch_is_a_new_permutation_of_all_examples() -> None:
+    data = _data(n=8, batch_size=1, gradient_accumulation_steps=1)
+    firsts = {}
+    for pos, (batch,) in data.steps():
+        firsts.setdefault(pos.epoch, []).append(int(batch["tokens"][0, 0]))
+    assert sorted(firsts[0]) == sorted(firsts[1]) == list(range(8))
+    assert firsts[0] != firsts[1]
+
+
+def test_too_little_data_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="fewer than one optimizer step"):
+        _data(n=3)
+    with pytest.raises(ConfigError, match="batch_size"):
+        _data(batch_size=0)
+
+
+def test_count_valid_tokens_and_due() -> None:
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, 8]])
+    assert count_valid_tokens([{"labels": labels}]) == 4  # shifted: positions 1.. of each row
+    assert due(4, 2) and not due(3, 2) and not due(3, None) and not due(3, 0)
+
+
+def test_val_split_is_disjoint_and_seeded(tmp_path) -> None:
+    import json
+
+    from omegaconf import OmegaConf
+
+    from kdtune.data import load_hf_tokenizer
+    from kdtune.testing.tokenizers import write_bpe_tokenizer
+    from kdtune.training.builders import build_datasets
+
+    tok = load_hf_tokenizer(write_bpe_tokenizer(tmp_path / "tok", vocab_size=300))
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(40)
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = OmegaConf.create(
+        {"_component_": "kdtune.data.sft_dataset", "source": "json", "data_files": str(tmp_path / "d.jsonl")}
+    )
+    train, val = build_datasets(cfg, tok, val_split_ratio=0.25, seed=5)
+    train2, val2 = build_datasets(cfg, tok, val_split_ratio=0.25, seed=5)
+    key = lambda ds: sorted(tuple(ds[i]["tokens"]) for i in range(len(ds)))  # noqa: E731
+    assert len(val) == 10 and len(train) == 30
+    assert not set(key(train)) & set(key(val))
+    assert key(val) == key(val2) and key(train) == key(train2)
+    assert build_datasets(cfg, tok)[1] is None
+    with pytest.raises(ConfigError, match="val_split_ratio"):
+        build_datasets(cfg, tok, val_split_ratio=1.5)
