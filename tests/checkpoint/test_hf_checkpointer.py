@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 # (family, tie_word_embeddings): every family kdtune has registered so far, tied and untied where the family is.
 _CASES = [("llama", False), ("llama", True), ("mistral", False), ("qwen2", True), ("qwen2", False), ("qwen3", False)]
-_CASES += [("gpt2", True)]
+_CASES += [("phi3", False), ("gemma", True), ("gpt2", True)]
 CASES = [
     pytest.param(f, t, id=f"{f}-{'tied' if t else 'untied'}")
     for f, t in _CASES

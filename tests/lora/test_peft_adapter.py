@@ -39,6 +39,9 @@ _CASES = [
     ("llama", True, {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"]}),
     ("qwen2", True, {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True}),
     ("qwen3", False, {"lora_attn_modules": ["q_proj", "output_proj"], "apply_lora_to_mlp": True}),
+    # Phi-3 fuses q/k/v (qkv_proj) and gate/up (gate_up_proj) in nn.Linear layers
+    ("phi3", False, {"lora_attn_modules": ["q_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True}),
+    ("gemma", True, {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True}),
     # GPT-2 fuses q/k/v in one Conv1D c_attn: separate q/v adapters are written as one exact PEFT pair
     ("gpt2", True, {"lora_attn_modules": ["q_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True}),
 ]
@@ -75,7 +78,9 @@ def test_adapter_and_merged_load_in_peft_and_transformers(tmp_path: Path, family
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["bias"] == "none"
     assert cfg["fan_in_fan_out"] == (family == "gpt2")  # GPT-2 Conv1D weights are stored [in, out]
-    assert cfg["r"] == 4 and cfg["lora_alpha"] == 16 and cfg["base_model_name_or_path"] == "org/tiny-base"
+    # rank 4 / alpha 16 (fused HF modules get rank 4 x members with the same alpha / r scale)
+    assert cfg["r"] in (4, 8, 12) and cfg["lora_alpha"] / cfg["r"] == 16 / 4
+    assert cfg["base_model_name_or_path"] == "org/tiny-base"
     keys = load_file(str(adapter_dir / "adapter_model.safetensors"))
     n_lora = sum(isinstance(m, LoRALinear) for m in model.modules())
     fam = family_for_model(model)
