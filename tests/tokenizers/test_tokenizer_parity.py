@@ -189,3 +189,33 @@ def test_special_ids_and_config(tok_dirs):
     ).encode("Hi there")
     tok = load_hf_tokenizer(tok_dirs["llama3"], max_seq_len=7)
     assert tok.max_seq_len == 7
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2", "gpt2", "llama2"])
+def test_tokenizers_pickle(tok_dirs, kind):
+    """DataLoader workers started with spawn pickle the dataset and its tokenizer."""
+    import pickle
+
+    tok = load_hf_tokenizer(tok_dirs[kind])
+    clone = pickle.loads(pickle.dumps(tok))
+    text = "Hello <|im_end|> world </s> <|eot_id|> café"
+    assert clone.encode(text) == tok.encode(text)
+    assert clone.decode(tok.encode(text)) == tok.decode(tok.encode(text))
+
+
+def test_gpt2_minimal_config_ids_from_generation_config(tmp_path, tok_dirs):
+    """openai-community/gpt2 ships tokenizer_config.json = {"model_max_length": 1024} and no special_tokens_map: EOS
+    comes from generation_config.json, and there is no BOS to add."""
+    import json
+    import shutil
+
+    d = tmp_path / "gpt2_min"
+    shutil.copytree(tok_dirs["gpt2"], d)
+    (d / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 1024}))
+    (d / "special_tokens_map.json").unlink()
+    tok = load_hf_tokenizer(d)
+    eot = tok.token_to_id("<|endoftext|>")
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, eot, eot)
+    assert tok.chat_template is None and tok.chat_format.name == "plain"
+    ref = _hf(d)
+    assert tok.encode("Hi there", add_eos=False) == ref.encode("Hi there")

@@ -50,29 +50,35 @@ def unicode_to_bytes() -> dict[str, int]:
     return {c: b for b, c in bytes_to_unicode().items()}
 
 
-def _make_normalizer(spec: dict[str, Any] | None, where: str) -> Callable[[str], str] | None:
+class _Normalizer:
+    """A picklable chain of unicode normalisation steps (``NFC``/``NFD``/``NFKC``/``NFKD``/``Lowercase``)."""
+
+    def __init__(self, steps: list[str]) -> None:
+        self.steps = steps
+
+    def __call__(self, text: str) -> str:
+        for step in self.steps:
+            text = text.lower() if step == "Lowercase" else unicodedata.normalize(step, text)
+        return text
+
+
+def _normalizer_steps(spec: dict[str, Any] | None, where: str) -> list[str]:
     if not spec:
-        return None
+        return []
     kind = spec.get("type")
-    if kind in ("NFC", "NFD", "NFKC", "NFKD"):
-        return lambda s, form=kind: unicodedata.normalize(form, s)
-    if kind == "Lowercase":
-        return str.lower
+    if kind in ("NFC", "NFD", "NFKC", "NFKD", "Lowercase"):
+        return [kind]
     if kind == "Sequence":
-        fns = [f for f in (_make_normalizer(n, where) for n in spec.get("normalizers", [])) if f is not None]
-        if not fns:
-            return None
-
-        def seq(s: str) -> str:
-            for f in fns:
-                s = f(s)
-            return s
-
-        return seq
+        return [step for n in spec.get("normalizers", []) for step in _normalizer_steps(n, where)]
     raise DataError(
         f"{where}: normalizer type {kind!r} is not supported for byte-level BPE (supported: NFC/NFD/NFKC/NFKD, "
         "Lowercase, Sequence); please report this tokenizer."
     )
+
+
+def _make_normalizer(spec: dict[str, Any] | None, where: str) -> Callable[[str], str] | None:
+    steps = _normalizer_steps(spec, where)
+    return _Normalizer(steps) if steps else None
 
 
 class _PreTokenizer:
