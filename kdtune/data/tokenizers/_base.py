@@ -115,7 +115,6 @@ class BaseTokenizer:
         self.template_kwargs = dict(template_kwargs or {})
         self.stop_ids = sorted({eos_id, *stop_ids})
         self.name_or_path = name_or_path
-        self._renderer: Any = None
         self._lead_counts: dict[int, int] = {}
         if self.special_tokens:
             alternatives = sorted(self.special_tokens, key=len, reverse=True)

@@ -10,7 +10,6 @@ from typing import Any
 from kdtune.data.chat_formats import ChatFormat, get_chat_format
 from kdtune.data.tokenizers._base import BaseTokenizer
 from kdtune.data.tokenizers.bpe import (
-    GPT2_PATTERN,
     QWEN2_PATTERN,
     ByteLevelBPETokenizer,
     _make_normalizer,
@@ -151,11 +150,16 @@ def load_hf_tokenizer(
             read_tiktoken_ranks,
         )
 
-        n_base = max(read_tiktoken_ranks(tiktoken_file).values()) + 1
+        ranks = read_tiktoken_ranks(tiktoken_file)
+        n_base = max(ranks.values()) + 1
         specials = llama3_special_tokens(n_base)
         specials.update({c: i for c, i in added.items() if i >= n_base})
         tok = TikTokenLlama3Tokenizer(
-            tiktoken_file, special_tokens=specials, **_ids(specials, names, cfg, gen, tj, "tiktoken"), **common
+            tiktoken_file,
+            special_tokens=specials,
+            ranks=ranks,
+            **_ids(specials, names, cfg, gen, tj, "tiktoken"),
+            **common,
         )
         tok.name_or_path = str(d)
     elif tj_bytelevel:
@@ -170,7 +174,7 @@ def load_hf_tokenizer(
             added_tokens=added,
             legacy=True if legacy is None else bool(legacy),
             skip_ids=None,
-            **_ids(added, names, cfg, gen, tj, "sentencepiece", spm_path=spm_file),
+            **_ids(added, names, cfg, gen, tj, "sentencepiece"),
             **common,
         )
         tok._skip_ids |= special_ids
@@ -195,7 +199,6 @@ def load_hf_tokenizer(
                 {"type": "ByteLevel", "add_prefix_space": bool(cfg.get("add_prefix_space", False)), "use_regex": True},
                 str(d),
             )
-            assert GPT2_PATTERN  # the ByteLevel step above uses the GPT-2 pattern
             norm = None
         tok = _make_bpe(d, vocab, merges, pre, norm, False, added, special_ids, names, cfg, gen, tj, common)
     else:
@@ -222,7 +225,6 @@ def _ids(
     gen: dict[str, Any],
     tj: dict[str, Any],
     kind: str,
-    spm_path: Path | None = None,
 ) -> dict[str, Any]:
     """bos/eos/pad/stop ids as constructor keyword arguments (only the ones the files determine)."""
     out: dict[str, Any] = {}

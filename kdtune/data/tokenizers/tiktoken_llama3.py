@@ -67,15 +67,22 @@ class TikTokenLlama3Tokenizer(BaseTokenizer):
         path: the rank file (``original/tokenizer.model``).
         special_tokens: override the special-token table (e.g. read from ``tokenizer_config.json``); default: the
             standard 256 Llama 3 specials after the base vocabulary.
+        ranks: the already-read rank table (default: read ``path``).
         **kwargs: :class:`BaseTokenizer` options (ids default to Llama 3's: bos ``<|begin_of_text|>``,
             eos ``<|eot_id|>`` for chat, pad ``<|finetune_right_pad_id|>``).
     """
 
     kind = "tiktoken"
 
-    def __init__(self, path: str | Path, special_tokens: dict[str, int] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        special_tokens: dict[str, int] | None = None,
+        ranks: dict[bytes, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
         path = Path(path)
-        ranks = read_tiktoken_ranks(path)
+        ranks = ranks if ranks is not None else read_tiktoken_ranks(path)
         self.num_base_tokens = max(ranks.values()) + 1
         specials = special_tokens or llama3_special_tokens(self.num_base_tokens)
         self._enc = tiktoken.Encoding(
