@@ -16,10 +16,12 @@ fi
 # 2. kdtune as an editable install of THIS checkout, with the dev extras (pytest, xdist, ruff, reference libraries).
 #    Checked from another directory so the current directory on sys.path cannot fake it.
 if ! (cd / && "$PY" - "$ROOT" >/dev/null 2>&1 <<'PYEOF'
-import os, sys
-import kdtune, pytest, xdist, transformers, tokenizers, peft  # noqa: F401
-root = os.path.realpath(sys.argv[1])
-assert os.path.realpath(os.path.dirname(kdtune.__file__)) == os.path.join(root, "kdtune")
+import importlib.util, os, sys
+# find_spec locates without importing (importing transformers/peft would cost seconds on every run)
+missing = [m for m in ("torch", "pytest", "xdist", "ruff", "transformers", "tokenizers", "peft", "matplotlib") if importlib.util.find_spec(m) is None]
+spec = importlib.util.find_spec("kdtune")
+here = os.path.join(os.path.realpath(sys.argv[1]), "kdtune", "__init__.py")
+sys.exit(1 if missing or spec is None or os.path.realpath(spec.origin or "") != here else 0)
 PYEOF
 ); then
     echo "scripts/test.sh: installing kdtune (editable) with the dev extras" >&2
