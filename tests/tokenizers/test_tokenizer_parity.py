@@ -219,3 +219,18 @@ def test_gpt2_minimal_config_ids_from_generation_config(tmp_path, tok_dirs):
     assert tok.chat_template is None and tok.chat_format.name == "plain"
     ref = _hf(d)
     assert tok.encode("Hi there", add_eos=False) == ref.encode("Hi there")
+
+
+def test_torchtune_style_entry_points(tok_dirs):
+    from kdtune.data.tokenizers import llama2_tokenizer, llama3_tokenizer, qwen2_tokenizer
+
+    tok = llama3_tokenizer(tok_dirs["llama3"] / "original" / "tokenizer.model", max_seq_len=64)
+    assert tok.kind == "tiktoken" and tok.max_seq_len == 64
+    assert tok.encode("hi") == load_hf_tokenizer(tok_dirs["llama3"]).encode("hi")
+    q = qwen2_tokenizer(tok_dirs["qwen2"] / "vocab.json", merges_file=tok_dirs["qwen2"] / "merges.txt")
+    assert q.kind == "bpe" and q.eos_id == q.token_to_id("<|im_end|>")
+    assert llama2_tokenizer(tok_dirs["llama2"] / "tokenizer.model").kind == "sentencepiece"
+    from kdtune.errors import DataError
+
+    with pytest.raises(DataError, match="llama2_tokenizer expects a sentencepiece tokenizer but found bpe"):
+        llama2_tokenizer(tok_dirs["qwen2"])

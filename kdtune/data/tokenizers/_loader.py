@@ -334,3 +334,62 @@ def _set_chat(tok: BaseTokenizer, d: Path, cfg: dict[str, Any], chat_template: s
         fmt.check(tok)
         tok.chat_template = None
         tok.chat_format = fmt
+
+
+def _dir_of(path: str | Path) -> Path:
+    """The checkpoint directory of a tokenizer file path (``.../original/tokenizer.model`` -> ``...``) or a dir."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if not p.exists():
+        raise DataError(f"tokenizer path {str(p)!r} does not exist; pass the model directory or its tokenizer file.")
+    d = p.parent
+    return d.parent if d.name == "original" else d
+
+
+def _family_tokenizer(
+    family: str, kinds: tuple[str, ...], path: str | Path, max_seq_len: int | None, chat_template: str
+) -> BaseTokenizer:
+    tok = load_hf_tokenizer(_dir_of(path), max_seq_len=max_seq_len, chat_template=chat_template)
+    if tok.kind not in kinds:
+        raise DataError(
+            f"{path}: {family}_tokenizer expects a {' or '.join(kinds)} tokenizer but found {tok.kind}; use "
+            "kdtune.data.load_hf_tokenizer(checkpoint_dir), which picks the right kind itself."
+        )
+    return tok
+
+
+def llama3_tokenizer(path: str | Path, max_seq_len: int | None = None, chat_template: str = "auto") -> BaseTokenizer:
+    """torchtune-style entry point: the Llama 3.x tokenizer from ``original/tokenizer.model`` (or the model dir).
+
+    Same result as ``load_hf_tokenizer(<model dir>)``; kept so torchtune configs port by renaming the component.
+    """
+    return _family_tokenizer("llama3", ("tiktoken", "bpe"), path, max_seq_len, chat_template)
+
+
+def llama2_tokenizer(path: str | Path, max_seq_len: int | None = None, chat_template: str = "auto") -> BaseTokenizer:
+    """torchtune-style entry point: a sentencepiece tokenizer (Llama 2, TinyLlama, Mistral) from ``tokenizer.model``."""
+    return _family_tokenizer("llama2", ("sentencepiece",), path, max_seq_len, chat_template)
+
+
+def qwen2_tokenizer(
+    path: str | Path,
+    merges_file: str | Path | None = None,
+    max_seq_len: int | None = None,
+    chat_template: str = "auto",
+) -> BaseTokenizer:
+    """torchtune-style entry point: the Qwen2/2.5/3 byte-level BPE tokenizer from ``vocab.json`` (+ ``merges_file``,
+    which must sit in the same directory) or the model directory."""
+    if merges_file is not None and Path(merges_file).expanduser().parent != _dir_of(path):
+        raise DataError(f"merges_file {str(merges_file)!r} must be in the same directory as {str(path)!r}.")
+    return _family_tokenizer("qwen2", ("bpe",), path, max_seq_len, chat_template)
+
+
+def gpt2_tokenizer(path: str | Path, max_seq_len: int | None = None, chat_template: str = "auto") -> BaseTokenizer:
+    """The GPT-2 / DialoGPT byte-level BPE tokenizer from ``vocab.json``/``tokenizer.json`` or the model directory."""
+    return _family_tokenizer("gpt2", ("bpe",), path, max_seq_len, chat_template)
+
+
+mistral_tokenizer = llama2_tokenizer
+qwen2_5_tokenizer = qwen2_tokenizer
+qwen3_tokenizer = qwen2_tokenizer
