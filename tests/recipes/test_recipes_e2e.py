@@ -158,9 +158,10 @@ def test_grad_accumulation_equivalence(tiny_cfg, recipe, tmp_path: Path) -> None
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("student", ["lora", "full"])
-def test_resume_equals_straight_run(tiny_cfg, recipe, tmp_path: Path, student: str) -> None:
-    """Train 6 steps over 2 epochs straight; resume from the step-2 checkpoint: steps 3..6 identical."""
+@pytest.mark.parametrize("student, resume_step", [("lora", 3), ("full", 2)])
+def test_resume_equals_straight_run(tiny_cfg, recipe, tmp_path: Path, student: str, resume_step: int) -> None:
+    """Train 6 steps over 2 epochs straight; resume from the checkpoint of step 3 (an epoch end) or step 2 (mid-epoch):
+    every later step's losses and the final weights are identical."""
     kd = recipe("knowledge_distillation_single_device")
     extra = LORA_STUDENT if student == "lora" else []
     common = [*extra, "epochs=2", "max_steps_per_epoch=3", "max_steps=null", "save_every_n_steps=2",
@@ -169,19 +170,20 @@ def test_resume_equals_straight_run(tiny_cfg, recipe, tmp_path: Path, student: s
     straight = kd.train(tiny_cfg("kd", out, *common))
     assert [s["step"] for s in straight.steps] == [1, 2, 3, 4, 5, 6]
     assert [s["epoch"] for s in straight.steps] == [0, 0, 0, 1, 1, 1]
-    # keep only the step-2 checkpoint and pretend the run died there
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_0000000{i}" for i in (2, 3, 4, 6)]
+    # keep only one checkpoint and pretend the run died there
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(out, resumed_dir)
     for d in (resumed_dir / "checkpoints").iterdir():
-        if d.name != "step_00000002":
+        if d.name != f"step_{resume_step:08d}":
             shutil.rmtree(d)
     shutil.rmtree(resumed_dir / "final")
     if student == "lora":
         shutil.rmtree(resumed_dir / "final_adapter")
     resumed = kd.train(tiny_cfg("kd", resumed_dir, *common, "resume_from_checkpoint=true"))
-    assert [s["step"] for s in resumed.steps] == [3, 4, 5, 6]
-    for key in ("loss", "class_loss", "kd_loss", "lr", "num_tokens"):
-        assert [s[key] for s in resumed.steps] == [s[key] for s in straight.steps[2:]], key
+    assert [s["step"] for s in resumed.steps] == list(range(resume_step + 1, 7))
+    for key in ("loss", "class_loss", "kd_loss", "lr", "num_tokens", "epoch"):
+        assert [s[key] for s in resumed.steps] == [s[key] for s in straight.steps[resume_step:]], key
     name = "final_adapter/adapter_model.safetensors" if student == "lora" else "final/model.safetensors"
     wa, wb = load_file(out / name), load_file(resumed_dir / name)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
