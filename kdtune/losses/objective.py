@@ -57,13 +57,14 @@ def distillation_objective(
     Args:
         student_hidden: ``[B, T, D]`` final (normed) hidden states of the student (``return_hidden=True``).
         teacher_hidden: ``[B, T, Dt]`` teacher hidden states (computed under ``no_grad``), or None when no KD term is
-            wanted (then ``kd_loss_sum`` is 0; this also serves plain fine-tuning).
+            wanted (then the teacher is not evaluated and ``kd_loss_sum`` is 0; this also serves plain fine-tuning).
         student: module with ``output_logits(hidden [..., D]) -> [..., V_s]``.
         teacher: module with ``output_logits(hidden [..., Dt]) -> [..., V_t]``; None when ``teacher_hidden`` is None.
         labels: ``[B, T]`` aligned with the tokens (not shifted); the objective compares position t with label t + 1.
         kd_loss: a :class:`~kdtune.losses.KDLoss` (its temperature / T² / ignore_index are used; its own chunking is
             not: this function chunks). None when there is no teacher.
-        kd_ratio: mixing weight; with ``kd_ratio == 0`` the teacher is not evaluated (``kd_loss_sum`` = 0).
+        kd_ratio: mixing weight. With ``kd_ratio == 0`` the KD sum is still computed for logging (so ablations over
+            ``kd_ratio`` log comparable ``kd_loss`` curves) but carries no gradient.
         num_output_chunks: number of chunks the valid positions are split into.
         ignore_index: label value to skip; defaults to ``kd_loss.ignore_index`` or -100.
         checkpoint_chunks: recompute each chunk's logits in backward instead of keeping them (on by default).
@@ -76,7 +77,8 @@ def distillation_objective(
         ignore_index = kd_loss.ignore_index if kd_loss is not None else -100
     if num_output_chunks < 1:
         raise ValueError(f"num_output_chunks must be >= 1, got {num_output_chunks}")
-    use_teacher = teacher_hidden is not None and kd_ratio != 0.0
+    use_teacher = teacher_hidden is not None
+    kd_grad = kd_ratio != 0.0
     if use_teacher and (teacher is None or kd_loss is None):
         raise ValueError("teacher_hidden was given but teacher or kd_loss is None")
 
@@ -101,7 +103,8 @@ def distillation_objective(
         with torch.no_grad():
             t_logits = upcast(teacher.output_logits(ht))  # [n_i, V_t] fp32
         vocab = min(s_logits.shape[-1], t_logits.shape[-1])
-        kd = kd_loss.loss_sum(s_logits[..., :vocab], t_logits[..., :vocab])
+        s_kd = s_logits[..., :vocab] if kd_grad else s_logits[..., :vocab].detach()
+        kd = kd_loss.loss_sum(s_kd, t_logits[..., :vocab])
         return ce, kd
 
     recompute = checkpoint_chunks and torch.is_grad_enabled() and h_s.requires_grad

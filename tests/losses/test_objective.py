@@ -143,15 +143,28 @@ def test_all_masked_batch_is_zero_and_backward_works():
 
 class _Exploding(torch.nn.Module):
     def output_logits(self, hidden):
-        raise AssertionError("the teacher must not be evaluated when kd_ratio == 0")
+        raise AssertionError("the teacher must not be evaluated without teacher hidden states")
 
 
-def test_kd_ratio_zero_skips_teacher_and_ce_objective():
+def test_kd_ratio_zero_logs_kd_without_gradient():
+    V = 64
+    student, teacher = _model(V), _model(V, dim=48, seed=1).requires_grad_(False).eval()
+    tokens, labels = _batch(V)
+    th = teacher(tokens, return_hidden=True)
+    h = student(tokens, return_hidden=True)
+    at0 = L.distillation_objective(h, th, student, teacher, labels, L.ForwardKLLoss(), 0.0, 4)
+    at5 = L.distillation_objective(h, th, student, teacher, labels, L.ForwardKLLoss(), 0.5, 4)
+    torch.testing.assert_close(at0.kd_loss_sum, at5.kd_loss_sum)  # logged value is the same KD
+    grads = torch.autograd.grad(at0.kd_loss_sum, list(student.parameters()), allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in grads)  # ... but it trains nothing
+
+
+def test_no_teacher_hidden_skips_teacher_and_ce_objective():
     V = 64
     student = _model(V)
     tokens, labels = _batch(V)
     h = student(tokens, return_hidden=True)
-    out = L.distillation_objective(h, h.detach(), student, _Exploding(), labels, L.ForwardKLLoss(), 0.0, 4)
+    out = L.distillation_objective(h, None, student, _Exploding(), labels, L.ForwardKLLoss(), 0.5, 4)
     assert out.kd_loss_sum.item() == 0.0
     ce, _ = _direct(student, None, tokens, labels, None, V)
     torch.testing.assert_close(out.class_loss_sum, ce, rtol=1e-5, atol=1e-5)
