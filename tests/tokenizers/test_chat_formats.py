@@ -289,6 +289,12 @@ def test_loader_errors(tmp_path, tok_dirs):
     (tmp_path / "badjson" / "tokenizer_config.json").write_text("{oops")
     with pytest.raises(DataError, match="invalid JSON"):
         load_hf_tokenizer(tmp_path / "badjson")
+    import shutil
+
+    spm_json_only = tmp_path / "spm_json_only"
+    shutil.copytree(tok_dirs["llama2"], spm_json_only, ignore=shutil.ignore_patterns("tokenizer.model"))
+    with pytest.raises(DataError, match="not byte-level BPE .*Metaspace.*put the model's tokenizer.model next to it"):
+        load_hf_tokenizer(spm_json_only)
     tok = load_hf_tokenizer(tok_dirs["gpt2"])
     with pytest.raises(DataError, match="outside the vocabulary"):
         tok.decode([10**6])

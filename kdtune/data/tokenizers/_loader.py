@@ -201,6 +201,12 @@ def load_hf_tokenizer(
             )
             norm = None
         tok = _make_bpe(d, vocab, merges, pre, norm, False, added, special_ids, names, cfg, gen, tj, common)
+    elif tj:
+        raise DataError(
+            f"{tj_path}: this tokenizer.json is not byte-level BPE (pre_tokenizer "
+            f"{(tj.get('pre_tokenizer') or {}).get('type')!r}); kdtune reads sentencepiece-style tokenizers from "
+            "tokenizer.model, so put the model's tokenizer.model next to it."
+        )
     else:
         present = sorted(p.name for p in d.iterdir())[:20]
         raise DataError(
