@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from kdtune.errors import ConfigError
 from kdtune.models._family import ModelFamily
 
 LORA_ARG_NAMES = (
@@ -31,7 +32,9 @@ def apply_lora_if_requested(model: nn.Module, lora_kwargs: dict[str, Any]) -> nn
         return model
     unknown = sorted(set(lora_kwargs) - set(LORA_ARG_NAMES))
     if unknown:
-        raise TypeError(f"unknown LoRA option(s) {unknown}; expected some of {list(LORA_ARG_NAMES)}")
+        raise ConfigError(
+            f"model: unknown LoRA option(s) {unknown}; use some of {list(LORA_ARG_NAMES)} (check the spelling)."
+        )
     from kdtune.models.modules.lora import apply_lora  # owned by the LoRA module; imported only when used
 
     hf_family, hf_config = getattr(model, "hf_family", ""), getattr(model, "hf_config", {})

@@ -141,3 +141,10 @@ def test_gpt2_learned_positions_bound():
     model(torch.zeros(1, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="beyond the model's 6 learned positions"):
         model(torch.zeros(1, 7, dtype=torch.long))
+
+
+def test_hf_model_rejects_misspelt_lora_option(tmp_path):
+    from kdtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lora_rnak"):
+        hf_model(_tiny(tmp_path), lora_attn_modules=["q_proj"], lora_rnak=4)
