@@ -105,7 +105,8 @@ class Llama3Format(ChatFormat):
         if tok.bos_id is not None:
             out.append(([tok.bos_id], 0))
         for k, m in enumerate(messages):
-            header = f"<|start_header_id|>{m.role}<|end_header_id|>\n\n"
+            role = "ipython" if m.role == "tool" else m.role  # Llama 3.1 puts tool results under "ipython"
+            header = f"<|start_header_id|>{role}<|end_header_id|>\n\n"
             out.append((header, None if m.role == "assistant" else k))
             out.append((m.content.strip(), k))
             if _close_last(messages, k, add_eos):
