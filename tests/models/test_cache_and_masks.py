@@ -29,13 +29,21 @@ def _tiny(kind: str):
             head_dim=16,
             tie_word_embeddings=True,
         )
+    elif kind in ("phi3", "gemma"):
+        from kdtune.models._family import registered_families
+        from kdtune.testing import tiny_hf_config
+
+        extra = dict(partial_rotary_factor=0.5, sliding_window=7) if kind == "phi3" else {}
+        m = registered_families()[kind].build(
+            tiny_hf_config(kind, vocab_size=128, dim=32, heads=4, kv_heads=2, **extra)
+        )
     else:
         m = gpt2(vocab_size=128, num_layers=2, num_heads=4, embed_dim=32, max_seq_len=64)
     m.init_weights(std=0.1)
     return m.eval()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2", "phi3", "gemma"])
 def test_cached_decode_equals_full_forward(kind):
     model = _tiny(kind)
     tokens = torch.randint(0, 128, (2, 12))
