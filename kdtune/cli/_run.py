@@ -188,5 +188,11 @@ def run_command(argv: list[str]) -> int:
         )
     recipe_argv = ["--config", str(config_path), *overrides]
     if recipe.distributed or torchrun:
+        if not recipe.distributed:
+            print(
+                f"kdtune: warning: recipe '{recipe.name}' is single-device (RECIPE_DISTRIBUTED = False); each torchrun "
+                "process runs its own independent copy",
+                file=sys.stderr,
+            )
         return _launch_distributed(torchrun, recipe.path, recipe_argv)
     return run_recipe_file(recipe.path, recipe_argv)
