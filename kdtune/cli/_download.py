@@ -169,10 +169,15 @@ def download(
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear line
         raise _scrub(_translate(e, repo_id, revision, has_token), token) from None
     path = Path(path)
-    write_source(
-        path,
-        {"repo_id": repo_id, "repo_type": repo_type, "revision": revision or "main", "commit": commit},
-    )
+    info = {"repo_id": repo_id, "repo_type": repo_type, "revision": revision or "main", "commit": commit}
+    if commit is None:  # offline, served from the existing directory: keep the commit recorded when it was downloaded
+        try:
+            previous = json.loads((path / SOURCE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = {}
+        if isinstance(previous, dict) and all(previous.get(k) == info[k] for k in ("repo_id", "repo_type", "revision")):
+            info["commit"] = previous.get("commit")
+    write_source(path, info)
     return path
 
 
@@ -187,7 +192,8 @@ def download_command(args: argparse.Namespace) -> int:
         token=args.hf_token,
         repo_type=args.repo_type,
     )
-    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    files = [p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts]
+    files = [p for p in files if p.name != SOURCE_FILE]
     print(f"downloaded {args.repo_id} ({len(files)} files) to {path}")
     print(f"use it in a config with: checkpoint_dir: {path}")
     return 0

@@ -99,6 +99,10 @@ def test_download_success_patterns_and_tokens(fake_hub, tmp_path: Path) -> None:
     assert any(tok == GOOD_TOKEN for _, _, tok in fake_hub.requests)  # the token was sent to the Hub...
     for r in results:  # ...but never printed
         assert GOOD_TOKEN not in r["out"] + r["err"]
+    # offline (HF_HUB_OFFLINE=1): the existing directory is reused and the recorded commit kept
+    again = run_cases(fake_hub, tmp_path / "hf_home", [cases[0]], offline="1")
+    assert again[0]["code"] == 0, again
+    assert json.loads((a / "kdtune_source.json").read_text())["commit"] == SHA_MAIN
     for path in out.rglob("*"):  # ...nor written anywhere
         if path.is_file():
             assert GOOD_TOKEN.encode() not in path.read_bytes(), path
