@@ -168,8 +168,9 @@ def run_command(argv: list[str]) -> int:
 
     argv = list(argv)
     if argv and argv[0] in ("-h", "--help"):
-        opts = sorted(o for o in torchrun_options() if o.startswith("--") and "_" not in o)
-        print(RUN_USAGE.replace("{torchrun}", textwrap.fill(" ".join(opts), width=110, subsequent_indent="  ")))
+        opts = sorted(o for o in torchrun_options() if o.startswith("--") and "_" not in o and o not in _UNSUPPORTED)
+        listing = textwrap.fill(" ".join(opts), width=110, subsequent_indent="  ", break_on_hyphens=False)
+        print(RUN_USAGE.replace("{torchrun}", listing))
         return 0
     torchrun, recipe_name, rest = split_run_args(argv)
     recipe = find_recipe(recipe_name)

@@ -28,8 +28,8 @@ examples:
   kdtune ls
   kdtune cp llama3_2/kd ./my_kd.yaml
   kdtune validate ./my_kd.yaml
-  kdtune run kd_single_device --config ./my_kd.yaml kd_ratio=0.25 optimizer.lr=1e-4
-  kdtune run --nproc_per_node 4 kd_distributed --config llama3_2/kd_distributed
+  kdtune run knowledge_distillation_single_device --config ./my_kd.yaml kd_ratio=0.25 optimizer.lr=1e-4
+  kdtune run --nproc_per_node 4 knowledge_distillation_distributed --config llama3_2/kd_distributed
 
 Set KDTUNE_DEBUG=1 (or pass --debug) to see tracebacks of user errors."""
 
