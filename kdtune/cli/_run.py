@@ -36,7 +36,7 @@ options:
   --debug                  show tracebacks of user errors (same as KDTUNE_DEBUG=1)
   -h, --help               show this help
 
-torchrun options (see `python -m torch.distributed.run --help`):
+torchrun options (also spelt with underscores, e.g. --nproc_per_node; see `python -m torch.distributed.run --help`):
   {torchrun}
 """
 
