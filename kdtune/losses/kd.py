@@ -207,14 +207,26 @@ class JSDLoss(KDLoss):
     Args:
         beta: interpolation weight in [0, 1].
         normalize: divide by ``β (1 − β)`` so the family is continuous at β = 0 and β = 1.
-        **kwargs: see :class:`KDLoss`.
+        temperature, scale_by_temperature_squared, ignore_index, reduction, num_output_chunks: see :class:`KDLoss`.
     """
 
-    def __init__(self, beta: float = 0.5, normalize: bool = True, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        beta: float = 0.5,
+        normalize: bool = True,
+        temperature: float = 1.0,
+        scale_by_temperature_squared: bool = True,
+        ignore_index: int = -100,
+        reduction: Literal["mean", "sum"] = "mean",
+        num_output_chunks: int = 1,
+    ) -> None:
+        super().__init__(temperature, scale_by_temperature_squared, ignore_index, reduction, num_output_chunks)
         KF._check_fraction("beta", beta)
         self.beta = float(beta)
         self.normalize = bool(normalize)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, normalize={self.normalize}, " + super().extra_repr()
 
     def per_token(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return KF.generalized_jsd_per_token(student_logits, teacher_logits, self.beta, self.temperature, self.normalize)
@@ -223,10 +235,21 @@ class JSDLoss(KDLoss):
 class SkewForwardKLLoss(KDLoss):
     """Skew forward KL ``KL(p_t ‖ α p_t + (1 − α) p_s)``; α in [0, 1), α = 0 is forward KL."""
 
-    def __init__(self, alpha: float = 0.1, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        temperature: float = 1.0,
+        scale_by_temperature_squared: bool = True,
+        ignore_index: int = -100,
+        reduction: Literal["mean", "sum"] = "mean",
+        num_output_chunks: int = 1,
+    ) -> None:
+        super().__init__(temperature, scale_by_temperature_squared, ignore_index, reduction, num_output_chunks)
         KF._check_fraction("alpha", alpha, allow_one=False)
         self.alpha = float(alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, " + super().extra_repr()
 
     def per_token(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return KF.skew_forward_kl_per_token(student_logits, teacher_logits, self.alpha, self.temperature)
@@ -235,10 +258,21 @@ class SkewForwardKLLoss(KDLoss):
 class SkewReverseKLLoss(KDLoss):
     """Skew reverse KL ``KL(p_s ‖ α p_s + (1 − α) p_t)``; α in [0, 1), α = 0 is reverse KL."""
 
-    def __init__(self, alpha: float = 0.1, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        temperature: float = 1.0,
+        scale_by_temperature_squared: bool = True,
+        ignore_index: int = -100,
+        reduction: Literal["mean", "sum"] = "mean",
+        num_output_chunks: int = 1,
+    ) -> None:
+        super().__init__(temperature, scale_by_temperature_squared, ignore_index, reduction, num_output_chunks)
         KF._check_fraction("alpha", alpha, allow_one=False)
         self.alpha = float(alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, " + super().extra_repr()
 
     def per_token(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return KF.skew_reverse_kl_per_token(student_logits, teacher_logits, self.alpha, self.temperature)
