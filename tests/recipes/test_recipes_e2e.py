@@ -258,3 +258,53 @@ def test_qlora_finetune(tiny, tiny_cfg, recipe, tmp_path: Path) -> None:
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in summary.steps)
     assert torch.isfinite(_hf_logits(out / "final", TOKENS)).all()
     assert (out / "final_adapter" / "adapter_config.json").is_file()
+
+
+def test_first_step_losses_match_an_independent_float64_reference(tiny, tiny_cfg, recipe, tmp_path: Path) -> None:
+    """Step 1's logged loss/class_loss/kd_loss == transformers logits + float64 formulas over the same micro-batches:
+    CE and T²·KL(teacher‖student) at T=2, summed over every valid token of the step's 2 micro-batches and divided by
+    their total count, mixed with kd_ratio=0.3; the teacher's vocabulary is padded (+64) and sliced."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from kdtune.config import read_settings
+    from kdtune.data import load_hf_tokenizer
+    from kdtune.training import builders as B
+    from kdtune.training.recipe_settings import KDSettings
+
+    kd = recipe("knowledge_distillation_single_device")
+    extra = ["max_steps=1", "batch_size=2", "gradient_accumulation_steps=2", "kd_ratio=0.3", "temperature=2.0"]
+    cfg = tiny_cfg("kd", tmp_path / "run", *extra, teacher="teacher_padded")
+    summary = kd.train(cfg)
+    # the same micro-batches, rebuilt from the same settings
+    s = read_settings(KDSettings, cfg)
+    _, micro_batches = next(B.build_data(s, load_hf_tokenizer(tiny["student"], max_seq_len=128)).steps())
+    student = AutoModelForCausalLM.from_pretrained(tiny["student"]).double().eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher_padded"]).double().eval()
+    ce_sum = kl_sum = 0.0
+    n = 0
+    T = 2.0
+    for batch in micro_batches:
+        with torch.no_grad():
+            s_logits = student(batch["tokens"]).logits[:, :-1]  # [B, T-1, V]
+            t_logits = teacher(batch["tokens"]).logits[:, :-1, : s_logits.shape[-1]]
+        labels = batch["labels"][:, 1:]
+        valid = labels != -100
+        s_v, t_v, y = s_logits[valid], t_logits[valid], labels[valid]
+        ce_sum += F.cross_entropy(s_v, y, reduction="sum").item()
+        log_ps, log_pt = F.log_softmax(s_v / T, -1), F.log_softmax(t_v / T, -1)
+        kl_sum += (T**2 * (log_pt.exp() * (log_pt - log_ps)).sum()).item()
+        n += int(valid.sum())
+    step = summary.steps[0]
+    assert step["num_tokens"] == n
+    assert step["class_loss"] == pytest.approx(ce_sum / n, rel=1e-5)
+    assert step["kd_loss"] == pytest.approx(kl_sum / n, rel=1e-4, abs=1e-7)
+    assert step["loss"] == pytest.approx(0.7 * ce_sum / n + 0.3 * kl_sum / n, rel=1e-5)
+
+
+def test_kd_with_ratio_zero_is_plain_finetuning(tiny_cfg, recipe, tmp_path: Path) -> None:
+    """One recipe, two views: KD with kd_ratio=0 trains exactly like the full fine-tuning recipe."""
+    common = ["max_steps=3", "val_split_ratio=0.0", "save_every_n_steps=null"]
+    kd = recipe("knowledge_distillation_single_device").train(tiny_cfg("kd", tmp_path / "kd", *common, "kd_ratio=0.0"))
+    sft = recipe("full_finetune_single_device").train(tiny_cfg("full", tmp_path / "sft", *common))
+    assert [s["loss"] for s in kd.steps] == [s["loss"] for s in sft.steps]
