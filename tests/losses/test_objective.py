@@ -30,7 +30,7 @@ def _batch(vocab: int, B: int = 3, T: int = 11):
     tokens = torch.randint(0, vocab, (B, T), generator=g)
     labels = tokens.clone()
     labels[:, :3] = -100  # prompt
-    labels[2, 6:] = -100  # padding
+    labels[-1, 6:] = -100  # padding
     return tokens, labels
 
 
@@ -180,3 +180,36 @@ def test_same_model_as_teacher_gives_zero_kd():
     for loss in (L.ForwardKLLoss(temperature=3.0), L.SymmetricKLLoss(), L.TVDLoss(), L.JSDLoss()):
         out = L.distillation_objective(h, h.detach(), student, student, labels, loss, 0.5, 3)
         assert abs(out.kd_loss_sum.item()) < 1e-4
+
+
+def _saved_shapes(fn):
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return shapes
+
+
+def test_no_vocab_sized_tensor_is_kept_for_backward():
+    V = 500  # larger than every other dim here, so vocab-sized saved tensors are easy to spot
+    student = _model(V)
+    teacher = _model(V, dim=48, seed=1).requires_grad_(False).eval()
+    tokens, labels = _batch(V, B=2, T=16)
+    with torch.no_grad():
+        th = teacher(tokens, return_hidden=True)
+    h = student(tokens, return_hidden=True).detach().requires_grad_(True)
+
+    def run(ckpt):
+        return lambda: L.distillation_objective(
+            h, th, student, teacher, labels, L.ForwardKLLoss(), 0.5, 4, checkpoint_chunks=ckpt
+        )
+
+    def vocab_sized(shapes):
+        return [s for s in shapes if s and s[-1] == V and len(s) > 1 and s[0] > 1]  # ignore the [V, D] weight
+
+    assert vocab_sized(_saved_shapes(run(False)))  # without recompute, per-chunk [n, V] logits are kept
+    assert not vocab_sized(_saved_shapes(run(True)))  # with it, only hidden-state chunks are
