@@ -61,7 +61,7 @@ def train(cfg: DictConfig) -> B.RunSummary:
 
     def validate(pos: B.DataPosition) -> None:
         if data.val_loader is not None and report.last_eval_step != pos.global_step:
-            report.eval(pos, B.evaluate(model, objective, data.val_loader, rt.device, 0.0, s.max_eval_batches))
+            report.eval(pos, B.evaluate(model, objective, data.val_loader, rt.device, None, s.max_eval_batches))
 
     # ---- the loop: one optimizer step per `gradient_accumulation_steps` micro-batches
     acc = StepAccumulator(model)

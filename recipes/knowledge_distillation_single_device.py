@@ -63,10 +63,8 @@ def train(cfg: DictConfig) -> B.RunSummary:
 
     def objective(batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         tokens, kwargs = batch["tokens"], B.model_inputs(batch)  # tokens [B, T]
-        teacher_hidden = None  # [B, T, D_teacher]
-        if kd_ratio > 0:
-            with torch.no_grad():
-                teacher_hidden = teacher(tokens, return_hidden=True, **kwargs)
+        with torch.no_grad():  # also at kd_ratio=0, so ablations log comparable kd_loss curves
+            teacher_hidden = teacher(tokens, return_hidden=True, **kwargs)  # [B, T, D_teacher]
         student_hidden = student(tokens, return_hidden=True, **kwargs)  # [B, T, D_student]
         return distillation_objective(
             student_hidden, teacher_hidden, student, teacher, batch["labels"], kd_loss, kd_ratio, num_chunks

@@ -155,6 +155,10 @@ def build_model(
                 "the checkpoint does not match the model builder"
             )
     model.to(device=runtime.device)
+    if lora_seed is not None and is_lora_model(model):
+        from kdtune.training.distributed import init_lora_parameters
+
+        init_lora_parameters(model, lora_seed)
     if activation_checkpointing:
         from kdtune.models import enable_activation_checkpointing
 
@@ -604,7 +608,7 @@ def evaluate(
     objective: Any,
     loader: DataLoader,
     device: torch.device,
-    kd_ratio: float = 0.0,
+    kd_ratio: float | None = None,
     max_batches: int | None = None,
 ) -> dict[str, float]:
     """Validation losses per valid token over ``loader`` (at most ``max_batches`` batches).
@@ -614,11 +618,11 @@ def evaluate(
         objective: ``objective(batch) -> ObjectiveOutput`` (the recipe's own loss function).
         loader: validation DataLoader.
         device: where batches go.
-        kd_ratio: mixing weight of the KD term in ``val_loss``.
+        kd_ratio: mixing weight of the KD term in ``val_loss``; None = no KD term (fine-tuning).
         max_batches: cap on batches; None = all.
 
     Returns:
-        ``{"val_loss", "val_class_loss", "val_kd_loss", "val_tokens"}`` (``val_kd_loss`` only with KD).
+        ``{"val_loss", "val_class_loss", "val_kd_loss", "val_tokens"}`` (``val_kd_loss`` only with a kd_ratio).
     """
     was_training = model.training
     model.eval()
@@ -634,9 +638,11 @@ def evaluate(
     model.train(was_training)
     n = max(tokens, 1)
     result = {"val_class_loss": class_sum / n, "val_tokens": float(tokens)}
-    if kd_ratio > 0:
+    if kd_ratio is None:
+        result["val_loss"] = result["val_class_loss"]
+    else:
         result["val_kd_loss"] = kd_sum / n
-    result["val_loss"] = (1 - kd_ratio) * result["val_class_loss"] + kd_ratio * result.get("val_kd_loss", 0.0)
+        result["val_loss"] = (1 - kd_ratio) * result["val_class_loss"] + kd_ratio * result["val_kd_loss"]
     return result
 
 

@@ -119,3 +119,39 @@ def test_val_split_is_disjoint_and_seeded(tmp_path) -> None:
     assert build_datasets(cfg, tok)[1] is None
     with pytest.raises(ConfigError, match="val_split_ratio"):
         build_datasets(cfg, tok, val_split_ratio=1.5)
+
+
+def test_build_model_loads_weights_and_seeds_lora(tiny, tmp_path) -> None:
+    """Weights come from disk exactly (meta build + assign); LoRA adapters depend only on lora_seed (lora_b = 0)."""
+    from omegaconf import OmegaConf
+
+    from kdtune.models import load_hf_model
+    from kdtune.training.builders import Runtime, build_model, trainable_parameters
+
+    rt = Runtime(torch.device("cpu"), torch.float32, tmp_path)
+    ckpt = OmegaConf.create(
+        {
+            "_component_": "kdtune.models.HFCheckpointer",
+            "checkpoint_dir": str(tiny["student"]),
+            "output_dir": str(tmp_path),
+        }
+    )
+    lora = {"lora_attn_modules": ["q_proj", "v_proj"], "lora_rank": 4, "lora_alpha": 8}
+    model_cfg = OmegaConf.create(
+        {"_component_": "kdtune.models.hf_model", "checkpoint_dir": str(tiny["student"]), **lora}
+    )
+    ref = load_hf_model(tiny["student"]).state_dict()
+    adapters = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        model, _ = build_model(model_cfg, ckpt, rt, lora_seed=7)
+        state = model.state_dict()
+        for k, v in ref.items():
+            assert torch.equal(state[k], v), k
+        adapters.append({k: v.clone() for k, v in state.items() if "lora_" in k})
+        assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+        assert len(trainable_parameters(model)) == 8  # 2 layers x (q, v) x (a, b)
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    assert all(not v.any() for k, v in adapters[0].items() if "lora_b" in k)
+    assert all(v.abs().sum() > 0 for k, v in adapters[0].items() if "lora_a" in k)
