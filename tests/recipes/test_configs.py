@@ -87,3 +87,25 @@ def test_recipe_docs_are_generated_from_settings() -> None:
         assert (ROOT / "docs" / "recipes" / f"{name}.md").read_text() == recipe_doc(name), (
             "stale docs: run `python -m kdtune.training.recipe_settings docs/recipes`"
         )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "llama3_2/knowledge_distillation_single_device", "optimizer.lr=1e-3"],
+        ["--config", "llama3_2/knowledge_distillation_single_device", "kd_ratio=0.25", "temperature=2.0"],
+        ["--config", "llama3_2/kd", "teacher_checkpointer.checkpoint_dir=/tmp/Meta-Llama-3.1-8B-Instruct/"],
+        [
+            "--config",
+            "qwen2/knowledge_distillation_single_device",
+            "kd_loss=kdtune.losses.JSDLoss",
+            "+kd_loss.beta=0.5",
+        ],
+    ],
+)
+def test_tutorial_ablation_overrides(argv: list[str]) -> None:
+    """The seed-003 tutorial's command-line ablations parse and read into the KD settings."""
+    from kdtune.config import parse_recipe_args
+
+    s = read_settings(KDSettings, parse_recipe_args(argv, print_config=False))
+    assert 0.0 <= s.kd_ratio <= 1.0 and s.teacher_checkpointer.checkpoint_dir

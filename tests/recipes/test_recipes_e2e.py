@@ -308,3 +308,22 @@ def test_kd_with_ratio_zero_is_plain_finetuning(tiny_cfg, recipe, tmp_path: Path
     kd = recipe("knowledge_distillation_single_device").train(tiny_cfg("kd", tmp_path / "kd", *common, "kd_ratio=0.0"))
     sft = recipe("full_finetune_single_device").train(tiny_cfg("full", tmp_path / "sft", *common))
     assert [s["loss"] for s in kd.steps] == [s["loss"] for s in sft.steps]
+
+
+def test_tutorial_flow_lora_teacher_then_distil(tiny, tiny_cfg, recipe, tmp_path: Path) -> None:
+    """Seed 003 in small: LoRA-fine-tune the teacher, then distil its merged final/ into the student."""
+    teacher_run = tmp_path / "teacher"
+    recipe("lora_finetune_single_device").train(
+        tiny_cfg("lora", teacher_run, "max_steps=2", f"checkpointer.checkpoint_dir={tiny['teacher']}")
+    )
+    summary = recipe("knowledge_distillation_single_device").train(
+        tiny_cfg(
+            "kd",
+            tmp_path / "kd",
+            *LORA_STUDENT,
+            "max_steps=2",
+            f"teacher_checkpointer.checkpoint_dir={teacher_run / 'final'}",
+        )
+    )
+    assert len(summary.steps) == 2 and all(s["kd_loss"] > 0 for s in summary.steps)
+    assert (tmp_path / "kd" / "final_adapter" / "adapter_config.json").is_file()
