@@ -50,7 +50,7 @@ def train(cfg: DictConfig) -> B.RunSummary:
     teacher_tokenizer = B.build_tokenizer(s.teacher_tokenizer) if s.teacher_tokenizer is not None else None
     check_vocab_compatibility(student.vocab_size, teacher.vocab_size, tokenizer, teacher_tokenizer)
     kd_loss, kd_ratio = B.build_kd_loss(s.kd_loss, s.temperature), check_kd_ratio(s.kd_ratio)
-    num_chunks = s.num_output_chunks or kd_loss.num_output_chunks
+    num_chunks = s.num_output_chunks or getattr(kd_loss, "num_output_chunks", 8)
 
     # ---- data, optimizer, LR schedule, checkpoints (resume), metrics
     data = B.build_data(s, tokenizer)

@@ -98,7 +98,9 @@ class KDSettings(LoRAFinetuneSettings):
     teacher_tokenizer: Any = _f(
         None, help="Teacher tokenizer `_component_`, used only to check vocab compatibility; null = skip that check."
     )
-    kd_loss: Any = _f(help="Distillation loss `_component_` (kdtune.losses.ForwardKLLoss, JSDLoss, ...).")
+    kd_loss: Any = _f(
+        help="Distillation loss `_component_`, a kdtune.losses.KDLoss (ForwardKLLoss, ReverseKLLoss, JSDLoss, ...)."
+    )
     kd_ratio: float = _f(0.5, help="loss = (1 - kd_ratio) * cross-entropy + kd_ratio * KD.")
     temperature: float | None = _f(None, help="Overrides kd_loss.temperature when set (logits / T).")
 

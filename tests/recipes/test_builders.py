@@ -155,3 +155,27 @@ def test_build_model_loads_weights_and_seeds_lora(tiny, tmp_path) -> None:
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
     assert all(not v.any() for k, v in adapters[0].items() if "lora_b" in k)
     assert all(v.abs().sum() > 0 for k, v in adapters[0].items() if "lora_a" in k)
+
+
+def test_list_of_datasets_is_concatenated(tmp_path) -> None:
+    import json
+
+    from omegaconf import OmegaConf
+
+    from kdtune.data import load_hf_tokenizer
+    from kdtune.testing.tokenizers import write_bpe_tokenizer
+    from kdtune.training.builders import build_datasets
+
+    tok = load_hf_tokenizer(write_bpe_tokenizer(tmp_path / "tok", vocab_size=300))
+    nodes = []
+    for name, n in (("a", 5), ("b", 7)):
+        rows = [
+            {"messages": [{"role": "user", "content": f"{name}{i}"}, {"role": "assistant", "content": "ok"}]}
+            for i in range(n)
+        ]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        nodes.append(
+            {"_component_": "kdtune.data.sft_dataset", "source": "json", "data_files": str(tmp_path / f"{name}.jsonl")}
+        )
+    train, val = build_datasets(OmegaConf.create(nodes), tok)
+    assert len(train) == 12 and val is None
