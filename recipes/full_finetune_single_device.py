@@ -31,7 +31,6 @@ def train(cfg: DictConfig) -> B.RunSummary:
     rt = B.setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg)
 
     # ---- model (all parameters train) and tokenizer
-    tokenizer = B.build_tokenizer(s.tokenizer)
     model, checkpointer = B.build_model(
         s.model,
         s.checkpointer,
@@ -40,6 +39,7 @@ def train(cfg: DictConfig) -> B.RunSummary:
         compile=s.compile,
         lora_seed=s.seed,
     )
+    tokenizer = B.build_tokenizer(s.tokenizer)
     if B.is_lora_model(model):
         raise ConfigError(
             "model: this is a LoRA model; run lora_finetune_single_device for it, or use a non-lora builder"

@@ -36,7 +36,6 @@ def train(cfg: DictConfig) -> B.RunSummary:
     rt = B.setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg)
 
     # ---- models: the student (full or LoRA) trains; the teacher is frozen
-    tokenizer = B.build_tokenizer(s.tokenizer)
     student, checkpointer = B.build_model(
         s.model,
         s.checkpointer,
@@ -45,6 +44,7 @@ def train(cfg: DictConfig) -> B.RunSummary:
         compile=s.compile,
         lora_seed=s.seed,
     )
+    tokenizer = B.build_tokenizer(s.tokenizer)
     teacher, _ = B.build_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model")
     setup_teacher(teacher)
     teacher_tokenizer = B.build_tokenizer(s.teacher_tokenizer) if s.teacher_tokenizer is not None else None

@@ -35,7 +35,6 @@ def train(cfg: DictConfig) -> B.RunSummary:
     rt = B.setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg)
 
     # ---- model (only the adapters train; the base weights are frozen) and tokenizer
-    tokenizer = B.build_tokenizer(s.tokenizer)
     model, checkpointer = B.build_model(
         s.model,
         s.checkpointer,
@@ -44,6 +43,7 @@ def train(cfg: DictConfig) -> B.RunSummary:
         compile=s.compile,
         lora_seed=s.seed,
     )
+    tokenizer = B.build_tokenizer(s.tokenizer)
     if not B.is_lora_model(model):
         raise ConfigError("model: no LoRA adapters in this model; use a lora_* builder, or full_finetune_single_device")
     num_chunks = s.num_output_chunks or 8
