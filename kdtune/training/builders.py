@@ -709,6 +709,15 @@ class Reporter:
         self.log_memory = bool(settings.log_peak_memory_stats)
         self.total = data.total_steps
         self.logger = build_metric_logger(settings.metric_logger, runtime) if enabled else None
+        if enabled:
+            capped = " (capped by max_steps)" if data.total_steps < data.epochs * data.steps_per_epoch else ""
+            plan = (
+                f"training {data.total_steps} optimizer steps{capped}: {data.epochs} epoch(s) x {data.steps_per_epoch} "
+                f"steps, {data.batch_size} sequences x {data.grad_accum} accumulation per step"
+            )
+            if data.position.global_step:
+                plan += f"; resuming after step {data.position.global_step}"
+            print(f"{plan}; outputs in {runtime.output_dir}", flush=True)
         self.bar = ProgressBar(
             data.total_steps, data.position.global_step, disable=not (enabled and settings.progress_bar)
         )
