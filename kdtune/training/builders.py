@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
@@ -815,8 +815,26 @@ class ResumeCheckpoints:
 
     def resume(self) -> DataPosition:
         """Restore the newest checkpoint into the model, optimizer, schedule, RNG and data position."""
+        latest = self.state.find_latest()
+        if latest is not None and self.cfg is not None and (latest / "config.yaml").is_file():
+            check_same_data_order(self.cfg, OmegaConf.load(latest / "config.yaml"), latest)
         loaded = self.state.load(model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler)
         self.data.position = DataPosition.from_state_dict(loaded.data_state)
         self.last = str(loaded.path)
         log.info("resumed from %s (step %d)", loaded.path, loaded.step)
         return self.data.position
+
+
+#: settings that define the data order: a resumed run must keep them, or its saved data position means other examples
+DATA_ORDER_KEYS = ("seed", "shuffle", "batch_size", "gradient_accumulation_steps", "max_steps_per_epoch")
+
+
+def check_same_data_order(cfg: DictConfig, saved: DictConfig, where: Path) -> None:
+    """Raise ConfigError when a resumed run changes a setting that defines the data order (see ``DATA_ORDER_KEYS``)."""
+    for key in DATA_ORDER_KEYS:
+        now, before = cfg.get(key), saved.get(key)
+        if now != before:
+            raise ConfigError(
+                f"resume_from_checkpoint: {key} is {now!r} but the checkpoint {where} was trained with {before!r}; "
+                f"resume with {key}={before} (or start a new run in another output_dir)"
+            )

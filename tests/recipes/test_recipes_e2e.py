@@ -327,3 +327,11 @@ def test_tutorial_flow_lora_teacher_then_distil(tiny, tiny_cfg, recipe, tmp_path
     )
     assert len(summary.steps) == 2 and all(s["kd_loss"] > 0 for s in summary.steps)
     assert (tmp_path / "kd" / "final_adapter" / "adapter_config.json").is_file()
+
+
+def test_resume_with_a_different_data_order_is_refused(tiny_cfg, recipe, tmp_path: Path) -> None:
+    full = recipe("full_finetune_single_device")
+    out = tmp_path / "run"
+    full.train(tiny_cfg("full", out, "max_steps=2", "save_every_n_steps=1", "val_split_ratio=0.0"))
+    with pytest.raises(KDTuneError, match="batch_size is 2 but the checkpoint .* was trained with 4"):
+        full.train(tiny_cfg("full", out, "max_steps=4", "batch_size=2", "resume_from_checkpoint=true"))
