@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from kdtune.config import parse_recipe_args, read_settings
+from kdtune.errors import ConfigError
 from kdtune.losses import ObjectiveOutput, distillation_objective
 from kdtune.training import StepAccumulator, check_kd_ratio, check_vocab_compatibility, mix_losses, setup_teacher
 from kdtune.training import builders as B
@@ -44,6 +45,8 @@ def train(cfg: DictConfig) -> B.RunSummary:
         compile=s.compile,
         lora_seed=s.seed,
     )
+    if s.save_adapter_weights_only and not B.is_lora_model(student):
+        raise ConfigError("save_adapter_weights_only=true needs a LoRA student (a lora_* builder); set it to false")
     tokenizer = B.build_tokenizer(s.tokenizer)
     teacher, _ = B.build_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model")
     setup_teacher(teacher)

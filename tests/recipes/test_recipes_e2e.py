@@ -335,3 +335,16 @@ def test_resume_with_a_different_data_order_is_refused(tiny_cfg, recipe, tmp_pat
     full.train(tiny_cfg("full", out, "max_steps=2", "save_every_n_steps=1", "val_split_ratio=0.0"))
     with pytest.raises(KDTuneError, match="batch_size is 2 but the checkpoint .* was trained with 4"):
         full.train(tiny_cfg("full", out, "max_steps=4", "batch_size=2", "resume_from_checkpoint=true"))
+
+
+def test_adapter_only_outputs(tiny_cfg, recipe, tmp_path: Path) -> None:
+    out = tmp_path / "lora"
+    recipe("lora_finetune_single_device").train(tiny_cfg("lora", out, "max_steps=1", "save_adapter_weights_only=true"))
+    assert (out / "final_adapter" / "adapter_model.safetensors").is_file() and not (out / "final").exists()
+    with pytest.raises(
+        KDTuneError, match="save_adapter_weights_only"
+    ):  # a full student has no adapter: refused at setup
+        recipe("knowledge_distillation_single_device").train(
+            tiny_cfg("kd", tmp_path / "kd", "max_steps=1", "save_adapter_weights_only=true")
+        )
+    assert not (tmp_path / "kd" / "checkpoints").exists()
