@@ -174,6 +174,19 @@ position, config), written atomically every `save_every_n_steps` and at each epo
 `resume_from_checkpoint=true` (same `output_dir`) continues from the newest `step_N` exactly: same weights, \
 optimizer and LR schedule state, RNG and data order (the order depends only on `seed` + epoch). A NaN/inf loss or \
 gradient norm stops the run before the update, naming the step; the last good checkpoint stays on disk.
+
+## Common overrides
+
+```bash
+kd_ratio=0.25 temperature=2.0 optimizer.lr=1e-3            # KD ablations (top-level keys)
+kd_loss=kdtune.losses.ReverseKLLoss                        # another divergence (JSDLoss +kd_loss.beta=0.5, TVDLoss, ...)
+optimizer=torch.optim.SGD ~optimizer.weight_decay          # swap a component, drop an argument it does not take
++lr_scheduler.warmup_ratio=0.03 ~lr_scheduler.num_warmup_steps
+metric_logger=kdtune.training.TensorBoardLogger            # needs `pip install kdtune[tensorboard]`
+metric_logger=kdtune.training.StdoutLogger ~metric_logger.log_dir
+dtype=fp32 device=cpu enable_activation_checkpointing=true max_steps=20 resume_from_checkpoint=true
++model.quantize_base=true                                  # QLoRA, for a lora_* model that does not set it
+```
 """
 
 
