@@ -49,8 +49,7 @@ def _train(cfg: DictConfig, s: FinetuneDistributedSettings, env: D.DistEnv) -> B
                          save_config_file=env.is_rank_zero)  # fmt: skip
     set_seed(s.seed, s.deterministic, rank=env.rank)  # dropout masks differ per rank; data order does not
 
-    # ---- model (all parameters train; built on meta, sharded, filled shard by shard) and tokenizer
-    tokenizer = B.build_tokenizer(s.tokenizer)
+    # ---- model (all parameters train; built on meta, sharded, filled shard by shard), then the tokenizer
     model, checkpointer = D.build_sharded_model(
         s.model, s.checkpointer, rt, seed=s.seed, activation_checkpointing=s.enable_activation_checkpointing,
         compile=s.compile, cpu_offload=s.fsdp_cpu_offload, reshard_after_forward=s.fsdp_reshard_after_forward,
@@ -59,6 +58,7 @@ def _train(cfg: DictConfig, s: FinetuneDistributedSettings, env: D.DistEnv) -> B
         raise ConfigError(
             "model: this is a LoRA model; run lora_finetune_distributed for it, or use a non-lora builder"
         )
+    tokenizer = B.build_tokenizer(s.tokenizer)
     num_chunks = s.num_output_chunks or 8
 
     # ---- data (this rank's slice of every global batch), optimizer, LR schedule, sharded checkpoints, metrics
@@ -79,8 +79,8 @@ def _train(cfg: DictConfig, s: FinetuneDistributedSettings, env: D.DistEnv) -> B
 
     def validate(pos: B.DataPosition) -> None:
         if data.val_loader is not None and report.last_eval_step != pos.global_step:
-            local = B.evaluate(model, objective, data.val_loader, rt.device, 0.0, s.max_eval_batches)
-            report.eval(pos, D.reduce_eval_metrics(local))
+            local = B.evaluate(model, objective, data.val_loader, rt.device, None, s.max_eval_batches)
+            report.eval(pos, D.reduce_eval_metrics(local, None))
 
     # ---- the loop: one optimizer step per `gradient_accumulation_steps` micro-batches on every rank
     acc = StepAccumulator(model, all_reduce=D.all_reduce_sum, grad_average_factor=env.world_size)

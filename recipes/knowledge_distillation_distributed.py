@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from kdtune.config import parse_recipe_args, read_settings
+from kdtune.errors import ConfigError
 from kdtune.losses import ObjectiveOutput, distillation_objective
 from kdtune.training import StepAccumulator, check_kd_ratio, check_vocab_compatibility, mix_losses, setup_teacher
 from kdtune.training import builders as B
@@ -51,18 +52,20 @@ def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> B.RunSu
     set_seed(s.seed, s.deterministic, rank=env.rank)  # dropout masks differ per rank; data order does not
 
     # ---- models: both built on meta and sharded; the student (full or LoRA) trains, the teacher is frozen
-    tokenizer = B.build_tokenizer(s.tokenizer)
     fsdp = {"cpu_offload": s.fsdp_cpu_offload, "reshard_after_forward": s.fsdp_reshard_after_forward}
     student, checkpointer = D.build_sharded_model(
         s.model, s.checkpointer, rt, seed=s.seed, activation_checkpointing=s.enable_activation_checkpointing,
         compile=s.compile, **fsdp,
     )  # fmt: skip
+    if s.save_adapter_weights_only and not B.is_lora_model(student):
+        raise ConfigError("save_adapter_weights_only=true needs a LoRA student (a lora_* builder); set it to false")
+    tokenizer = B.build_tokenizer(s.tokenizer)
     teacher, _ = D.build_sharded_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model", **fsdp)
     setup_teacher(teacher)
     teacher_tokenizer = B.build_tokenizer(s.teacher_tokenizer) if s.teacher_tokenizer is not None else None
     check_vocab_compatibility(student.vocab_size, teacher.vocab_size, tokenizer, teacher_tokenizer)
     kd_loss, kd_ratio = B.build_kd_loss(s.kd_loss, s.temperature), check_kd_ratio(s.kd_ratio)
-    num_chunks = s.num_output_chunks or kd_loss.num_output_chunks
+    num_chunks = s.num_output_chunks or getattr(kd_loss, "num_output_chunks", 8)
 
     # ---- data (this rank's slice of every global batch), optimizer, LR schedule, sharded checkpoints, metrics
     with D.rank_zero_first():  # rank 0 fills the datasets cache, the others then read it
@@ -78,10 +81,8 @@ def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> B.RunSu
 
     def objective(batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         tokens, kwargs = batch["tokens"], B.model_inputs(batch)  # tokens [B, T]
-        teacher_hidden = None  # [B, T, D_teacher]
-        if kd_ratio > 0:
-            with torch.no_grad():
-                teacher_hidden = teacher(tokens, return_hidden=True, **kwargs)
+        with torch.no_grad():  # also at kd_ratio=0, so ablations log comparable kd_loss curves
+            teacher_hidden = teacher(tokens, return_hidden=True, **kwargs)  # [B, T, D_teacher]
         student_hidden = student(tokens, return_hidden=True, **kwargs)  # [B, T, D_student]
         return distillation_objective(
             student_hidden, teacher_hidden, student, teacher, batch["labels"], kd_loss, kd_ratio, num_chunks

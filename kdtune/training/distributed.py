@@ -155,25 +155,15 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist
         torch_device = torch.device("cpu")
         backend = "gloo"
 
-    if "WORLD_SIZE" not in os.environ:  # plain `python recipe.py`: a world of one
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
-        os.environ["WORLD_SIZE"] = "1"
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=torch_device if device_type == "cuda" else None,
-        )
+        kwargs: dict[str, Any] = {
+            "backend": backend,
+            "timeout": datetime.timedelta(seconds=timeout_s),
+            "device_id": torch_device if device_type == "cuda" else None,
+        }
+        if "WORLD_SIZE" not in os.environ:  # plain `python recipe.py`: a world of one, no rendezvous, env untouched
+            kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(**kwargs)
     return DistEnv(
         rank=dist.get_rank(),
         local_rank=local_rank,
@@ -185,9 +175,12 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist
 
 
 def destroy_distributed() -> None:
-    """Tear the process group down (after a final barrier); a no-op when none exists."""
+    """Tear the process group down; a no-op when none exists.
+
+    No barrier: the recipes call it from ``finally``, and after an error on one rank a barrier would wait forever for
+    ranks stuck in another collective (the recipes' last step, the final save, already ends with a barrier).
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -605,11 +598,12 @@ def save_sharded_checkpoint(
     *,
     keep_last: int = 1,
     trainable_only: bool = False,
+    config: Any = None,
 ) -> Path:
     """Write a resume checkpoint ``checkpoints_dir/step_<step>`` with ``torch.distributed.checkpoint``.
 
     Every rank writes its own shards of the model and optimizer state (no gather) plus its RNG state; rank 0 writes
-    ``state.json`` (``extra_state``: step, epoch, data position, LR schedule, config...). Everything goes to
+    ``extra_state.pt`` (data position, LR schedule...), ``config.yaml`` and, last, ``state.json``. Everything goes to
     ``step_<step>.tmp`` first; after a barrier rank 0 renames it (atomic), then removes all but the newest
     ``keep_last`` complete checkpoints. ``checkpoints_dir`` must be on storage every rank sees (multi-node: shared FS).
 
@@ -622,6 +616,7 @@ def save_sharded_checkpoint(
             with ``torch.save`` (so every rank must pass the same values).
         keep_last: complete checkpoints to keep (>= 1).
         trainable_only: store only trainable parameters (LoRA: the frozen base comes from the HF checkpoint).
+        config: the run's config, saved as ``config.yaml``.
 
     Returns:
         The final checkpoint directory.
@@ -643,6 +638,10 @@ def save_sharded_checkpoint(
     barrier()
     if is_rank_zero():
         torch.save(dict(extra_state), tmp / "extra_state.pt")
+        if config is not None:
+            from kdtune.config import save_config
+
+            save_config(config, tmp / "config.yaml")
         meta = {"step": step, "world_size": get_world_size(), "trainable_only": trainable_only, "format": "dcp"}
         (tmp / "state.json").write_text(json.dumps(meta, indent=2))  # written last: marks the checkpoint complete
         if final.exists():
@@ -759,12 +758,8 @@ class DistributedResumeCheckpoints:
             extra,
             keep_last=self.keep_last,
             trainable_only=self.trainable_only,
+            config=self.cfg,
         )
-        if self.cfg is not None and is_rank_zero():
-            from kdtune.config import save_config
-
-            save_config(self.cfg, path / "config.yaml")
-        barrier()
         self.last = str(path)
         return path
 
@@ -904,14 +899,14 @@ class EvenEvalLoader:
                 yield batch
 
 
-def reduce_eval_metrics(metrics: dict[str, float], kd_ratio: float = 0.0) -> dict[str, float]:
+def reduce_eval_metrics(metrics: dict[str, float], kd_ratio: float | None = None) -> dict[str, float]:
     """Combine the per-rank results of :func:`kdtune.training.builders.evaluate` into global per-token losses.
 
     Every rank must call it with its own shard's metrics; the token-weighted sums are all-reduced.
 
     Args:
         metrics: this rank's ``evaluate`` result.
-        kd_ratio: the KD mixing weight used for ``val_loss``.
+        kd_ratio: the KD mixing weight used for ``val_loss``; None = fine-tuning (no KD term), as in ``evaluate``.
 
     Returns:
         The same keys, over the whole validation set.
@@ -922,7 +917,8 @@ def reduce_eval_metrics(metrics: dict[str, float], kd_ratio: float = 0.0) -> dic
     n = max(sums[0], 1.0)
     out = {k: s / n for k, s in zip(keys, sums[1:])}
     out["val_tokens"] = sums[0]
-    out["val_loss"] = (1 - kd_ratio) * out["val_class_loss"] + kd_ratio * out.get("val_kd_loss", 0.0)
+    r = 0.0 if kd_ratio is None else float(kd_ratio)
+    out["val_loss"] = (1 - r) * out["val_class_loss"] + r * out.get("val_kd_loss", 0.0)
     return out
 
 

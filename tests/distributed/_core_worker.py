@@ -6,6 +6,7 @@ Writes ``<out>/rank<r>.json`` with measured differences against a single-process
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -82,6 +83,7 @@ def token_loss_sum(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor)
 
 
 def main(out: Path) -> None:
+    faulthandler.dump_traceback_later(200, exit=False)  # stacks of a hang, before the test's timeout
     env = D.init_distributed("cpu")
     r, W = env.rank, env.world_size
     res: dict = {"rank": r, "world_size": W, "backend": env.backend, "device": str(env.device)}

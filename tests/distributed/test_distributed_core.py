@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,21 +16,20 @@ from kdtune.training import distributed as D
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run ``script`` under ``torch.distributed.run --standalone`` with ``nproc`` CPU processes."""
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
-    proc = subprocess.run([*cmd, str(script), *args], env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
+def _load_helpers():
+    spec = importlib.util.spec_from_file_location("_kdtune_dist_helpers", Path(__file__).parent / "_helpers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_h = _load_helpers()
 
 
 @pytest.fixture(scope="module")
 def core_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("core")
-    run_torchrun(Path(__file__).parent / "_core_worker.py", str(out))
+    _h.torchrun(Path(__file__).parent / "_core_worker.py", str(out))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

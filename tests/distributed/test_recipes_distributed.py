@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,8 @@ REPO, tiny_overrides, torchrun = _h.REPO, _h.tiny_overrides, _h.torchrun
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).parent / "_recipe_worker.py"
 TOL = 1e-5
+KD_STEPS = ("max_steps=4", "save_every_n_steps=2", "eval_every_n_steps=2")  # resume from step 2, eval twice
+SHORT = ("max_steps=2", "save_every_n_steps=null", "eval_every_n_steps=null")
 
 
 def _recipe(name: str):
@@ -46,12 +47,11 @@ def _config(kind: str, paths: dict[str, Path], out: Path, *extra: str):
     return apply_overrides(cfg, [*tiny_overrides(paths, out, teacher=teacher), *extra])
 
 
-def _run_2proc(recipe: str, kind: str, paths: dict[str, Path], out: Path, *extra: str) -> dict:
-    result = out.parent / f"{out.name}.json"
+def _job(recipe: str, kind: str, paths: dict[str, Path], out: Path, *extra: str, copy=None) -> dict:
     teacher = "teacher" if kind.startswith("kd") else None
-    args = [*tiny_overrides(paths, out, teacher=teacher), *extra]
-    torchrun(WORKER, recipe, str(result), "--config", str(REPO / "configs" / "tiny" / f"{kind}.yaml"), *args)
-    return json.loads(result.read_text())
+    argv = ["--config", str(REPO / "configs" / "tiny" / f"{kind}.yaml"), *tiny_overrides(paths, out, teacher=teacher)]
+    result = out.parent / f"{out.name}.json"
+    return {"recipe": recipe, "result": str(result), "argv": [*argv, *extra], "copy": copy}
 
 
 def _run_single(recipe: str, kind: str, paths: dict[str, Path], out: Path, *extra: str) -> dict:
@@ -83,49 +83,59 @@ def _max_weight_diff(a: Path, b: Path) -> float:
     return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
 
 
-# ------------------------------------------------------------------------------------------------ knowledge distillation
+# ------------------------------------------------------------------------------------------------ one torchrun launch
 @pytest.fixture(scope="module")
-def kd_runs(dist_tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("kd")
-    dist = _run_2proc("knowledge_distillation_distributed", "kd_distributed", dist_tiny, root / "dist")
-    single = _run_single("knowledge_distillation_single_device", "kd", dist_tiny, root / "single")
-    return {"root": root, "dist": dist, "single": single}
+def runs(dist_tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One 2-process launch running: KD (4 steps), KD resumed from its step-2 checkpoint, LoRA (2 steps)."""
+    root = tmp_path_factory.mktemp("runs")
+    kd = "knowledge_distillation_distributed"
+    jobs = [
+        _job(kd, "kd_distributed", dist_tiny, root / "kd", *KD_STEPS),
+        _job(kd, "kd_distributed", dist_tiny, root / "kd_resumed", *KD_STEPS, "resume_from_checkpoint=true",
+             copy=[str(root / "kd" / "checkpoints" / "step_2"), str(root / "kd_resumed" / "checkpoints" / "step_2")]),
+        _job("lora_finetune_distributed", "lora_distributed", dist_tiny, root / "lora", *SHORT),
+    ]  # fmt: skip
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    torchrun(WORKER, str(root / "jobs.json"))
+    out = {"root": root}
+    for name in ("kd", "kd_resumed", "lora"):
+        out[name] = json.loads((root / f"{name}.json").read_text())
+    out["kd_single"] = _run_single(
+        "knowledge_distillation_single_device", "kd", dist_tiny, root / "kd_single", *KD_STEPS
+    )
+    out["lora_single"] = _run_single("lora_finetune_single_device", "lora", dist_tiny, root / "lora_single", *SHORT)
+    return out
 
 
-def test_kd_2proc_equals_single_device(kd_runs: dict) -> None:
-    dist, single = kd_runs["dist"], kd_runs["single"]
-    assert len(dist["steps"]) == 6
+# ------------------------------------------------------------------------------------------------ knowledge distillation
+def test_kd_2proc_equals_single_device(runs: dict) -> None:
+    dist, single = runs["kd"], runs["kd_single"]
+    assert len(dist["steps"]) == 4
     _assert_same_steps(dist["steps"], single["steps"])
     assert len(dist["evals"]) == len(single["evals"]) == 2
     for ea, eb in zip(dist["evals"], single["evals"]):
         assert ea["val_tokens"] == eb["val_tokens"]  # every validation example once over the 2 ranks
         assert abs(ea["val_loss"] - eb["val_loss"]) < TOL
-    root = kd_runs["root"]
-    assert _max_weight_diff(root / "dist" / "final", root / "single" / "final") < TOL
+    root = runs["root"]
+    assert _max_weight_diff(root / "kd" / "final", root / "kd_single" / "final") < TOL
 
 
-def test_kd_resume_is_exact(kd_runs: dict, dist_tiny: dict[str, Path]) -> None:
-    root = kd_runs["root"]
-    resumed = root / "resumed"
-    resumed.mkdir()
-    (resumed / "checkpoints").mkdir()
-    shutil.copytree(root / "dist" / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
-    assert not (resumed / "checkpoints" / "step_3.tmp").exists()
-    out = _run_2proc(
-        "knowledge_distillation_distributed", "kd_distributed", dist_tiny, resumed, "resume_from_checkpoint=true"
-    )
-    assert [m["step"] for m in out["steps"]] == [4, 5, 6]
-    _assert_same_steps(out["steps"], kd_runs["dist"]["steps"][3:])
-    for ma, mb in zip(out["steps"], kd_runs["dist"]["steps"][3:]):
+def test_kd_resume_is_exact(runs: dict) -> None:
+    root = runs["root"]
+    assert sorted(p.name for p in (root / "kd" / "checkpoints").iterdir()) == ["step_2", "step_4"]  # no .tmp left
+    resumed, full = runs["kd_resumed"]["steps"], runs["kd"]["steps"][2:]
+    assert [m["step"] for m in resumed] == [3, 4]
+    _assert_same_steps(resumed, full)
+    for ma, mb in zip(resumed, full):
         assert abs(ma["loss"] - mb["loss"]) < 1e-6 and ma["lr"] == mb["lr"]
-    assert _max_weight_diff(resumed / "final", root / "dist" / "final") < 1e-6
+    assert _max_weight_diff(root / "kd_resumed" / "final", root / "kd" / "final") < 1e-6
 
 
-def test_kd_final_checkpoint_loads_in_transformers(kd_runs: dict) -> None:
+def test_kd_final_checkpoint_loads_in_transformers(runs: dict) -> None:
     transformers = pytest.importorskip("transformers")
     from kdtune.models import load_hf_model
 
-    final = kd_runs["root"] / "dist" / "final"
+    final = runs["root"] / "kd" / "final"
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(final), torch_dtype=torch.float32).eval()
     ours = load_hf_model(final).eval()
     tokens = torch.randint(0, ours.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -155,16 +165,13 @@ def test_cpu_offload_on_cpu_is_a_clear_error(dist_tiny: dict[str, Path], tmp_pat
 # --------------------------------------------------------------------------------------------------- full fine-tuning
 def test_full_2proc_via_kdtune_run_equals_single_device(dist_tiny: dict[str, Path], tmp_path: Path) -> None:
     """Launched the way users do: ``kdtune run --nproc_per_node 2 full_finetune_distributed --config ...``."""
-    import os
-    import subprocess
     import sys
 
     out = tmp_path / "dist"
-    extra = ["max_steps=3", "save_every_n_steps=null", "eval_every_n_steps=null"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    extra = list(SHORT)
     cmd = [sys.executable, "-m", "kdtune.cli.main", "run", "--nproc_per_node", "2", "full_finetune_distributed"]
     cmd += ["--config", "tiny/full_distributed", *tiny_overrides(dist_tiny, out, teacher=None), *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = _h.run_group(cmd, env=_h.test_env(), timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-6000:]
     logged = [json.loads(line) for f in sorted((out / "logs").glob("*.jsonl")) for line in f.read_text().splitlines()]
     steps = [m for m in logged if "loss" in m]
@@ -174,19 +181,17 @@ def test_full_2proc_via_kdtune_run_equals_single_device(dist_tiny: dict[str, Pat
 
 
 # ----------------------------------------------------------------------------------------------------------------- LoRA
-def test_lora_2proc_equals_single_device_and_adapter_loads_in_peft(dist_tiny: dict[str, Path], tmp_path: Path) -> None:
-    extra = ["max_steps=3", "save_every_n_steps=null", "eval_every_n_steps=null"]
-    dist = _run_2proc("lora_finetune_distributed", "lora_distributed", dist_tiny, tmp_path / "dist", *extra)
-    single = _run_single("lora_finetune_single_device", "lora", dist_tiny, tmp_path / "single", *extra)
-    _assert_same_steps(dist["steps"], single["steps"], keys=("loss", "grad_norm"))
-    assert _max_weight_diff(tmp_path / "dist" / "final", tmp_path / "single" / "final") < TOL
-    assert _max_weight_diff(tmp_path / "dist" / "final_adapter", tmp_path / "single" / "final_adapter") < TOL
+def test_lora_2proc_equals_single_device_and_adapter_loads_in_peft(runs: dict, dist_tiny: dict[str, Path]) -> None:
+    root = runs["root"]
+    _assert_same_steps(runs["lora"]["steps"], runs["lora_single"]["steps"], keys=("loss", "grad_norm"))
+    assert _max_weight_diff(root / "lora" / "final", root / "lora_single" / "final") < TOL
+    assert _max_weight_diff(root / "lora" / "final_adapter", root / "lora_single" / "final_adapter") < TOL
 
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     base = transformers.AutoModelForCausalLM.from_pretrained(str(dist_tiny["student"]), torch_dtype=torch.float32)
-    with_adapter = peft.PeftModel.from_pretrained(base, str(tmp_path / "dist" / "final_adapter")).eval()
-    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "dist" / "final")).eval()
+    with_adapter = peft.PeftModel.from_pretrained(base, str(root / "lora" / "final_adapter")).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(root / "lora" / "final")).eval()
     tokens = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (with_adapter(tokens).logits - merged(tokens).logits).abs().max().item()
