@@ -32,6 +32,7 @@ WORKER = Path(__file__).parent / "_recipe_worker.py"
 TOL = 1e-5
 KD_STEPS = ("max_steps=4", "save_every_n_steps=2", "eval_every_n_steps=2")  # resume from step 2, eval twice
 SHORT = ("max_steps=2", "save_every_n_steps=null", "eval_every_n_steps=null")
+LORA_EXTRA = ("enable_activation_checkpointing=true",)  # recompute per layer under FSDP (and on one device)
 
 
 def _recipe(name: str):
@@ -93,7 +94,7 @@ def runs(dist_tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
         _job(kd, "kd_distributed", dist_tiny, root / "kd", *KD_STEPS),
         _job(kd, "kd_distributed", dist_tiny, root / "kd_resumed", *KD_STEPS, "resume_from_checkpoint=true",
              copy=[str(root / "kd" / "checkpoints" / "step_2"), str(root / "kd_resumed" / "checkpoints" / "step_2")]),
-        _job("lora_finetune_distributed", "lora_distributed", dist_tiny, root / "lora", *SHORT),
+        _job("lora_finetune_distributed", "lora_distributed", dist_tiny, root / "lora", *SHORT, *LORA_EXTRA),
     ]  # fmt: skip
     (root / "jobs.json").write_text(json.dumps(jobs))
     torchrun(WORKER, str(root / "jobs.json"))
@@ -103,7 +104,14 @@ def runs(dist_tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     out["kd_single"] = _run_single(
         "knowledge_distillation_single_device", "kd", dist_tiny, root / "kd_single", *KD_STEPS
     )
-    out["lora_single"] = _run_single("lora_finetune_single_device", "lora", dist_tiny, root / "lora_single", *SHORT)
+    out["lora_single"] = _run_single(
+        "lora_finetune_single_device",
+        "lora",
+        dist_tiny,
+        root / "lora_single",
+        *SHORT,
+        "enable_activation_checkpointing=true",
+    )
     return out
 
 
@@ -169,8 +177,9 @@ def test_full_2proc_via_kdtune_run_equals_single_device(dist_tiny: dict[str, Pat
 
     out = tmp_path / "dist"
     extra = list(SHORT)
+    dist_only = ["fsdp_reshard_after_forward=false"]  # the ZeRO-2-like path: same numbers
     cmd = [sys.executable, "-m", "kdtune.cli.main", "run", "--nproc_per_node", "2", "full_finetune_distributed"]
-    cmd += ["--config", "tiny/full_distributed", *tiny_overrides(dist_tiny, out, teacher=None), *extra]
+    cmd += ["--config", "tiny/full_distributed", *tiny_overrides(dist_tiny, out, teacher=None), *extra, *dist_only]
     proc = _h.run_group(cmd, env=_h.test_env(), timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-6000:]
     logged = [json.loads(line) for f in sorted((out / "logs").glob("*.jsonl")) for line in f.read_text().splitlines()]
@@ -182,6 +191,7 @@ def test_full_2proc_via_kdtune_run_equals_single_device(dist_tiny: dict[str, Pat
 
 # ----------------------------------------------------------------------------------------------------------------- LoRA
 def test_lora_2proc_equals_single_device_and_adapter_loads_in_peft(runs: dict, dist_tiny: dict[str, Path]) -> None:
+    """LoRA with activation checkpointing on both sides; adapters start from the same seed-only init."""
     root = runs["root"]
     _assert_same_steps(runs["lora"]["steps"], runs["lora_single"]["steps"], keys=("loss", "grad_norm"))
     assert _max_weight_diff(root / "lora" / "final", root / "lora_single" / "final") < TOL
