@@ -52,12 +52,12 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "default": Preset(
         teacher_train=12000,
-        student_train=500,
+        student_train=400,
         val=200,
         test=400,
-        teacher_dims=dict(dim=128, layers=4, heads=4, kv_heads=2, intermediate_size=384),
-        student_dims=dict(dim=64, layers=2, heads=4, kv_heads=2, intermediate_size=192),
-        teacher_steps=700,
+        teacher_dims=dict(dim=96, layers=3, heads=4, kv_heads=2, intermediate_size=256),
+        student_dims=dict(dim=48, layers=2, heads=4, kv_heads=2, intermediate_size=128),
+        teacher_steps=1200,
         student_steps=300,
         batch_size=32,
         eval_examples=400,

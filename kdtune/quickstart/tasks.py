@@ -41,31 +41,30 @@ def _word(rng: random.Random, min_len: int, max_len: int) -> str:
 
 
 def _add(rng: random.Random) -> TaskExample:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 29), rng.randint(0, 29)
     return TaskExample("add", f"add {a} {b}", str(a + b))
 
 
+def _count(rng: random.Random) -> TaskExample:
+    word = _word(rng, 2, 9)
+    return TaskExample("count", f"count {word}", str(len(word)))
+
+
+def _last(rng: random.Random) -> TaskExample:
+    word = _word(rng, 2, 8)
+    return TaskExample("last", f"last {word}", word[-1])
+
+
 def _reverse(rng: random.Random) -> TaskExample:
-    word = _word(rng, 3, 6)
+    word = _word(rng, 2, 4)
     return TaskExample("reverse", f"reverse {word}", word[::-1])
-
-
-def _sort(rng: random.Random) -> TaskExample:
-    word = _word(rng, 3, 6)
-    return TaskExample("sort", f"sort {word}", "".join(sorted(word)))
-
-
-def _shift(rng: random.Random) -> TaskExample:
-    word = _word(rng, 3, 6)
-    shifted = "".join(_LETTERS[(_LETTERS.index(c) + 1) % 26] for c in word)
-    return TaskExample("shift", f"shift {word}", shifted)
 
 
 TASKS: dict[str, Callable[[random.Random], TaskExample]] = {
     "add": _add,
+    "count": _count,
+    "last": _last,
     "reverse": _reverse,
-    "sort": _sort,
-    "shift": _shift,
 }
 
 
@@ -145,7 +144,8 @@ def read_jsonl(path: str | Path) -> list[TaskExample]:
 
 def corpus_for_tokenizer() -> list[str]:
     """Text covering every character the tasks can produce, for training the quickstart's tokenizer."""
-    lines = [" ".join(TASKS), _LETTERS, string.digits, "0 1 2 3 4 5 6 7 8 9 10 100 199"]
+    # the chat roles are frequent in every rendered example: give them their own merges
+    lines = [" ".join(TASKS), _LETTERS, string.digits, "0 1 2 3 4 5 6 7 8 9 10 100 199"] + ["user\nassistant\n"] * 1500
     rng = random.Random(1234)
     for _ in range(2000):
         example = TASKS[rng.choice(list(TASKS))](rng)
