@@ -2,12 +2,10 @@
 
 # --- tokenizers, messages, chat formats (tokenizers engineer) ---
 from kdtune.data.chat_formats import CHAT_FORMATS, ChatFormat, get_chat_format
-from kdtune.data.messages import ROLES, Message, mask_messages, normalize_role, validate_messages
-from kdtune.data.tokenizers import BaseTokenizer, Tokenizer, load_hf_tokenizer, truncate
 
 # --- datasets, formats, packing, collate (datasets engineer) ---
-from kdtune.data.collate import padded_collate  # noqa: E402
-from kdtune.data.datasets import (  # noqa: E402
+from kdtune.data.collate import padded_collate
+from kdtune.data.datasets import (
     CROSS_ENTROPY_IGNORE_IDX,
     SFTDataset,
     alpaca_cleaned_dataset,
@@ -22,5 +20,39 @@ from kdtune.data.datasets import (  # noqa: E402
     text_completion_dataset,
     ultrachat_dataset,
 )
-from kdtune.data.formats import FORMATS, detect_format  # noqa: E402
-from kdtune.data.packing import PackedDataset  # noqa: E402
+from kdtune.data.formats import FORMATS, detect_format
+from kdtune.data.messages import ROLES, Message, mask_messages, normalize_role, validate_messages
+from kdtune.data.packing import PackedDataset
+from kdtune.data.tokenizers import BaseTokenizer, Tokenizer, load_hf_tokenizer, truncate
+
+__all__ = [
+    "BaseTokenizer",
+    "CHAT_FORMATS",
+    "CROSS_ENTROPY_IGNORE_IDX",
+    "ChatFormat",
+    "FORMATS",
+    "Message",
+    "PackedDataset",
+    "ROLES",
+    "SFTDataset",
+    "Tokenizer",
+    "alpaca_cleaned_dataset",
+    "alpaca_dataset",
+    "chat_dataset",
+    "detect_format",
+    "dolly_dataset",
+    "get_chat_format",
+    "instruct_dataset",
+    "load_hf_tokenizer",
+    "mask_messages",
+    "normalize_role",
+    "openorca_dataset",
+    "padded_collate",
+    "sft_dataset",
+    "slimorca_dataset",
+    "split_dataset",
+    "text_completion_dataset",
+    "truncate",
+    "ultrachat_dataset",
+    "validate_messages",
+]
