@@ -130,6 +130,47 @@ def settings_markdown_table(settings_cls: type) -> str:
 
 
 #: recipe name -> (settings class, intro paragraph) for the generated docs pages
+# --- offline distillation (recipes/generate_distillation_data.py)
+@dataclass(kw_only=True)
+class PromptSource:
+    """Where the prompts come from (any ``datasets.load_dataset`` source, any kdtune row format)."""
+
+    source: str = field(metadata={"help": "Hub dataset name, or json/csv/parquet/arrow with data_files."})
+    data_files: Any = field(default=None, metadata={"help": "Local file(s) for a packaged builder."})
+    split: str = field(default="train", metadata={"help": "Split, slicing allowed (train_sft[:1000])."})
+    format: str = field(default="auto", metadata={"help": "Row format (openai, sharegpt, alpaca, ...); auto = detect."})
+    column_map: Any = field(
+        default=None, metadata={"help": "Canonical column -> your column, e.g. {source: question}."}
+    )
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts; null = all."})
+
+
+@dataclass(kw_only=True)
+class GenerateSettings:
+    """Every key ``generate_distillation_data`` reads."""
+
+    output_dir: str = field(metadata={"help": "Directory for the generated file and the resolved config.yaml."})
+    output_file: str | None = field(
+        default=None, metadata={"help": "JSON-lines output; null = output_dir/generated.jsonl."}
+    )
+    model: Any = field(metadata={"help": "Teacher model `_component_` (e.g. kdtune.models.hf_model)."})
+    checkpointer: Any = field(metadata={"help": "kdtune.models.HFCheckpointer the teacher's weights come from."})
+    tokenizer: Any = field(metadata={"help": "The teacher's tokenizer `_component_` (its chat template is used)."})
+    prompts: PromptSource = field(metadata={"help": "The prompt dataset (see PromptSource)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "Replace/insert a system turn in every prompt."})
+    num_generations: int = field(default=1, metadata={"help": "Completions per prompt (use temperature > 0 for >1)."})
+    max_prompt_tokens: int = field(default=512, metadata={"help": "Skip prompts longer than this many tokens."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Longest completion, in tokens."})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 samples from logits / temperature."})
+    top_k: int | None = field(default=None, metadata={"help": "Sample among the top-k tokens only; null = all."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts generated together (left-padded)."})
+    keep_unfinished: bool = field(default=False, metadata={"help": "Keep completions that hit max_new_tokens."})
+    seed: int = field(default=42, metadata={"help": "Sampling seed (same seed -> same file)."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
+    dtype: str = field(default="fp32", metadata={"help": "fp32 or bf16."})
+    resume_from_checkpoint: bool = field(default=False, metadata={"help": "Continue an interrupted .partial file."})
+
+
 RECIPES: dict[str, tuple[type, str]] = {
     "knowledge_distillation_single_device": (
         KDSettings,
