@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -416,7 +417,8 @@ def test_debug_shows_traceback(inproc: Path, monkeypatch, capsys) -> None:
 def test_run_distributed_through_torchrun(tree: Path) -> None:
     proc = kdtune(tree, "run", "--nproc_per_node", "2", "tiny_dist", "--config", "fam/dist", "value=5")
     assert proc.returncode == 0, proc.stderr
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("DIST"))
+    # both ranks share the pipe: their lines may interleave mid-line, so match records rather than lines
+    lines = sorted(re.findall(r"DIST rank=\d world=\d sum=[\d.]+ value=\d", proc.stdout))
     assert lines == ["DIST rank=0 world=2 sum=3.0 value=5", "DIST rank=1 world=2 sum=3.0 value=5"]
 
 
