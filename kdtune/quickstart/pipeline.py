@@ -181,16 +181,18 @@ def prepare_tokenizer(out: Path) -> Path:
     from kdtune.testing.tokenizers import write_bpe_tokenizer
 
     tok_dir = out / "init" / "tokenizer"
-    if _read_marker(tok_dir) != {"kind": "bpe-qwen2", "vocab_size": 300}:
+    # Character level (the 256 byte tokens, no merges): the tasks are about characters, and a merged " x" token
+    # would make "the first letter" a different token from the same letter elsewhere.
+    if _read_marker(tok_dir) != {"kind": "bpe-qwen2", "vocab_size": 256}:
         write_bpe_tokenizer(
             tok_dir,
             corpus_for_tokenizer(),
-            vocab_size=300,
+            vocab_size=256,
             style="qwen2",
             chat_template=CHATML_TEMPLATE,
             model_max_length=64,
         )
-        _write_marker(tok_dir, {"kind": "bpe-qwen2", "vocab_size": 300})
+        _write_marker(tok_dir, {"kind": "bpe-qwen2", "vocab_size": 256})
     return tok_dir
 
 
@@ -214,8 +216,10 @@ def prepare_model(path: Path, dims: dict, tokenizer_dir: Path, seed: int) -> Pat
 def run_step(out_dir: Path, recipe: str, config: str, overrides: list[str], *, force: bool) -> Path:
     """Run one ``kdtune run`` step, or skip it when a finished run with the same command is cached."""
     overrides = [*overrides, f"output_dir={out_dir}"]
-    command = [sys.executable, "-m", "kdtune", "run", recipe, "--config", config, *overrides]
-    spec = {"command": hashlib.sha256(json.dumps(command[1:]).encode()).hexdigest()}
+    # -P (3.11+): never import a `kdtune/` folder that happens to sit in the current directory instead of the package
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    command = [sys.executable, *safe_path, "-m", "kdtune", "run", recipe, "--config", config, *overrides]
+    spec = {"command": hashlib.sha256(json.dumps([recipe, config, *overrides]).encode()).hexdigest()}
     if not force and (out_dir / "final").is_dir() and _read_marker(out_dir) == spec:
         print(f"\n[cached] {out_dir.name}: kdtune run {recipe} --config {config} ...", flush=True)
         return out_dir
