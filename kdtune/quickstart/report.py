@@ -60,9 +60,11 @@ def read_loss_curve(run_dir: Path) -> tuple[list[int], list[float], list[int], l
             if "loss" in record:
                 steps.append(int(step))
                 losses.append(float(record["loss"]))
-            if "val_loss" in record:
+            # the cross-entropy part only: a KD run's val_loss mixes in the KD term and is not comparable
+            val_key = "val_class_loss" if "val_class_loss" in record else "val_loss"
+            if val_key in record:
                 val_steps.append(int(step))
-                val_losses.append(float(record["val_loss"]))
+                val_losses.append(float(record[val_key]))
     return steps, losses, val_steps, val_losses
 
 
@@ -86,7 +88,7 @@ def plot_runs(runs: dict[str, Path], results: dict, path: Path) -> Path | None:
         elif steps:
             ax_loss.plot(steps, losses, color=colors[kind], alpha=0.5, label=label and f"{label} (train)")
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("held-out loss (per answer token)")
+    ax_loss.set_ylabel("validation cross-entropy (per answer token)")
     ax_loss.set_title("loss curves")
     ax_loss.legend(fontsize=8)
     names = list(results)
