@@ -20,7 +20,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -38,7 +37,7 @@ RECIPE_DISTRIBUTED = False
 RECIPE_SETTINGS = "kdtune.training.recipe_settings.GenerateSettings"  # read by `kdtune validate`
 
 
-def load_prompts(p: PromptSource, tokenizer: Any, system_prompt: str | None) -> list[list[Message]]:
+def load_prompts(p: PromptSource, system_prompt: str | None) -> list[list[Message]]:
     """Each row as the conversation to continue: its messages up to (not including) the last assistant turn."""
     rows = load_rows(p.source, data_files=p.data_files, split=p.split)
     fmt = (
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(s.output_file or rt.output_dir / "generated.jsonl")
     partial = output.with_name(output.name + ".partial")
 
-    conversations = load_prompts(s.prompts, tokenizer, s.system_prompt)
+    conversations = load_prompts(s.prompts, s.system_prompt)
     encoded = [
         tokenizer.tokenize_messages(c, add_eos=False, add_generation_prompt=True, truncate_to_max_seq_len=False)[0]
         for c in conversations

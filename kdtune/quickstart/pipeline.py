@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdtune.errors import KDTuneError
@@ -46,7 +46,6 @@ class Preset:
     student_steps: int = 300
     batch_size: int = 32
     eval_examples: int = 400
-    overrides: dict = field(default_factory=dict)  # extra per-step overrides, e.g. {"kd": ["kd_ratio=0.9"]}
 
 
 PRESETS: dict[str, Preset] = {
@@ -254,4 +253,4 @@ def summarize(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-__all__ = ["PRESETS", "Preset", "main", "summarize", "asdict"]
+__all__ = ["PRESETS", "Preset", "main", "summarize"]
