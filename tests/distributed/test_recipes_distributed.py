@@ -95,11 +95,12 @@ def runs(dist_tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
         _job(kd, "kd_distributed", dist_tiny, root / "kd_resumed", *KD_STEPS, "resume_from_checkpoint=true",
              copy=[str(root / "kd" / "checkpoints" / "step_2"), str(root / "kd_resumed" / "checkpoints" / "step_2")]),
         _job("lora_finetune_distributed", "lora_distributed", dist_tiny, root / "lora", *SHORT, *LORA_EXTRA),
+        _job("full_finetune_distributed", "full_distributed", dist_tiny, root / "full", *SHORT),
     ]  # fmt: skip
     (root / "jobs.json").write_text(json.dumps(jobs))
     torchrun(WORKER, str(root / "jobs.json"))
     out = {"root": root}
-    for name in ("kd", "kd_resumed", "lora"):
+    for name in ("kd", "kd_resumed", "lora", "full"):
         out[name] = json.loads((root / f"{name}.json").read_text())
     out["kd_single"] = _run_single(
         "knowledge_distillation_single_device", "kd", dist_tiny, root / "kd_single", *KD_STEPS
@@ -113,6 +114,34 @@ def runs(dist_tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
         "enable_activation_checkpointing=true",
     )
     return out
+
+
+# ------------------------------------------------------------------------------------------------ golden figures
+def _golden_module():
+    spec = importlib.util.spec_from_file_location("_kdtune_golden", REPO / "tests" / "golden" / "_golden.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_distributed_runs_match_golden(runs: dict) -> None:
+    """The 2-process KD, LoRA and full runs reproduce tests/golden/golden_distributed.json (a refactor changes no
+    number). ``KDTUNE_GOLDEN_RECORD=1`` rewrites the file; ``KDTUNE_GOLDEN_EXACT=1`` also compares weight SHA-256s."""
+    import os
+
+    G = _golden_module()
+    got = {
+        name: G.summarise(runs[name]["steps"], runs[name]["evals"], runs["root"] / name)
+        for name in ("kd", "lora", "full")
+    }
+    if os.environ.get("KDTUNE_GOLDEN_RECORD") == "1":
+        G.GOLDEN_DISTRIBUTED.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    want = json.loads(G.GOLDEN_DISTRIBUTED.read_text())
+    assert sorted(want) == sorted(got)
+    for name in got:
+        G.assert_matches(
+            got[name], want[name], f"distributed {name}", exact=os.environ.get("KDTUNE_GOLDEN_EXACT") == "1"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ knowledge distillation
