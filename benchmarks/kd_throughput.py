@@ -2,13 +2,13 @@
 
 Part 1 ("train") builds a Llama-architecture student and teacher with kdtune's builders (random weights), freezes the
 teacher with ``setup_teacher``, and runs real KD optimizer steps exactly as the recipe does: teacher forward under
-``no_grad`` → ``distillation_objective`` (chunked, fp32 per chunk) → ``StepAccumulator`` → AdamW. It reports
+``no_grad`` → ``DistillationObjective`` (chunked, fp32 per chunk) → ``StepAccumulator`` → AdamW. It reports
 tokens/s (valid label tokens per second, timed steps only) and peak memory (CUDA allocator peak on GPU; process peak
 RSS on CPU).
 
 Part 2 ("loss") measures the memory of the KD loss alone — forward + backward of cross-entropy + forward KL from
 hidden states for ``--loss-tokens`` positions at ``--loss-vocab`` (default 128256, Llama-3) — computed unchunked
-(full ``[N, V]`` logits of both models, then the loss) versus chunked (``distillation_objective`` with
+(full ``[N, V]`` logits of both models, then the loss) versus chunked (``DistillationObjective`` with
 ``--num-output-chunks``). On CPU each variant runs in a fresh subprocess and reports its peak RSS growth over the
 state just before the loss; on CUDA the allocator's peak above the same baseline.
 
@@ -32,13 +32,13 @@ from typing import Any
 
 import torch
 
-from kdtune.losses import ForwardKLLoss, distillation_objective, forward_kl
+from kdtune.losses import DistillationObjective, ForwardKLLoss
+from kdtune.losses.functional import forward_kl, log_probs
 from kdtune.models.llama import llama
 from kdtune.training import (
     StepAccumulator,
     get_device,
     get_dtype,
-    mix_losses,
     peak_memory,
     reset_peak_memory,
     set_seed,
@@ -86,20 +86,20 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
 
         enable_activation_checkpointing(student)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    kd_loss = ForwardKLLoss(temperature=args.temperature)
+    objective = DistillationObjective(
+        ForwardKLLoss(),
+        teacher=teacher,
+        kd_ratio=args.kd_ratio,
+        temperature=args.temperature,
+        num_output_chunks=args.num_output_chunks,
+    )
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def one_step() -> int:
         acc = StepAccumulator(student)
         for _ in range(args.grad_accum):
             tokens = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), generator=g).to(device)
-            with torch.no_grad():
-                t_hidden = teacher(tokens, return_hidden=True)
-            s_hidden = student(tokens, return_hidden=True)
-            out = distillation_objective(
-                s_hidden, t_hidden, student, teacher, tokens, kd_loss, args.kd_ratio, args.num_output_chunks
-            )
-            acc.backward(mix_losses(out.class_loss_sum, out.kd_loss_sum, args.kd_ratio), out.num_tokens)
+            acc.backward(objective(student, {"tokens": tokens, "labels": tokens}))
         metrics = acc.finish()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -153,7 +153,9 @@ def loss_probe(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             return h @ self.w.t()  # [..., V]
 
     student, teacher = Head(), setup_teacher(Head())
-    kd_loss = ForwardKLLoss()
+    objective = DistillationObjective(
+        ForwardKLLoss(), teacher=teacher, kd_ratio=0.5, num_output_chunks=args.num_output_chunks
+    )
 
     def run(n: int) -> tuple[float, float, float]:
         s_hidden = torch.randn(1, n + 1, d, device=device, dtype=dtype, requires_grad=True)
@@ -173,13 +175,10 @@ def loss_probe(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                 t_logits = teacher.output_logits(t_hidden[:, :-1]).float()  # [1, N, V]
             tgt = labels[:, 1:]
             ce = torch.nn.functional.cross_entropy(s_logits.reshape(-1, v), tgt.reshape(-1), reduction="sum")
-            kd = forward_kl(s_logits, t_logits, tgt)
+            kd = forward_kl(log_probs(s_logits), log_probs(t_logits)).sum()
+            loss = objective.mix(ce, kd)
         else:
-            out = distillation_objective(
-                s_hidden, t_hidden, student, teacher, labels, kd_loss, 0.5, args.num_output_chunks
-            )
-            ce, kd = out.class_loss_sum, out.kd_loss_sum
-        loss = mix_losses(ce, kd, 0.5)
+            loss = objective.from_hidden(student, s_hidden, labels, (t_hidden[:, :-1].reshape(-1, d),)).loss_sum
         loss.backward()
         _sync(device)
         elapsed = time.perf_counter() - start

@@ -18,23 +18,37 @@ Every config key: docs/distributed.md and docs/recipes/full_finetune_single_devi
 
 import sys
 
-import torch
 from omegaconf import DictConfig
 
 from kdtune.config import parse_recipe_args, read_settings
 from kdtune.errors import ConfigError
-from kdtune.losses import ObjectiveOutput, distillation_objective
-from kdtune.training import StepAccumulator
-from kdtune.training import builders as B
+from kdtune.training import (
+    DataPosition,
+    Reporter,
+    RunSummary,
+    StepAccumulator,
+    build_data,
+    build_lr_scheduler,
+    build_objective,
+    build_optimizer,
+    build_tokenizer,
+    due,
+    evaluate,
+    is_lora_model,
+    optimizer_step,
+    set_seed,
+    setup_runtime,
+    to_device,
+    trainable_parameters,
+)
 from kdtune.training import distributed as D
-from kdtune.training.distributed import FinetuneDistributedSettings
-from kdtune.training.runtime import set_seed
+from kdtune.training.settings import FinetuneDistributedSettings
 
 RECIPE_DISTRIBUTED = True
-RECIPE_SETTINGS = "kdtune.training.distributed.FinetuneDistributedSettings"
+RECIPE_SETTINGS = "kdtune.training.settings.FinetuneDistributedSettings"
 
 
-def train(cfg: DictConfig) -> B.RunSummary:
+def train(cfg: DictConfig) -> RunSummary:
     """Fine-tune every parameter of the model as configured by ``cfg`` on every rank; returns what the run measured."""
     s = read_settings(FinetuneDistributedSettings, cfg)
     env = D.init_distributed(s.device)
@@ -44,8 +58,8 @@ def train(cfg: DictConfig) -> B.RunSummary:
         D.destroy_distributed()
 
 
-def _train(cfg: DictConfig, s: FinetuneDistributedSettings, env: D.DistEnv) -> B.RunSummary:
-    rt = B.setup_runtime(str(env.device), s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg,
+def _train(cfg: DictConfig, s: FinetuneDistributedSettings, env: D.DistEnv) -> RunSummary:
+    rt = setup_runtime(str(env.device), s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg,
                          save_config_file=env.is_rank_zero)  # fmt: skip
     set_seed(s.seed, s.deterministic, rank=env.rank)  # dropout masks differ per rank; data order does not
 
@@ -54,46 +68,41 @@ def _train(cfg: DictConfig, s: FinetuneDistributedSettings, env: D.DistEnv) -> B
         s.model, s.checkpointer, rt, seed=s.seed, activation_checkpointing=s.enable_activation_checkpointing,
         compile=s.compile, cpu_offload=s.fsdp_cpu_offload, reshard_after_forward=s.fsdp_reshard_after_forward,
     )  # fmt: skip
-    if B.is_lora_model(model):
+    if is_lora_model(model):
         raise ConfigError(
             "model: this is a LoRA model; run lora_finetune_distributed for it, or use a non-lora builder"
         )
-    tokenizer = B.build_tokenizer(s.tokenizer)
-    num_chunks = s.num_output_chunks or 8
+    tokenizer = build_tokenizer(s.tokenizer)
+    objective = build_objective(s)  # cross-entropy over the trained tokens, chunked
 
     # ---- data (this rank's slice of every global batch), optimizer, LR schedule, sharded checkpoints, metrics
     with D.rank_zero_first():  # rank 0 fills the datasets cache, the others then read it
-        data = B.build_data(s, tokenizer, rank=env.rank, world_size=env.world_size)
+        data = build_data(s, tokenizer, rank=env.rank, world_size=env.world_size)
     if data.val_loader is not None:  # every validation example once over all ranks, same batch count everywhere
         data.val_loader = D.EvenEvalLoader(data.val_loader, env.rank, env.world_size)
-    optimizer = B.build_optimizer(s.optimizer, B.trainable_parameters(model))
-    scheduler = B.build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
+    optimizer = build_optimizer(s.optimizer, trainable_parameters(model))
+    scheduler = build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
     ckpt = D.DistributedResumeCheckpoints(rt, s, model, optimizer, scheduler, data, cfg)
     if s.resume_from_checkpoint:
         ckpt.resume()
-    report = B.Reporter(rt, s, data, enabled=env.is_rank_zero)
+    report = Reporter(rt, s, data, enabled=env.is_rank_zero)
 
-    def objective(batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        hidden = model(batch["tokens"], return_hidden=True, **B.model_inputs(batch))  # [B, T, D]
-        return distillation_objective(hidden, None, model, None, batch["labels"], None, 0.0, num_chunks)
-
-    def validate(pos: B.DataPosition) -> None:
+    def validate(pos: DataPosition) -> None:
         if data.val_loader is not None and report.last_eval_step != pos.global_step:
-            local = B.evaluate(model, objective, data.val_loader, rt.device, None, s.max_eval_batches)
-            report.eval(pos, D.reduce_eval_metrics(local, None))
+            metrics = evaluate(objective, model, data.val_loader, rt.device, s.max_eval_batches, D.all_reduce_sum)
+            report.eval(pos, metrics)
 
     # ---- the loop: one optimizer step per `gradient_accumulation_steps` micro-batches on every rank
     acc = StepAccumulator(model, all_reduce=D.all_reduce_sum, grad_average_factor=env.world_size)
     for pos, micro_batches in data.steps():
         model.train()
         for batch in micro_batches:
-            out = objective(B.to_device(batch, rt.device))
-            acc.backward(out.class_loss_sum, out.num_tokens)
-        result = B.optimizer_step(acc, model, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
+            acc.backward(objective(model, to_device(batch, rt.device)))  # loss_sum.backward(), sums recorded
+        result = optimizer_step(acc, model, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
         report.step(pos, result)
-        if B.due(pos.global_step, s.eval_every_n_steps):
+        if due(pos.global_step, s.eval_every_n_steps):
             validate(pos)
-        if B.due(pos.global_step, s.save_every_n_steps) or data.is_epoch_end(pos):
+        if due(pos.global_step, s.save_every_n_steps) or data.is_epoch_end(pos):
             ckpt.save(pos)
 
     # ---- the end: validation and the HF-format model in output_dir/final, gathered and written by rank 0

@@ -30,11 +30,11 @@ from kdtune.data.datasets._load import load_rows
 from kdtune.data.formats import detect_format, get_format, make_row_converter
 from kdtune.errors import ConfigError, DataError
 from kdtune.models.generation import generate
-from kdtune.training import builders as B
-from kdtune.training.recipe_settings import GenerateSettings, PromptSource
+from kdtune.training import build_model, build_tokenizer, setup_runtime
+from kdtune.training.settings import GenerateSettings, PromptSource
 
 RECIPE_DISTRIBUTED = False
-RECIPE_SETTINGS = "kdtune.training.recipe_settings.GenerateSettings"  # read by `kdtune validate`
+RECIPE_SETTINGS = "kdtune.training.settings.GenerateSettings"  # read by `kdtune validate`
 
 
 def load_prompts(p: PromptSource, system_prompt: str | None) -> list[list[Message]]:
@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     s = read_settings(GenerateSettings, cfg)
     if s.num_generations > 1 and s.temperature == 0.0:
         raise ConfigError("num_generations > 1 with temperature=0 gives identical copies; set temperature (e.g. 0.7)")
-    rt = B.setup_runtime(s.device, s.dtype, s.output_dir, s.seed, cfg=cfg)
-    tokenizer = B.build_tokenizer(s.tokenizer)
-    model, _ = B.build_model(s.model, s.checkpointer, rt)
+    rt = setup_runtime(s.device, s.dtype, s.output_dir, s.seed, cfg=cfg)
+    tokenizer = build_tokenizer(s.tokenizer)
+    model, _ = build_model(s.model, s.checkpointer, rt)
     model.eval()
     output = Path(s.output_file or rt.output_dir / "generated.jsonl")
     partial = output.with_name(output.name + ".partial")

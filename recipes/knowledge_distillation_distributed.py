@@ -20,23 +20,39 @@ Every config key: docs/distributed.md and docs/recipes/knowledge_distillation_si
 
 import sys
 
-import torch
 from omegaconf import DictConfig
 
 from kdtune.config import parse_recipe_args, read_settings
 from kdtune.errors import ConfigError
-from kdtune.losses import ObjectiveOutput, distillation_objective
-from kdtune.training import StepAccumulator, check_kd_ratio, check_vocab_compatibility, mix_losses, setup_teacher
-from kdtune.training import builders as B
+from kdtune.training import (
+    DataPosition,
+    Reporter,
+    RunSummary,
+    StepAccumulator,
+    build_data,
+    build_lr_scheduler,
+    build_objective,
+    build_optimizer,
+    build_tokenizer,
+    check_vocab_compatibility,
+    due,
+    evaluate,
+    is_lora_model,
+    optimizer_step,
+    set_seed,
+    setup_runtime,
+    setup_teacher,
+    to_device,
+    trainable_parameters,
+)
 from kdtune.training import distributed as D
-from kdtune.training.distributed import KDDistributedSettings
-from kdtune.training.runtime import set_seed
+from kdtune.training.settings import KDDistributedSettings
 
 RECIPE_DISTRIBUTED = True
-RECIPE_SETTINGS = "kdtune.training.distributed.KDDistributedSettings"
+RECIPE_SETTINGS = "kdtune.training.settings.KDDistributedSettings"
 
 
-def train(cfg: DictConfig) -> B.RunSummary:
+def train(cfg: DictConfig) -> RunSummary:
     """Distil the teacher into the student as configured by ``cfg`` on every rank; returns what the run measured."""
     s = read_settings(KDDistributedSettings, cfg)
     env = D.init_distributed(s.device)
@@ -46,8 +62,8 @@ def train(cfg: DictConfig) -> B.RunSummary:
         D.destroy_distributed()
 
 
-def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> B.RunSummary:
-    rt = B.setup_runtime(str(env.device), s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg,
+def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> RunSummary:
+    rt = setup_runtime(str(env.device), s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg,
                          save_config_file=env.is_rank_zero)  # fmt: skip
     set_seed(s.seed, s.deterministic, rank=env.rank)  # dropout masks differ per rank; data order does not
 
@@ -57,57 +73,43 @@ def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> B.RunSu
         s.model, s.checkpointer, rt, seed=s.seed, activation_checkpointing=s.enable_activation_checkpointing,
         compile=s.compile, **fsdp,
     )  # fmt: skip
-    if s.save_adapter_weights_only and not B.is_lora_model(student):
+    if s.save_adapter_weights_only and not is_lora_model(student):
         raise ConfigError("save_adapter_weights_only=true needs a LoRA student (a lora_* builder); set it to false")
-    tokenizer = B.build_tokenizer(s.tokenizer)
+    tokenizer = build_tokenizer(s.tokenizer)
     teacher, _ = D.build_sharded_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model", **fsdp)
     setup_teacher(teacher)
-    teacher_tokenizer = B.build_tokenizer(s.teacher_tokenizer) if s.teacher_tokenizer is not None else None
+    teacher_tokenizer = build_tokenizer(s.teacher_tokenizer) if s.teacher_tokenizer is not None else None
     check_vocab_compatibility(student.vocab_size, teacher.vocab_size, tokenizer, teacher_tokenizer)
-    kd_loss, kd_ratio = B.build_kd_loss(s.kd_loss, s.temperature), check_kd_ratio(s.kd_ratio)
-    num_chunks = s.num_output_chunks or getattr(kd_loss, "num_output_chunks", 8)
+    objective = build_objective(s, teacher)  # divergence, kd_ratio, temperature, chunking: validated here, once
 
     # ---- data (this rank's slice of every global batch), optimizer, LR schedule, sharded checkpoints, metrics
     with D.rank_zero_first():  # rank 0 fills the datasets cache, the others then read it
-        data = B.build_data(s, tokenizer, rank=env.rank, world_size=env.world_size)
+        data = build_data(s, tokenizer, rank=env.rank, world_size=env.world_size)
     if data.val_loader is not None:  # every validation example once over all ranks, same batch count everywhere
         data.val_loader = D.EvenEvalLoader(data.val_loader, env.rank, env.world_size)
-    optimizer = B.build_optimizer(s.optimizer, B.trainable_parameters(student))
-    scheduler = B.build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
+    optimizer = build_optimizer(s.optimizer, trainable_parameters(student))
+    scheduler = build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
     ckpt = D.DistributedResumeCheckpoints(rt, s, student, optimizer, scheduler, data, cfg)
     if s.resume_from_checkpoint:
         ckpt.resume()
-    report = B.Reporter(rt, s, data, enabled=env.is_rank_zero)
+    report = Reporter(rt, s, data, enabled=env.is_rank_zero)
 
-    def objective(batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        tokens, kwargs = batch["tokens"], B.model_inputs(batch)  # tokens [B, T]
-        with torch.no_grad():  # also at kd_ratio=0, so ablations log comparable kd_loss curves
-            teacher_hidden = teacher(tokens, return_hidden=True, **kwargs)  # [B, T, D_teacher]
-        student_hidden = student(tokens, return_hidden=True, **kwargs)  # [B, T, D_student]
-        return distillation_objective(
-            student_hidden, teacher_hidden, student, teacher, batch["labels"], kd_loss, kd_ratio, num_chunks
-        )
-
-    def validate(pos: B.DataPosition) -> None:
+    def validate(pos: DataPosition) -> None:
         if data.val_loader is not None and report.last_eval_step != pos.global_step:
-            local = B.evaluate(student, objective, data.val_loader, rt.device, kd_ratio, s.max_eval_batches)
-            D.reshard(teacher)
-            report.eval(pos, D.reduce_eval_metrics(local, kd_ratio))
+            metrics = evaluate(objective, student, data.val_loader, rt.device, s.max_eval_batches, D.all_reduce_sum)
+            report.eval(pos, metrics)
 
     # ---- the loop: one optimizer step per `gradient_accumulation_steps` micro-batches on every rank
     acc = StepAccumulator(student, all_reduce=D.all_reduce_sum, grad_average_factor=env.world_size)
     for pos, micro_batches in data.steps():
         student.train()
         for batch in micro_batches:
-            out = objective(B.to_device(batch, rt.device))
-            loss_sum = mix_losses(out.class_loss_sum, out.kd_loss_sum, kd_ratio)
-            acc.backward(loss_sum, out.num_tokens, class_loss_sum=out.class_loss_sum, kd_loss_sum=out.kd_loss_sum)
-            D.reshard(teacher)  # the teacher's root weights were gathered for its chunked output projection
-        result = B.optimizer_step(acc, student, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
+            acc.backward(objective(student, to_device(batch, rt.device)))  # loss_sum.backward(), sums recorded
+        result = optimizer_step(acc, student, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
         report.step(pos, result)
-        if B.due(pos.global_step, s.eval_every_n_steps):
+        if due(pos.global_step, s.eval_every_n_steps):
             validate(pos)
-        if B.due(pos.global_step, s.save_every_n_steps) or data.is_epoch_end(pos):
+        if due(pos.global_step, s.save_every_n_steps) or data.is_epoch_end(pos):
             ckpt.save(pos)
 
     # ---- the end: validation, HF model (+ PEFT adapter for a LoRA student), gathered and written by rank 0

@@ -17,27 +17,46 @@ Every config key: docs/recipes/knowledge_distillation_single_device.md
 
 import sys
 
-import torch
 from omegaconf import DictConfig
 
 from kdtune.config import parse_recipe_args, read_settings
 from kdtune.errors import ConfigError
-from kdtune.losses import ObjectiveOutput, distillation_objective
-from kdtune.training import StepAccumulator, check_kd_ratio, check_vocab_compatibility, mix_losses, setup_teacher
-from kdtune.training import builders as B
-from kdtune.training.recipe_settings import KDSettings
+from kdtune.training import (
+    DataPosition,
+    Reporter,
+    ResumeCheckpoints,
+    RunSummary,
+    StepAccumulator,
+    build_data,
+    build_lr_scheduler,
+    build_model,
+    build_objective,
+    build_optimizer,
+    build_tokenizer,
+    check_vocab_compatibility,
+    due,
+    evaluate,
+    is_lora_model,
+    optimizer_step,
+    save_final,
+    setup_runtime,
+    setup_teacher,
+    to_device,
+    trainable_parameters,
+)
+from kdtune.training.settings import KDSettings
 
 RECIPE_DISTRIBUTED = False
-RECIPE_SETTINGS = "kdtune.training.recipe_settings.KDSettings"  # read by `kdtune validate`
+RECIPE_SETTINGS = "kdtune.training.settings.KDSettings"  # read by `kdtune validate`
 
 
-def train(cfg: DictConfig) -> B.RunSummary:
+def train(cfg: DictConfig) -> RunSummary:
     """Distil the teacher into the student as configured by ``cfg``; returns what the run measured."""
     s = read_settings(KDSettings, cfg)
-    rt = B.setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg)
+    rt = setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg)
 
     # ---- models: the student (full or LoRA) trains; the teacher is frozen
-    student, checkpointer = B.build_model(
+    student, checkpointer = build_model(
         s.model,
         s.checkpointer,
         rt,
@@ -45,56 +64,44 @@ def train(cfg: DictConfig) -> B.RunSummary:
         compile=s.compile,
         lora_seed=s.seed,
     )
-    if s.save_adapter_weights_only and not B.is_lora_model(student):
+    if s.save_adapter_weights_only and not is_lora_model(student):
         raise ConfigError("save_adapter_weights_only=true needs a LoRA student (a lora_* builder); set it to false")
-    tokenizer = B.build_tokenizer(s.tokenizer)
-    teacher, _ = B.build_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model")
+    tokenizer = build_tokenizer(s.tokenizer)
+    teacher, _ = build_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model")
     setup_teacher(teacher)
-    teacher_tokenizer = B.build_tokenizer(s.teacher_tokenizer) if s.teacher_tokenizer is not None else None
+    teacher_tokenizer = build_tokenizer(s.teacher_tokenizer) if s.teacher_tokenizer is not None else None
     check_vocab_compatibility(student.vocab_size, teacher.vocab_size, tokenizer, teacher_tokenizer)
-    kd_loss, kd_ratio = B.build_kd_loss(s.kd_loss, s.temperature), check_kd_ratio(s.kd_ratio)
-    num_chunks = s.num_output_chunks or getattr(kd_loss, "num_output_chunks", 8)
+    objective = build_objective(s, teacher)  # divergence, kd_ratio, temperature, chunking: validated here, once
 
     # ---- data, optimizer, LR schedule, checkpoints (resume), metrics
-    data = B.build_data(s, tokenizer)
-    optimizer = B.build_optimizer(s.optimizer, B.trainable_parameters(student))
-    scheduler = B.build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
-    ckpt = B.ResumeCheckpoints(rt, s, student, optimizer, scheduler, data, cfg)
+    data = build_data(s, tokenizer)
+    optimizer = build_optimizer(s.optimizer, trainable_parameters(student))
+    scheduler = build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
+    ckpt = ResumeCheckpoints(rt, s, student, optimizer, scheduler, data, cfg)
     if s.resume_from_checkpoint:
         ckpt.resume()
-    report = B.Reporter(rt, s, data)
+    report = Reporter(rt, s, data)
 
-    def objective(batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        tokens, kwargs = batch["tokens"], B.model_inputs(batch)  # tokens [B, T]
-        with torch.no_grad():  # also at kd_ratio=0, so ablations log comparable kd_loss curves
-            teacher_hidden = teacher(tokens, return_hidden=True, **kwargs)  # [B, T, D_teacher]
-        student_hidden = student(tokens, return_hidden=True, **kwargs)  # [B, T, D_student]
-        return distillation_objective(
-            student_hidden, teacher_hidden, student, teacher, batch["labels"], kd_loss, kd_ratio, num_chunks
-        )
-
-    def validate(pos: B.DataPosition) -> None:
+    def validate(pos: DataPosition) -> None:
         if data.val_loader is not None and report.last_eval_step != pos.global_step:
-            report.eval(pos, B.evaluate(student, objective, data.val_loader, rt.device, kd_ratio, s.max_eval_batches))
+            report.eval(pos, evaluate(objective, student, data.val_loader, rt.device, s.max_eval_batches))
 
     # ---- the loop: one optimizer step per `gradient_accumulation_steps` micro-batches
     acc = StepAccumulator(student)
     for pos, micro_batches in data.steps():
         student.train()
         for batch in micro_batches:
-            out = objective(B.to_device(batch, rt.device))
-            loss_sum = mix_losses(out.class_loss_sum, out.kd_loss_sum, kd_ratio)
-            acc.backward(loss_sum, out.num_tokens, class_loss_sum=out.class_loss_sum, kd_loss_sum=out.kd_loss_sum)
-        result = B.optimizer_step(acc, student, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
+            acc.backward(objective(student, to_device(batch, rt.device)))  # loss_sum.backward(), sums recorded
+        result = optimizer_step(acc, student, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
         report.step(pos, result)
-        if B.due(pos.global_step, s.eval_every_n_steps):
+        if due(pos.global_step, s.eval_every_n_steps):
             validate(pos)
-        if B.due(pos.global_step, s.save_every_n_steps) or data.is_epoch_end(pos):
+        if due(pos.global_step, s.save_every_n_steps) or data.is_epoch_end(pos):
             ckpt.save(pos)
 
     # ---- the end: validation, HF model (+ PEFT adapter for a LoRA student)
     validate(data.position)
-    B.save_final(rt, checkpointer, student, adapter_only=s.save_adapter_weights_only)
+    save_final(rt, checkpointer, student, adapter_only=s.save_adapter_weights_only)
     return report.close()
 
 

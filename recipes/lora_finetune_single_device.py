@@ -15,27 +15,44 @@ Outputs: output_dir/final (base + merged adapters, HF format; the teacher dir fo
 
 import sys
 
-import torch
 from omegaconf import DictConfig
 
 from kdtune.config import parse_recipe_args, read_settings
 from kdtune.errors import ConfigError
-from kdtune.losses import ObjectiveOutput, distillation_objective
-from kdtune.training import StepAccumulator
-from kdtune.training import builders as B
-from kdtune.training.recipe_settings import LoRAFinetuneSettings
+from kdtune.training import (
+    DataPosition,
+    Reporter,
+    ResumeCheckpoints,
+    RunSummary,
+    StepAccumulator,
+    build_data,
+    build_lr_scheduler,
+    build_model,
+    build_objective,
+    build_optimizer,
+    build_tokenizer,
+    due,
+    evaluate,
+    is_lora_model,
+    optimizer_step,
+    save_final,
+    setup_runtime,
+    to_device,
+    trainable_parameters,
+)
+from kdtune.training.settings import LoRAFinetuneSettings
 
 RECIPE_DISTRIBUTED = False
-RECIPE_SETTINGS = "kdtune.training.recipe_settings.LoRAFinetuneSettings"  # read by `kdtune validate`
+RECIPE_SETTINGS = "kdtune.training.settings.LoRAFinetuneSettings"  # read by `kdtune validate`
 
 
-def train(cfg: DictConfig) -> B.RunSummary:
+def train(cfg: DictConfig) -> RunSummary:
     """Fine-tune the LoRA adapters of the model as configured by ``cfg``; returns what the run measured."""
     s = read_settings(LoRAFinetuneSettings, cfg)
-    rt = B.setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg)
+    rt = setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg)
 
     # ---- model (only the adapters train; the base weights are frozen) and tokenizer
-    model, checkpointer = B.build_model(
+    model, checkpointer = build_model(
         s.model,
         s.checkpointer,
         rt,
@@ -43,45 +60,40 @@ def train(cfg: DictConfig) -> B.RunSummary:
         compile=s.compile,
         lora_seed=s.seed,
     )
-    tokenizer = B.build_tokenizer(s.tokenizer)
-    if not B.is_lora_model(model):
+    tokenizer = build_tokenizer(s.tokenizer)
+    if not is_lora_model(model):
         raise ConfigError("model: no LoRA adapters in this model; use a lora_* builder, or full_finetune_single_device")
-    num_chunks = s.num_output_chunks or 8
+    objective = build_objective(s)  # cross-entropy over the trained tokens, chunked
 
     # ---- data, optimizer, LR schedule, checkpoints (resume), metrics
-    data = B.build_data(s, tokenizer)
-    optimizer = B.build_optimizer(s.optimizer, B.trainable_parameters(model))
-    scheduler = B.build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
-    ckpt = B.ResumeCheckpoints(rt, s, model, optimizer, scheduler, data, cfg)
+    data = build_data(s, tokenizer)
+    optimizer = build_optimizer(s.optimizer, trainable_parameters(model))
+    scheduler = build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
+    ckpt = ResumeCheckpoints(rt, s, model, optimizer, scheduler, data, cfg)
     if s.resume_from_checkpoint:
         ckpt.resume()
-    report = B.Reporter(rt, s, data)
+    report = Reporter(rt, s, data)
 
-    def objective(batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        hidden = model(batch["tokens"], return_hidden=True, **B.model_inputs(batch))  # [B, T, D]
-        return distillation_objective(hidden, None, model, None, batch["labels"], None, 0.0, num_chunks)
-
-    def validate(pos: B.DataPosition) -> None:
+    def validate(pos: DataPosition) -> None:
         if data.val_loader is not None and report.last_eval_step != pos.global_step:
-            report.eval(pos, B.evaluate(model, objective, data.val_loader, rt.device, None, s.max_eval_batches))
+            report.eval(pos, evaluate(objective, model, data.val_loader, rt.device, s.max_eval_batches))
 
     # ---- the loop: one optimizer step per `gradient_accumulation_steps` micro-batches
     acc = StepAccumulator(model)
     for pos, micro_batches in data.steps():
         model.train()
         for batch in micro_batches:
-            out = objective(B.to_device(batch, rt.device))
-            acc.backward(out.class_loss_sum, out.num_tokens)
-        result = B.optimizer_step(acc, model, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
+            acc.backward(objective(model, to_device(batch, rt.device)))  # loss_sum.backward(), sums recorded
+        result = optimizer_step(acc, model, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
         report.step(pos, result)
-        if B.due(pos.global_step, s.eval_every_n_steps):
+        if due(pos.global_step, s.eval_every_n_steps):
             validate(pos)
-        if B.due(pos.global_step, s.save_every_n_steps) or data.is_epoch_end(pos):
+        if due(pos.global_step, s.save_every_n_steps) or data.is_epoch_end(pos):
             ckpt.save(pos)
 
     # ---- the end: validation, the PEFT adapter (final_adapter/) and the merged HF model (final/)
     validate(data.position)
-    B.save_final(rt, checkpointer, model, adapter_only=s.save_adapter_weights_only)
+    save_final(rt, checkpointer, model, adapter_only=s.save_adapter_weights_only)
     return report.close()
 
 

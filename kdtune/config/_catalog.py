@@ -26,6 +26,8 @@ import yaml
 from kdtune.errors import ConfigError
 
 _CONFIG_SUFFIXES = (".yaml", ".yml")
+#: top-level key naming the config a config builds on: ``extends: llama3_2/kd`` (its keys override the base's)
+EXTENDS_KEY = "extends"
 
 
 @dataclass(frozen=True)
@@ -136,15 +138,16 @@ def list_recipes() -> list[RecipeInfo]:
     return [found[k] for k in sorted(found)]
 
 
-def _read_recipe_key(path: Path) -> str | None:
-    """The top-level ``recipe:`` value of a YAML file (None if absent or unreadable)."""
+def _read_recipe_key(path: Path) -> tuple[str | None, str | None]:
+    """``(recipe, extends)``: the top-level ``recipe:`` and ``extends:`` values of a YAML file (None if absent)."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, OSError, UnicodeDecodeError):
-        return None
-    if isinstance(data, dict) and isinstance(data.get("recipe"), str):
-        return data["recipe"]
-    return None
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    recipe, base = data.get("recipe"), data.get(EXTENDS_KEY)
+    return (recipe if isinstance(recipe, str) else None), (base if isinstance(base, str) else None)
 
 
 def list_configs() -> list[ConfigInfo]:
@@ -157,7 +160,15 @@ def list_configs() -> list[ConfigInfo]:
             name = path.relative_to(root).with_suffix("").as_posix()
             if name in found or any(part.startswith((".", "_")) for part in path.relative_to(root).parts):
                 continue
-            found[name] = ConfigInfo(name, path, _read_recipe_key(path))
+            found[name] = ConfigInfo(name, path, None)
+    # the recipe a config names, or the one of the config it extends (followed by name, cycles ignored)
+    headers = {name: _read_recipe_key(info.path) for name, info in found.items()}
+    for name, info in found.items():
+        recipe, base, seen = *headers[name], {name}
+        while recipe is None and base in headers and base not in seen:
+            seen.add(base)
+            recipe, base = headers[base]
+        found[name] = ConfigInfo(name, info.path, recipe)
     return [found[k] for k in sorted(found)]
 
 

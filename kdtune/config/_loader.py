@@ -11,12 +11,15 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
-from kdtune.config._catalog import find_config
+from kdtune.config._catalog import EXTENDS_KEY, find_config
 from kdtune.errors import ConfigError
 
 
-def load_config(name_or_path: str | os.PathLike[str]) -> DictConfig:
+def load_config(name_or_path: str | os.PathLike[str], *, _chain: tuple[Path, ...] = ()) -> DictConfig:
     """Load a shipped config by name (``"llama3_2/kd"``) or any YAML file.
+
+    A config may build on another with a top-level ``extends: <name or path>``: the base is loaded first and this
+    file's keys are merged over it (so a tutorial's name can be a two-line alias of a shipped config).
 
     Args:
         name_or_path: a shipped config name (see ``kdtune ls``) or a path to a ``.yaml`` file.
@@ -44,7 +47,17 @@ def load_config(name_or_path: str | os.PathLike[str]) -> DictConfig:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     if isinstance(cfg, ListConfig):
         raise ConfigError(f"config {path} must be a YAML mapping of keys to values at top level, not a list")
-    return cfg
+    base = cfg.get(EXTENDS_KEY)
+    if base is None:
+        return cfg
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: {EXTENDS_KEY} must name one config (e.g. {EXTENDS_KEY}: llama3_2/kd), got {base!r}")
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise ConfigError(f"{path}: {EXTENDS_KEY} forms a cycle ({cycle}); remove one of the {EXTENDS_KEY} keys")
+    parent = load_config(base, _chain=(*_chain, path))
+    own = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != EXTENDS_KEY])
+    return OmegaConf.merge(parent, own)
 
 
 def _dotted(parent: str, key: Any) -> str:

@@ -4,7 +4,7 @@
 from kdtune.data.chat_formats import CHAT_FORMATS, ChatFormat, get_chat_format
 
 # --- datasets, formats, packing, collate (datasets engineer) ---
-from kdtune.data.collate import padded_collate
+from kdtune.data.collate import model_inputs, padded_collate
 from kdtune.data.datasets import (
     CROSS_ENTROPY_IGNORE_IDX,
     SFTDataset,
@@ -47,6 +47,7 @@ __all__ = [
     "mask_messages",
     "normalize_role",
     "openorca_dataset",
+    "model_inputs",
     "padded_collate",
     "sft_dataset",
     "slimorca_dataset",

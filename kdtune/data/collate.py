@@ -67,3 +67,12 @@ def padded_collate(
             if "document_ids" in out:
                 out["document_ids"][i, n:] = (int(rows["document_ids"][i].max()) + 1) if n else 0
     return out
+
+
+#: batch keys that are keyword arguments of the models' ``forward`` (packed sequences), beside ``tokens``
+MODEL_INPUT_KEYS = ("input_pos", "document_ids")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the model's ``forward`` present in a collated batch (packed fields included)."""
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}

@@ -1,68 +1,39 @@
-"""Cross-entropy and knowledge-distillation losses: plain functions, ``nn.Module`` wrappers, the chunked objective.
+"""The training objective and its divergences.
 
-See ``docs/losses.md`` for the formulas, the temperature convention and when to use which.
+* :class:`DistillationObjective` (``objective``): the one component that owns the per-token computation — teacher
+  source, divergence, temperature, ``kd_ratio``, chunking — and returns the mixed sum and its parts.
+* ``divergences``: one small class per divergence (``per_token`` on tempered log-probabilities), named by configs as
+  ``kd_loss``.
+* ``functional``: the same divergences as plain functions, and the one logits → tempered log-probs conversion.
+
+See ``docs/losses.md`` for the formulas and ``docs/adding_a_loss.md`` to add a divergence.
 """
 
-from kdtune.losses.functional import (
-    cross_entropy_sum,
-    forward_kl,
-    forward_kl_per_token,
-    generalized_jsd,
-    generalized_jsd_per_token,
-    reverse_kl,
-    reverse_kl_per_token,
-    skew_forward_kl,
-    skew_forward_kl_per_token,
-    skew_reverse_kl,
-    skew_reverse_kl_per_token,
-    symmetric_kl,
-    symmetric_kl_per_token,
-    total_variation,
-    total_variation_per_token,
-)
-from kdtune.losses.kd import (
-    CEWithChunkedOutputLoss,
-    CrossEntropyLoss,
+from kdtune.losses.divergences import (
+    Divergence,
     ForwardKLLoss,
     ForwardKLWithChunkedOutputLoss,
     JSDLoss,
-    KDLoss,
     ReverseKLLoss,
     SkewForwardKLLoss,
     SkewReverseKLLoss,
     SymmetricKLLoss,
     TVDLoss,
 )
-from kdtune.losses.objective import ObjectiveOutput, cross_entropy_objective, distillation_objective
+from kdtune.losses.objective import DistillationObjective, LiveTeacher, ObjectiveOutput, TeacherSource
 
 __all__ = [
-    "CEWithChunkedOutputLoss",
-    "CrossEntropyLoss",
+    "DistillationObjective",
+    "Divergence",
     "ForwardKLLoss",
     "ForwardKLWithChunkedOutputLoss",
     "JSDLoss",
-    "KDLoss",
+    "LiveTeacher",
     "ObjectiveOutput",
     "ReverseKLLoss",
     "SkewForwardKLLoss",
     "SkewReverseKLLoss",
     "SymmetricKLLoss",
     "TVDLoss",
-    "cross_entropy_objective",
-    "cross_entropy_sum",
-    "distillation_objective",
-    "forward_kl",
-    "forward_kl_per_token",
-    "generalized_jsd",
-    "generalized_jsd_per_token",
-    "reverse_kl",
-    "reverse_kl_per_token",
-    "skew_forward_kl",
-    "skew_forward_kl_per_token",
-    "skew_reverse_kl",
-    "skew_reverse_kl_per_token",
-    "symmetric_kl",
-    "symmetric_kl_per_token",
-    "total_variation",
-    "total_variation_per_token",
+    "TeacherSource",
 ]

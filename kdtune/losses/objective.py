@@ -1,156 +1,222 @@
-"""The distillation objective computed from final hidden states, one chunk of positions at a time.
+"""The training objective: one component owns the whole per-token computation of fine-tuning and distillation.
 
-Neither the student's nor the teacher's full ``[B, T, V]`` logits are ever materialised: positions with a valid
-(shifted) label are gathered, split into ``num_output_chunks`` chunks, and for each chunk the logits are produced by
-``model.output_logits``, upcast to fp32, turned into the cross-entropy and KD sums, and dropped; in backward each
-chunk's logits are recomputed (activation checkpointing per chunk).
+:class:`DistillationObjective` is built from the divergence (``kd_loss``), ``kd_ratio``, ``temperature``, the
+chunking and the teacher source, and is called once per micro-batch with the student and the batch::
+
+    out = objective(student, batch)       # ObjectiveOutput(loss_sum, class_loss_sum, kd_loss_sum, num_tokens)
+    out.loss_sum.backward()               # = (1 − kd_ratio) · CE_sum + kd_ratio · KD_sum, summed over trained tokens
+
+Everything else (accumulation, evaluation, distributed reductions) only adds and divides its sums; none of it knows
+what ``kd_ratio`` is. Without a teacher it is the fine-tuning objective (cross-entropy only).
+
+How a micro-batch is computed:
+
+1. the trained positions are ``labels[:, 1:] != ignore_index`` (position t is compared with label t + 1), taken in
+   row-major order; the teacher source is asked for its state on those positions (a live teacher runs its body
+   without gradients *before* the student, so the RNG stream the student's dropout sees is the same as without KD);
+2. the student's final hidden states at those positions are split into ``num_output_chunks`` chunks; per chunk the
+   student's logits (fp32) give the cross-entropy, and both models' log-probabilities at temperature T over a shared
+   support give the divergence (× T² when ``scale_by_temperature_squared``);
+3. each chunk's logits are recomputed in backward (activation checkpointing), so no ``[B, T, V]`` tensor is held.
+
+A teacher source (:class:`LiveTeacher` here; a cached teacher plugs in the same way) has two methods:
+``prepare(batch, mask) -> tuple of [N, ...] tensors`` (its per-position state) and
+``log_probs(state_chunk, student_logits [n, V], temperature) -> (student_logp [n, K], teacher_logp [n, K])``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kdtune.losses.functional import upcast
-from kdtune.losses.kd import KDLoss
+from kdtune.data.collate import model_inputs
+from kdtune.errors import ConfigError
+from kdtune.losses.divergences import Divergence
+from kdtune.losses.functional import check_fraction, check_temperature, log_probs, upcast
 
-__all__ = ["ObjectiveOutput", "cross_entropy_objective", "distillation_objective"]
+__all__ = ["DistillationObjective", "LiveTeacher", "ObjectiveOutput", "TeacherSource"]
 
 
 class ObjectiveOutput(NamedTuple):
-    """Per-micro-batch sums; divide by the step's total valid-token count (see ``kdtune.training.StepAccumulator``).
+    """One micro-batch's sums over its trained tokens; divide by the step's token count (all micro-batches, ranks).
 
     Attributes:
-        class_loss_sum: scalar, cross-entropy of the student summed over valid tokens.
-        kd_loss_sum: scalar, KD divergence (× T² if the loss scales) summed over valid tokens; 0 without a teacher.
-        num_tokens: int64 scalar, number of valid (shifted) label positions.
+        loss_sum: scalar, the optimised (mixed) loss summed over trained tokens; carries the gradient.
+        class_loss_sum: scalar, the student's cross-entropy summed over trained tokens.
+        kd_loss_sum: scalar, the divergence (× T² if scaled) summed over trained tokens; None without a teacher.
+        num_tokens: int64 scalar, the number of trained (shifted-label) positions.
     """
 
+    loss_sum: Tensor
     class_loss_sum: Tensor
-    kd_loss_sum: Tensor
+    kd_loss_sum: Tensor | None
     num_tokens: Tensor
 
-    def mixed_sum(self, kd_ratio: float) -> Tensor:
-        """``(1 − kd_ratio) · class_loss_sum + kd_ratio · kd_loss_sum``."""
-        return (1.0 - kd_ratio) * self.class_loss_sum + kd_ratio * self.kd_loss_sum
+
+@runtime_checkable
+class TeacherSource(Protocol):
+    """Where the teacher's distribution comes from (a live model, a cache of its top-k logits, ...)."""
+
+    def prepare(self, batch: dict[str, Any], mask: Tensor) -> tuple[Tensor, ...]:
+        """The teacher's per-position state for the batch's trained positions ``mask`` [B, T-1] (row-major)."""
+        ...
+
+    def log_probs(self, state: Sequence[Tensor], student_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        """``(student_logp [n, K], teacher_logp [n, K])`` over a shared support for one chunk of positions."""
+        ...
 
 
-def distillation_objective(
-    student_hidden: Tensor,
-    teacher_hidden: Tensor | None,
-    student: nn.Module,
-    teacher: nn.Module | None,
-    labels: Tensor,
-    kd_loss: KDLoss | None,
-    kd_ratio: float = 0.5,
-    num_output_chunks: int = 8,
-    *,
-    ignore_index: int | None = None,
-    checkpoint_chunks: bool = True,
-) -> ObjectiveOutput:
-    """Cross-entropy and KD sums of one micro-batch from final hidden states.
+class LiveTeacher:
+    """A frozen teacher model run alongside the student.
+
+    Its body runs once per micro-batch under ``no_grad``; its output projection runs per chunk of positions. A
+    teacher whose vocabulary is only padded larger than the student's is compared on the student's first V rows.
 
     Args:
-        student_hidden: ``[B, T, D]`` final (normed) hidden states of the student (``return_hidden=True``).
-        teacher_hidden: ``[B, T, Dt]`` teacher hidden states (computed under ``no_grad``), or None when no KD term is
-            wanted (then the teacher is not evaluated and ``kd_loss_sum`` is 0; this also serves plain fine-tuning).
-        student: module with ``output_logits(hidden [..., D]) -> [..., V_s]``.
-        teacher: module with ``output_logits(hidden [..., Dt]) -> [..., V_t]``; None when ``teacher_hidden`` is None.
-        labels: ``[B, T]`` aligned with the tokens (not shifted); the objective compares position t with label t + 1.
-        kd_loss: a :class:`~kdtune.losses.KDLoss` (its temperature / T² / ignore_index are used; its own chunking is
-            not: this function chunks). None when there is no teacher.
-        kd_ratio: mixing weight. With ``kd_ratio == 0`` the KD sum is still computed for logging (so ablations over
-            ``kd_ratio`` log comparable ``kd_loss`` curves) but carries no gradient.
-        num_output_chunks: number of chunks the valid positions are split into.
-        ignore_index: label value to skip; defaults to ``kd_loss.ignore_index`` or -100.
-        checkpoint_chunks: recompute each chunk's logits in backward instead of keeping them (on by default).
-
-    Returns:
-        :class:`ObjectiveOutput` of scalar sums and the valid-token count. The KD term uses the first
-        ``min(V_s, V_t)`` logits of both models (a teacher padded to a larger vocab is sliced to the student's).
+        model: the teacher, with ``forward(tokens, return_hidden=True, ...)`` and ``output_logits(hidden)``.
     """
-    if ignore_index is None:
-        ignore_index = kd_loss.ignore_index if kd_loss is not None else -100
-    if num_output_chunks < 1:
-        raise ValueError(f"num_output_chunks must be >= 1, got {num_output_chunks}")
-    use_teacher = teacher_hidden is not None
-    kd_grad = kd_ratio != 0.0
-    if use_teacher and (teacher is None or kd_loss is None):
-        raise ValueError("teacher_hidden was given but teacher or kd_loss is None")
 
-    targets = labels[:, 1:]  # [B, T-1]
-    mask = targets != ignore_index  # [B, T-1]
-    num_tokens = mask.sum()
-    h_s = student_hidden[:, :-1][mask]  # [N, D]
-    tgt = targets[mask]  # [N]
-    h_t = teacher_hidden[:, :-1][mask].detach() if use_teacher else None  # [N, Dt]
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
 
-    n = tgt.shape[0]
-    # Zero sums that stay attached to the student's graph, so backward works even on an all-masked batch.
-    zero = student_hidden[..., :0].sum().float()
-    if n == 0:
-        return ObjectiveOutput(zero, zero.clone(), num_tokens)
-
-    def chunk_sums(hs: Tensor, ht: Tensor | None, y: Tensor) -> tuple[Tensor, Tensor]:
-        s_logits = upcast(student.output_logits(hs))  # [n_i, V_s] fp32
-        ce = F.cross_entropy(s_logits, y, reduction="sum")
-        if ht is None:
-            return ce, torch.zeros((), dtype=ce.dtype, device=ce.device)
+    def prepare(self, batch: dict[str, Any], mask: Tensor) -> tuple[Tensor, ...]:
         with torch.no_grad():
-            t_logits = upcast(teacher.output_logits(ht))  # [n_i, V_t] fp32
-        vocab = min(s_logits.shape[-1], t_logits.shape[-1])
-        s_kd = s_logits[..., :vocab] if kd_grad else s_logits[..., :vocab].detach()
-        kd = kd_loss.loss_sum(s_kd, t_logits[..., :vocab])
-        return ce, kd
+            hidden = self.model(batch["tokens"], return_hidden=True, **model_inputs(batch))  # [B, T, Dt]
+        return (hidden[:, :-1][mask].detach(),)  # [N, Dt]
 
-    recompute = checkpoint_chunks and torch.is_grad_enabled() and h_s.requires_grad
-    ce_total, kd_total = zero, zero.clone()
-    k = min(num_output_chunks, n)
-    for i in range(k):
-        start, end = (i * n) // k, ((i + 1) * n) // k
-        hs, y = h_s[start:end], tgt[start:end]
-        ht = h_t[start:end] if h_t is not None else None
-        if recompute:
-            ce, kd = checkpoint(chunk_sums, hs, ht, y, use_reentrant=False)
-        else:
-            ce, kd = chunk_sums(hs, ht, y)
-        ce_total = ce_total + ce
-        kd_total = kd_total + kd
-    return ObjectiveOutput(ce_total, kd_total, num_tokens)
+    def log_probs(self, state: Sequence[Tensor], student_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        (hidden,) = state
+        with torch.no_grad():
+            teacher_logits = upcast(self.model.output_logits(hidden))  # [n, Vt] fp32
+        vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+        return log_probs(student_logits[..., :vocab], temperature), log_probs(teacher_logits[..., :vocab], temperature)
 
 
-def cross_entropy_objective(
-    hidden: Tensor,
-    model: nn.Module,
-    labels: Tensor,
-    num_output_chunks: int = 8,
-    *,
-    ignore_index: int = -100,
-    checkpoint_chunks: bool = True,
-) -> ObjectiveOutput:
-    """Fine-tuning objective: the student-only case of :func:`distillation_objective` (``kd_loss_sum`` is 0).
+class DistillationObjective:
+    """``(1 − kd_ratio) · cross-entropy + kd_ratio · T² · divergence``, summed over the trained tokens of a batch.
 
     Args:
-        hidden: ``[B, T, D]`` final hidden states (``return_hidden=True``).
-        model: module with ``output_logits``.
-        labels: ``[B, T]`` aligned with the tokens (the objective shifts).
-        num_output_chunks: chunks of valid positions processed one at a time.
-        ignore_index: label value to skip.
-        checkpoint_chunks: recompute each chunk's logits in backward.
+        kd_loss: the divergence (a :class:`kdtune.losses.Divergence`, e.g. ``ForwardKLLoss``); None without teacher.
+        teacher: the teacher source: a :class:`TeacherSource`, or a model (wrapped in :class:`LiveTeacher`); None =
+            fine-tuning (cross-entropy only; ``kd_ratio`` is then ignored).
+        kd_ratio: weight of the KD term in [0, 1]. At 0 the divergence is still computed for logging (so ablations
+            log comparable ``kd_loss`` curves) but carries no gradient; at 0 and 1 the unused term is dropped, not
+            multiplied by 0, so a non-finite unused term cannot leak.
+        temperature: T > 0; both distributions are ``softmax(logits / T)``.
+        scale_by_temperature_squared: multiply the divergence by T² (Hinton et al. 2015) so its gradient does not
+            shrink as 1/T².
+        num_output_chunks: the trained positions are processed in this many chunks (memory at large vocabularies).
+        ignore_index: label value of positions that are not trained.
+        checkpoint_chunks: recompute each chunk's logits in backward instead of keeping them.
     """
-    return distillation_objective(
-        hidden,
-        None,
-        model,
-        None,
-        labels,
-        None,
-        0.0,
-        num_output_chunks,
-        ignore_index=ignore_index,
-        checkpoint_chunks=checkpoint_chunks,
-    )
+
+    def __init__(
+        self,
+        kd_loss: Divergence | None = None,
+        *,
+        teacher: TeacherSource | nn.Module | None = None,
+        kd_ratio: float = 0.5,
+        temperature: float = 1.0,
+        scale_by_temperature_squared: bool = True,
+        num_output_chunks: int = 8,
+        ignore_index: int = -100,
+        checkpoint_chunks: bool = True,
+    ) -> None:
+        if isinstance(teacher, nn.Module):
+            teacher = LiveTeacher(teacher)
+        if teacher is not None and not isinstance(kd_loss, Divergence):
+            raise ConfigError(
+                f"kd_loss: {type(kd_loss).__name__} is not a divergence; use a kdtune.losses.Divergence subclass "
+                "(ForwardKLLoss, ReverseKLLoss, JSDLoss, ...)"
+            )
+        if isinstance(num_output_chunks, bool) or not isinstance(num_output_chunks, int) or num_output_chunks < 1:
+            raise ConfigError(f"num_output_chunks={num_output_chunks!r} is invalid: it must be an integer >= 1")
+        self.kd_loss = kd_loss
+        self.teacher = teacher
+        self.kd_ratio = check_fraction("kd_ratio", kd_ratio) if teacher is not None else 0.0
+        self.temperature = check_temperature(temperature)
+        self.scale_by_temperature_squared = bool(scale_by_temperature_squared)
+        self.num_output_chunks = num_output_chunks
+        self.ignore_index = int(ignore_index)
+        self.checkpoint_chunks = bool(checkpoint_chunks)
+
+    @property
+    def kd_scale(self) -> float:
+        """The factor on the summed divergence: T² when ``scale_by_temperature_squared``, else 1."""
+        return self.temperature**2 if self.scale_by_temperature_squared else 1.0
+
+    def mix(self, class_loss: Any, kd_loss: Any) -> Any:
+        """The mixing rule, on sums or per-token means alike (tensors or floats) over the same tokens."""
+        if self.teacher is None or self.kd_ratio == 0.0:
+            return class_loss
+        if self.kd_ratio == 1.0:
+            return kd_loss
+        return (1.0 - self.kd_ratio) * class_loss + self.kd_ratio * kd_loss
+
+    def __call__(self, student: nn.Module, batch: dict[str, Any]) -> ObjectiveOutput:
+        """The objective's sums for one collated micro-batch (``tokens``, ``labels`` [B, T], packed fields)."""
+        mask = batch["labels"][:, 1:] != self.ignore_index  # [B, T-1]
+        teacher_state = self.teacher.prepare(batch, mask) if self.teacher is not None else None
+        hidden = student(batch["tokens"], return_hidden=True, **model_inputs(batch))  # [B, T, D]
+        return self.from_hidden(student, hidden, batch["labels"], teacher_state)
+
+    def from_hidden(
+        self,
+        student: nn.Module,
+        hidden: Tensor,
+        labels: Tensor,
+        teacher_state: Sequence[Tensor] | None = None,
+    ) -> ObjectiveOutput:
+        """The objective's sums from the student's final hidden states ``[B, T, D]`` and aligned ``labels`` [B, T].
+
+        ``teacher_state`` is the teacher source's ``prepare`` result for the same positions (None = no KD term).
+        """
+        targets = labels[:, 1:]  # [B, T-1]
+        mask = targets != self.ignore_index
+        num_tokens = mask.sum()
+        h_s = hidden[:, :-1][mask]  # [N, D]
+        tgt = targets[mask]  # [N]
+        use_teacher = teacher_state is not None and self.teacher is not None
+        kd_grad = self.kd_ratio != 0.0
+        n = tgt.shape[0]
+        # zero sums attached to the student's graph, so backward works even on an all-masked batch
+        zero = hidden[..., :0].sum().float()
+        if n == 0:
+            return ObjectiveOutput(zero, zero.clone(), zero.clone() if use_teacher else None, num_tokens)
+
+        def chunk_sums(hs: Tensor, y: Tensor, *t_state: Tensor) -> tuple[Tensor, Tensor]:
+            s_logits = upcast(student.output_logits(hs))  # [n_i, V] fp32
+            ce = F.cross_entropy(s_logits, y, reduction="sum")
+            if not t_state:
+                return ce, torch.zeros((), dtype=ce.dtype, device=ce.device)
+            s_for_kd = s_logits if kd_grad else s_logits.detach()
+            s_logp, t_logp = self.teacher.log_probs(t_state, s_for_kd, self.temperature)
+            kd = self.kd_loss.per_token(s_logp, t_logp).sum()
+            return ce, kd * self.kd_scale if self.kd_scale != 1.0 else kd
+
+        recompute = self.checkpoint_chunks and torch.is_grad_enabled() and h_s.requires_grad
+        ce_total, kd_total = zero, zero.clone()
+        k = min(self.num_output_chunks, n)
+        for i in range(k):
+            start, end = (i * n) // k, ((i + 1) * n) // k
+            t_chunk = tuple(t[start:end] for t in teacher_state) if use_teacher else ()
+            args = (h_s[start:end], tgt[start:end], *t_chunk)
+            ce, kd = checkpoint(chunk_sums, *args, use_reentrant=False) if recompute else chunk_sums(*args)
+            ce_total = ce_total + ce
+            kd_total = kd_total + kd
+        if not use_teacher:
+            return ObjectiveOutput(ce_total, ce_total, None, num_tokens)
+        return ObjectiveOutput(self.mix(ce_total, kd_total), ce_total, kd_total, num_tokens)
+
+    def __repr__(self) -> str:
+        return (
+            f"DistillationObjective(kd_loss={self.kd_loss!r}, teacher={type(self.teacher).__name__ if self.teacher else None}, "
+            f"kd_ratio={self.kd_ratio}, temperature={self.temperature}, "
+            f"scale_by_temperature_squared={self.scale_by_temperature_squared}, "
+            f"num_output_chunks={self.num_output_chunks})"
+        )

@@ -19,7 +19,6 @@ Each save replaces its whole target directory, so keep adapters and full models 
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -74,11 +73,6 @@ _LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def _ensure_families_registered() -> None:
-    """Import ``kdtune.models`` (which imports every family package) so the registry is filled."""
-    importlib.import_module("kdtune.models")
-
-
 def read_hf_config(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``config.json`` of an HF model directory as a dict.
 
@@ -103,7 +97,6 @@ def read_hf_config(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 def family_for_model(model: nn.Module) -> ModelFamily:
     """The ``ModelFamily`` of a kdtune model (from its ``hf_family`` name, else its ``hf_config``)."""
-    _ensure_families_registered()
     name = getattr(model, "hf_family", "") or ""
     families = registered_families()
     if name in families:
@@ -181,7 +174,6 @@ def load_state_dict_shardwise(
     model = _unwrap(model)
     ckpt_dir = Path(checkpoint_dir).expanduser()
     hf_config = read_hf_config(ckpt_dir)
-    _ensure_families_registered()
     family = family_for_hf_config(hf_config, source=str(ckpt_dir / "config.json"))
     model_family = getattr(model, "hf_family", "") or ""
     if model_family and model_family != family.name:

@@ -3,36 +3,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from kdtune.errors import CheckpointError
 from kdtune.models._family import family_for_hf_config
-
-
-def read_hf_config(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """Read ``<checkpoint_dir>/config.json`` with clear errors for a missing directory/file or broken JSON."""
-    ckpt = Path(checkpoint_dir)
-    if not ckpt.is_dir():
-        raise CheckpointError(
-            f"checkpoint directory {str(ckpt)!r} does not exist; download the model first (kdtune download ...) "
-            "or fix the checkpoint_dir setting."
-        )
-    path = ckpt / "config.json"
-    if not path.is_file():
-        present = sorted(p.name for p in ckpt.iterdir())[:20]
-        raise CheckpointError(f"{path}: config.json not found; the directory holds {present}.")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object at top level.")
-    return cfg
+from kdtune.models.checkpointer import read_hf_config
 
 
 def hf_model(checkpoint_dir: str | Path, **lora_kwargs: Any) -> nn.Module:

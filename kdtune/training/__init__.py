@@ -1,31 +1,54 @@
-"""What every recipe must get right, as small tested helpers shared by all recipes.
+"""What every recipe must get right, as small tested helpers shared by all recipes — one module per job:
 
-Token-normalised gradient accumulation and loss mixing (``accumulation``), teacher setup and vocabulary checks
-(``teacher``), LR schedules (``schedules``), precision / device / seed / clipping / memory / NaN guards (``runtime``),
-resume checkpoints (``resume``), metric loggers and the progress bar (``metric_logging``).
-Distributed helpers live in ``kdtune.training.distributed``.
+* ``runtime`` — the :class:`Runtime` (device, dtype, output layout), precision, seeding, clipping, memory, NaN guard,
+  rank queries;
+* ``settings`` — every recipe's typed settings (one declaration read by the recipe, ``kdtune validate`` and the docs);
+* ``setup`` — building components from the config: models (+ LoRA init), tokenizer, optimizer, LR schedule, objective;
+* ``data`` — datasets, validation split, the resumable data order and step arithmetic;
+* ``step`` — token-normalised gradient accumulation and the optimizer step with its NaN/inf guard;
+* ``evaluation`` — validation losses from the objective's sums;
+* ``checkpoints`` — resume checkpoints (atomic, exact) and the final HF / PEFT outputs;
+* ``reporting`` — metric loggers, progress bar, the per-step :class:`Reporter` and the :class:`RunSummary`;
+* ``teacher`` — freezing the teacher, vocabulary compatibility;
+* ``schedules`` — LR schedules;
+* ``distributed`` — torchrun + FSDP2 only (imports the modules above; none of them imports it).
+
+The loss itself — cross-entropy, divergence, temperature, ``kd_ratio``, chunking — is
+:class:`kdtune.losses.DistillationObjective`; nothing here knows how it mixes.
 """
 
-from kdtune.training.accumulation import StepAccumulator, StepMetrics, check_kd_ratio, mix_losses, scale_grads
-from kdtune.training.metric_logging import (
+from kdtune.training.checkpoints import (
+    LoadedState,
+    ResumeCheckpoints,
+    ResumeState,
+    capture_rng_state,
+    restore_rng_state,
+    save_final,
+)
+from kdtune.training.data import DataPosition, TrainData, build_data, to_device
+from kdtune.training.evaluation import evaluate
+from kdtune.training.reporting import (
     DiskLogger,
     MetricLogger,
     ProgressBar,
+    Reporter,
+    RunSummary,
     StdoutLogger,
     TensorBoardLogger,
     WandBLogger,
-    is_rank_zero,
 )
-from kdtune.training.resume import LoadedState, ResumeState, capture_rng_state, restore_rng_state
 from kdtune.training.runtime import (
     NonFiniteLossError,
+    Runtime,
     check_finite,
     clip_grad_norm,
     get_device,
     get_dtype,
+    is_rank_zero,
     peak_memory,
     reset_peak_memory,
     set_seed,
+    setup_runtime,
 )
 from kdtune.training.schedules import (
     get_constant_schedule_with_warmup,
@@ -33,39 +56,68 @@ from kdtune.training.schedules import (
     get_linear_schedule_with_warmup,
     resolve_warmup_steps,
 )
+from kdtune.training.setup import (
+    build_lr_scheduler,
+    build_model,
+    build_objective,
+    build_optimizer,
+    build_tokenizer,
+    is_lora_model,
+    trainable_parameters,
+)
+from kdtune.training.step import StepAccumulator, StepMetrics, StepResult, due, optimizer_step, scale_grads
 from kdtune.training.teacher import assert_frozen, check_vocab_compatibility, param_fingerprint, setup_teacher
 
 __all__ = [
+    "DataPosition",
     "DiskLogger",
     "LoadedState",
     "MetricLogger",
     "NonFiniteLossError",
     "ProgressBar",
+    "Reporter",
+    "ResumeCheckpoints",
     "ResumeState",
+    "RunSummary",
+    "Runtime",
     "StdoutLogger",
     "StepAccumulator",
     "StepMetrics",
+    "StepResult",
     "TensorBoardLogger",
+    "TrainData",
     "WandBLogger",
     "assert_frozen",
+    "build_data",
+    "build_lr_scheduler",
+    "build_model",
+    "build_objective",
+    "build_optimizer",
+    "build_tokenizer",
     "capture_rng_state",
     "check_finite",
-    "check_kd_ratio",
     "check_vocab_compatibility",
     "clip_grad_norm",
+    "due",
+    "evaluate",
     "get_constant_schedule_with_warmup",
     "get_cosine_schedule_with_warmup",
     "get_device",
     "get_dtype",
     "get_linear_schedule_with_warmup",
+    "is_lora_model",
     "is_rank_zero",
-    "mix_losses",
+    "optimizer_step",
     "param_fingerprint",
     "peak_memory",
     "reset_peak_memory",
     "resolve_warmup_steps",
     "restore_rng_state",
+    "save_final",
     "scale_grads",
     "set_seed",
+    "setup_runtime",
     "setup_teacher",
+    "to_device",
+    "trainable_parameters",
 ]

@@ -1,4 +1,6 @@
-"""Precision, device, seeding, gradient clipping, memory and NaN/inf guards."""
+"""Where and how a recipe computes: the :class:`Runtime` (device, dtype, output layout), precision, device, seeding,
+gradient clipping, memory and NaN/inf guards, and which process this is (rank queries that work with or without a
+process group)."""
 
 from __future__ import annotations
 
@@ -8,14 +10,25 @@ import random
 import resource
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
 from torch import Tensor
 
+from kdtune.config import save_config
 from kdtune.errors import ConfigError, KDTuneError
 
 __all__ = [
     "NonFiniteLossError",
+    "Runtime",
+    "get_rank",
+    "get_world_size",
+    "is_distributed",
+    "is_rank_zero",
+    "setup_runtime",
     "check_finite",
     "clip_grad_norm",
     "get_device",
@@ -204,3 +217,91 @@ def check_finite(value: Tensor | float, step: int, name: str = "loss", last_chec
         f"{name} is {v} at step {step}{where}: lower the learning rate, enable gradient clipping (clip_grad_norm=1.0) "
         "or use dtype=fp32, then resume"
     )
+
+
+@dataclass
+class Runtime:
+    """Where and how a recipe computes: the device, the parameter/compute dtype and the output layout.
+
+    Attributes:
+        device: the torch device models and batches live on.
+        dtype: parameter and compute dtype (fp32 or bf16).
+        output_dir: the run's output directory (created).
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    output_dir: Path
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """``output_dir/checkpoints``: one ``step_N`` resume directory per save."""
+        return self.output_dir / "checkpoints"
+
+    @property
+    def final_dir(self) -> Path:
+        """``output_dir/final``: the HF-format model written at the end."""
+        return self.output_dir / "final"
+
+    @property
+    def final_adapter_dir(self) -> Path:
+        """``output_dir/final_adapter``: the PEFT adapter written at the end of a LoRA run."""
+        return self.output_dir / "final_adapter"
+
+    @property
+    def logs_dir(self) -> Path:
+        """``output_dir/logs``: metric logs (JSON lines)."""
+        return self.output_dir / "logs"
+
+
+def setup_runtime(
+    device: str,
+    dtype: str,
+    output_dir: str,
+    seed: int,
+    deterministic: bool = False,
+    *,
+    cfg: DictConfig | None = None,
+    save_config_file: bool = True,
+) -> Runtime:
+    """Seed everything, resolve device and dtype, create the output directory and save the resolved config there.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: ``fp32`` or ``bf16`` (fp16 is refused by :func:`kdtune.training.get_dtype`).
+        output_dir: the run's output directory.
+        seed: the global seed.
+        deterministic: whether to force deterministic algorithms.
+        cfg: the run's config, saved (resolved) as ``output_dir/config.yaml``.
+        save_config_file: set False on non-zero ranks.
+
+    Returns:
+        The :class:`Runtime`.
+    """
+    set_seed(seed, deterministic=deterministic)
+    dev = get_device(device)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg is not None and save_config_file:
+        save_config(cfg, out / "config.yaml")
+    return Runtime(device=dev, dtype=get_dtype(dtype, dev), output_dir=out)
+
+
+def is_distributed() -> bool:
+    """True when a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """Global rank: the process group's when one exists, else ``RANK`` (torchrun sets it before the group), else 0."""
+    return dist.get_rank() if is_distributed() else int(os.environ.get("RANK", "0"))
+
+
+def get_world_size() -> int:
+    """Number of processes in the process group (1 without one)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_rank_zero() -> bool:
+    """True on global rank 0 and in a non-distributed run (the process that logs and writes single-writer files)."""
+    return get_rank() == 0

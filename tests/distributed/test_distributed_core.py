@@ -74,7 +74,7 @@ def test_sharded_checkpoint_resume_is_exact(core_results: list[dict]) -> None:
 
 def test_sampler_shares_equal_single_process_global_batches() -> None:
     """builders.ResumableSampler: W ranks x micro-batch B see, step for step, one process's micro-batch W*B."""
-    from kdtune.training.builders import ResumableSampler
+    from kdtune.training.data import ResumableSampler
 
     n, W, B = 24, 2, 3
     for epoch in (0, 1):

@@ -1,4 +1,4 @@
-"""KD losses vs float64 formulas written here (values and gradients), masking, chunking, temperature convention."""
+"""KD divergences (``per_token`` on tempered log-probabilities) vs float64 formulas written here, values and gradients."""
 
 import math
 
@@ -7,6 +7,7 @@ import torch
 
 import kdtune.losses as L
 from kdtune.errors import ConfigError
+from kdtune.losses import functional as KF
 
 V = 37
 
@@ -21,7 +22,7 @@ def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p * (torch.log(p) - torch.log(q))).sum(-1)
 
 
-# Reference per-token divergences from the textbook definitions, in probability space.
+# Reference per-token divergences from the textbook definitions, in probability space, on raw logits.
 def ref_forward(s, t, T, **_):
     return _kl(_probs(t, T), _probs(s, T))
 
@@ -61,208 +62,175 @@ def ref_tvd(s, t, T, **_):
 
 
 CASES = [
-    (L.ForwardKLLoss, L.forward_kl, ref_forward, {}),
-    (L.ReverseKLLoss, L.reverse_kl, ref_reverse, {}),
-    (L.SymmetricKLLoss, L.symmetric_kl, ref_symmetric, {}),
-    (L.JSDLoss, L.generalized_jsd, ref_jsd, {"beta": 0.5}),
-    (L.JSDLoss, L.generalized_jsd, ref_jsd, {"beta": 0.1}),
-    (L.JSDLoss, L.generalized_jsd, ref_jsd, {"beta": 0.9, "normalize": False}),
-    (L.JSDLoss, L.generalized_jsd, ref_jsd, {"beta": 0.0}),
-    (L.JSDLoss, L.generalized_jsd, ref_jsd, {"beta": 1.0}),
-    (L.SkewForwardKLLoss, L.skew_forward_kl, ref_skew_fwd, {"alpha": 0.1}),
-    (L.SkewReverseKLLoss, L.skew_reverse_kl, ref_skew_rev, {"alpha": 0.3}),
-    (L.TVDLoss, L.total_variation, ref_tvd, {}),
+    (L.ForwardKLLoss, KF.forward_kl, ref_forward, {}),
+    (L.ReverseKLLoss, KF.reverse_kl, ref_reverse, {}),
+    (L.SymmetricKLLoss, KF.symmetric_kl, ref_symmetric, {}),
+    (L.JSDLoss, KF.generalized_jsd, ref_jsd, {"beta": 0.5}),
+    (L.JSDLoss, KF.generalized_jsd, ref_jsd, {"beta": 0.1}),
+    (L.JSDLoss, KF.generalized_jsd, ref_jsd, {"beta": 0.9, "normalize": False}),
+    (L.JSDLoss, KF.generalized_jsd, ref_jsd, {"beta": 0.0}),
+    (L.JSDLoss, KF.generalized_jsd, ref_jsd, {"beta": 1.0}),
+    (L.SkewForwardKLLoss, KF.skew_forward_kl, ref_skew_fwd, {"alpha": 0.1}),
+    (L.SkewForwardKLLoss, KF.skew_forward_kl, ref_skew_fwd, {"alpha": 0.0}),
+    (L.SkewReverseKLLoss, KF.skew_reverse_kl, ref_skew_rev, {"alpha": 0.3}),
+    (L.SkewReverseKLLoss, KF.skew_reverse_kl, ref_skew_rev, {"alpha": 0.0}),
+    (L.TVDLoss, KF.total_variation, ref_tvd, {}),
 ]
 IDS = [f"{c[0].__name__}{c[3]}" for c in CASES]
 
 
-def _data(dtype=torch.float64, B=2, T=5):
+def _data(dtype=torch.float64, n=10):
     g = torch.Generator().manual_seed(1)
-    s = (torch.randn(B, T, V, generator=g) * 2).to(dtype)
-    t = (torch.randn(B, T, V, generator=g) * 2).to(dtype)
-    labels = torch.randint(0, V, (B, T), generator=g)
-    labels[0, :2] = -100
-    labels[1, -1] = -100
-    return s, t, labels
+    s = (torch.randn(n, V, generator=g) * 2).to(dtype)
+    t = (torch.randn(n, V, generator=g) * 2).to(dtype)
+    return s, t
 
 
-def _ref_sum(ref, s, t, labels, T, kw, scale_t2=True):
-    per = ref(s, t, T, **kw)
-    mask = labels != -100
-    return per[mask].sum() * (T**2 if scale_t2 else 1.0)
+def _per_token(cls, kw, s, t, T):
+    """The divergence as the objective computes it: on tempered log-probabilities of both sides."""
+    return cls(**kw).per_token(KF.log_probs(s, T), KF.log_probs(t, T))
 
 
 @pytest.mark.parametrize("cls,fn,ref,kw", CASES, ids=IDS)
-@pytest.mark.parametrize("T", [1.0, 2.5])
+@pytest.mark.parametrize("T", [1.0, 2.0])
 def test_value_and_grad_vs_float64_formula(cls, fn, ref, kw, T):
-    s, t, labels = _data()
-    s1 = s.clone().requires_grad_(True)
-    s2 = s.clone().requires_grad_(True)
-    t1 = t.clone().requires_grad_(True)
-    t2 = t.clone().requires_grad_(True)
-    got = fn(s1, t1, labels, temperature=T, **kw)
-    want = _ref_sum(ref, s2, t2, labels, T, kw)
+    s, t = _data()
+    s1, t1 = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    s2, t2 = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    got = _per_token(cls, kw, s1, t1, T)
+    want = ref(s2, t2, T, **kw)
+    assert got.shape == (s.shape[0],) and got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    got.backward()
-    want.backward()
+    w = torch.linspace(0.5, 1.5, s.shape[0], dtype=torch.float64)  # a non-uniform upstream gradient
+    (got * w).sum().backward()
+    (want * w).sum().backward()
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(t1.grad, t2.grad, rtol=1e-9, atol=1e-12)
-    # the module wrapper: mean over valid tokens
-    mod = cls(temperature=T, **kw)
-    n = (labels != -100).sum()
-    torch.testing.assert_close(mod(s, t, labels), want.detach() / n, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(
-        cls(temperature=T, reduction="sum", **kw)(s, t, labels), want.detach(), rtol=1e-10, atol=1e-12
-    )
+    # the functional form is exactly the class's computation
+    fn_kw = {"beta": kw.get("beta", 0.5), "normalize": kw.get("normalize", True)} if cls is L.JSDLoss else kw
+    torch.testing.assert_close(fn(KF.log_probs(s, T), KF.log_probs(t, T), **fn_kw), got.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cls,fn,ref,kw", CASES, ids=IDS)
-def test_fp32_and_bf16_inputs_upcast(cls, fn, ref, kw):
-    s, t, labels = _data()
-    want = _ref_sum(ref, s, t, labels, 2.0, kw)
-    got32 = fn(s.float(), t.float(), labels, temperature=2.0, **kw)
+def test_fp32_and_bf16_logits_upcast_in_log_probs(cls, fn, ref, kw):
+    s, t = _data()
+    want = ref(s, t, 2.0, **kw)
+    s32, t32 = KF.log_probs(s.float(), 2.0), KF.log_probs(t.float(), 2.0)
+    assert s32.dtype == t32.dtype == torch.float32
+    got32 = cls(**kw).per_token(s32, t32)
     assert got32.dtype == torch.float32
     torch.testing.assert_close(got32.double(), want, rtol=2e-5, atol=1e-5)
     sb, tb = s.bfloat16(), t.bfloat16()
-    gotb = fn(sb, tb, labels, temperature=2.0, **kw)
-    assert gotb.dtype == torch.float32  # computed in fp32 from bf16 logits
-    torch.testing.assert_close(
-        gotb.double(), _ref_sum(ref, sb.double(), tb.double(), labels, 2.0, kw), rtol=1e-5, atol=1e-5
-    )
+    sb_lp, tb_lp = KF.log_probs(sb, 2.0), KF.log_probs(tb, 2.0)
+    assert sb_lp.dtype == tb_lp.dtype == torch.float32  # computed in fp32 from bf16 logits
+    gotb = cls(**kw).per_token(sb_lp, tb_lp)
+    assert gotb.dtype == torch.float32
+    torch.testing.assert_close(gotb.double(), ref(sb.double(), tb.double(), 2.0, **kw), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cls,fn,ref,kw", CASES, ids=IDS)
 def test_identical_distributions_give_zero(cls, fn, ref, kw):
-    s, _, labels = _data(torch.float32)
+    s, _ = _data(torch.float32)
     s = s.requires_grad_(True)
-    out = fn(s, s.detach().clone(), labels, temperature=1.7, **kw)
-    assert abs(out.item()) < 1e-5
-    out.backward()
+    out = _per_token(cls, kw, s, s.detach().clone(), 1.7)
+    assert out.abs().max().item() < 1e-5
+    out.sum().backward()
     assert s.grad.abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("cls,fn,ref,kw", CASES, ids=IDS)
-def test_all_masked_is_zero_without_nan(cls, fn, ref, kw):
-    s, t, labels = _data(torch.float32)
-    s = s.requires_grad_(True)
-    labels = torch.full_like(labels, -100)
-    for loss in (cls(**kw)(s, t, labels), cls(num_output_chunks=3, **kw)(s, t, labels), fn(s, t, labels, **kw)):
-        assert loss.item() == 0.0
-        (grad,) = torch.autograd.grad(loss, s)
-        assert torch.isfinite(grad).all() and grad.abs().max() == 0
+def test_log_probs_temperature_and_dtypes():
+    s, _ = _data()
+    T = 3.0
+    torch.testing.assert_close(KF.log_probs(s, T), torch.log_softmax(s / T, dim=-1), rtol=0, atol=0)
+    torch.testing.assert_close(KF.log_probs(s), torch.log_softmax(s, dim=-1), rtol=0, atol=0)
+    assert KF.log_probs(s, T).dtype == torch.float64  # fp64 stays fp64
+    assert KF.log_probs(s.half(), T).dtype == torch.float32
+    assert KF.check_temperature(2) == 2.0 and isinstance(KF.check_temperature(2), float)
 
 
-@pytest.mark.parametrize("cls,fn,ref,kw", CASES, ids=IDS)
-def test_chunked_equals_unchunked(cls, fn, ref, kw):
-    s, t, labels = _data(torch.float64, B=2, T=9)
+def test_scaled_forward_kl_gradient_is_t_times_prob_difference():
+    # T² · KL(p_t‖p_s) at temperature T has gradient T (p_s − p_t) w.r.t. the student logits (Hinton et al. 2015)
+    s, t = _data()
+    T = 3.0
     s1 = s.clone().requires_grad_(True)
-    s2 = s.clone().requires_grad_(True)
-    whole = cls(temperature=2.0, **kw)(s1, t, labels)
-    chunked = cls(temperature=2.0, num_output_chunks=4, **kw)(s2, t, labels)
-    torch.testing.assert_close(whole, chunked, rtol=1e-12, atol=1e-14)
-    whole.backward()
-    chunked.backward()
-    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-12, atol=1e-14)
-    # lists of chunks (torchtune convention) give the same value
-    s_list, t_list = list(s.chunk(3, dim=1)), list(t.chunk(3, dim=1))
-    torch.testing.assert_close(
-        cls(temperature=2.0, **kw)(s_list, t_list, labels), whole.detach(), rtol=1e-12, atol=1e-14
-    )
-
-
-def test_forward_kl_with_chunked_output_loss_torchtune_name():
-    s, t, labels = _data(torch.float32, T=16)
-    loss = L.ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
-    assert loss.num_output_chunks == 8
-    torch.testing.assert_close(
-        loss(list(s.chunk(8, dim=1)), list(t.chunk(8, dim=1)), labels), L.ForwardKLLoss()(s, t, labels)
-    )
+    (T**2 * _per_token(L.ForwardKLLoss, {}, s1, t, T).sum()).backward()
+    torch.testing.assert_close(s1.grad, T * (_probs(s, T) - _probs(t, T)))
 
 
 def test_forward_kl_is_true_kl_not_cross_entropy():
     # torchtune's variant returns -Σ p_t log p_s (a cross-entropy, > 0 for identical inputs); ours is a KL.
-    s, t, labels = _data()
+    s, t = _data()
     pt = _probs(t, 1.0)
     ce = -(pt * torch.log(_probs(s, 1.0))).sum(-1)
     ent = -(pt * torch.log(pt)).sum(-1)
-    mask = labels != -100
-    torch.testing.assert_close(L.forward_kl(s, t, labels), (ce - ent)[mask].sum())
-
-
-def test_temperature_convention():
-    s, t, labels = _data()
-    T = 3.0
-    raw = L.forward_kl(s, t, labels, temperature=T, scale_by_temperature_squared=False)
-    scaled = L.forward_kl(s, t, labels, temperature=T)
-    # logits are divided by T ...
-    torch.testing.assert_close(raw, L.forward_kl(s / T, t / T, labels))
-    # ... and the T² factor is on by default
-    torch.testing.assert_close(scaled, raw * T**2)
-    # gradient of the scaled loss w.r.t. the student logits is T (p_s - p_t) per valid token
-    s1 = s.clone().requires_grad_(True)
-    L.forward_kl(s1, t, labels, temperature=T).backward()
-    expect = T * (_probs(s, T) - _probs(t, T)) * (labels != -100).unsqueeze(-1)
-    torch.testing.assert_close(s1.grad, expect)
-    assert L.ForwardKLLoss(temperature=T).scale == pytest.approx(T**2)
-    assert L.ForwardKLLoss(temperature=T, scale_by_temperature_squared=False).scale == 1.0
+    torch.testing.assert_close(_per_token(L.ForwardKLLoss, {}, s, t, 1.0), ce - ent)
+    assert (ce > 0.1).all()  # ... so the identical-distribution zero above really distinguishes the two
 
 
 def test_jsd_limits_are_forward_and_reverse_kl():
-    s, t, labels = _data()
-    fwd, rev = L.forward_kl(s, t, labels), L.reverse_kl(s, t, labels)
-    torch.testing.assert_close(L.generalized_jsd(s, t, labels, beta=0.0), fwd)
-    torch.testing.assert_close(L.generalized_jsd(s, t, labels, beta=1.0), rev)
+    s, t = _data()
+    fwd = _per_token(L.ForwardKLLoss, {}, s, t, 1.0)
+    rev = _per_token(L.ReverseKLLoss, {}, s, t, 1.0)
+    torch.testing.assert_close(_per_token(L.JSDLoss, {"beta": 0.0}, s, t, 1.0), fwd)
+    torch.testing.assert_close(_per_token(L.JSDLoss, {"beta": 1.0}, s, t, 1.0), rev)
     # the normalised family is continuous at the end points
-    torch.testing.assert_close(L.generalized_jsd(s, t, labels, beta=1e-6), fwd, rtol=1e-4, atol=0)
-    torch.testing.assert_close(L.generalized_jsd(s, t, labels, beta=1 - 1e-6), rev, rtol=1e-4, atol=0)
+    torch.testing.assert_close(_per_token(L.JSDLoss, {"beta": 1e-6}, s, t, 1.0), fwd, rtol=1e-4, atol=0)
+    torch.testing.assert_close(_per_token(L.JSDLoss, {"beta": 1 - 1e-6}, s, t, 1.0), rev, rtol=1e-4, atol=0)
     # unnormalised β = 0.5 is the classic Jensen-Shannon divergence ≤ log 2 per token
-    per = L.generalized_jsd_per_token(s, t, beta=0.5, normalize=False)
-    assert (per <= math.log(2) + 1e-12).all()
+    per = _per_token(L.JSDLoss, {"beta": 0.5, "normalize": False}, s, t, 1.0)
+    assert (per <= math.log(2) + 1e-12).all() and (per > 0).all()
 
 
 def test_skew_alpha_zero_is_plain_kl():
-    s, t, labels = _data()
-    torch.testing.assert_close(L.skew_forward_kl(s, t, labels, alpha=0.0), L.forward_kl(s, t, labels))
-    torch.testing.assert_close(L.skew_reverse_kl(s, t, labels, alpha=0.0), L.reverse_kl(s, t, labels))
+    s, t = _data()
+    torch.testing.assert_close(
+        _per_token(L.SkewForwardKLLoss, {"alpha": 0.0}, s, t, 1.0), _per_token(L.ForwardKLLoss, {}, s, t, 1.0)
+    )
+    torch.testing.assert_close(
+        _per_token(L.SkewReverseKLLoss, {"alpha": 0.0}, s, t, 1.0), _per_token(L.ReverseKLLoss, {}, s, t, 1.0)
+    )
 
 
-def test_masked_positions_with_inf_logits_do_not_leak():
-    s, t, labels = _data(torch.float32)
-    s[0, 0] = float("nan")  # an ignored position
-    assert labels[0, 0] == -100
-    assert torch.isfinite(L.forward_kl(s, t, labels))
+# Divergences that stay finite when the teacher puts zero mass on some tokens (reverse / symmetric KL and
+# skew reverse KL at α = 0 are genuinely infinite there).
+FINITE_WITH_ZERO_TEACHER_MASS = [
+    (L.ForwardKLLoss, {}),
+    (L.JSDLoss, {"beta": 0.5}),
+    (L.JSDLoss, {"beta": 0.0}),
+    (L.JSDLoss, {"beta": 0.9, "normalize": False}),
+    (L.SkewForwardKLLoss, {"alpha": 0.1}),
+    (L.SkewReverseKLLoss, {"alpha": 0.3}),
+    (L.TVDLoss, {}),
+]
 
 
-def test_teacher_with_minus_inf_logits_is_finite():
-    s, t, labels = _data()
+@pytest.mark.parametrize(
+    "cls,kw", FINITE_WITH_ZERO_TEACHER_MASS, ids=[f"{c.__name__}{k}" for c, k in FINITE_WITH_ZERO_TEACHER_MASS]
+)
+def test_teacher_with_minus_inf_logits_is_finite(cls, kw):
+    s, t = _data()
     t[..., -3:] = float("-inf")  # e.g. a teacher that masks some tokens
     s1 = s.clone().requires_grad_(True)
-    out = L.forward_kl(s1, t, labels)
-    out.backward()
-    assert torch.isfinite(out) and torch.isfinite(s1.grad).all()
+    out = _per_token(cls, kw, s1, t, 2.0)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(s1.grad).all()
     tt = t.clone()
     tt[..., -3:] = -1e4  # same distribution with finite logits
-    torch.testing.assert_close(out.detach(), L.forward_kl(s, tt, labels))
-
-
-def test_cross_entropy_sum_and_modules():
-    s, _, labels = _data()
-    ref = torch.nn.functional.cross_entropy(s.reshape(-1, V), labels.reshape(-1), reduction="sum")
-    torch.testing.assert_close(L.cross_entropy_sum(s, labels), ref)
-    n = (labels != -100).sum()
-    torch.testing.assert_close(L.CrossEntropyLoss()(s, labels), ref / n)
-    torch.testing.assert_close(L.CEWithChunkedOutputLoss(num_output_chunks=2)(list(s.chunk(2, dim=1)), labels), ref / n)
-    assert L.CrossEntropyLoss()(s, torch.full_like(labels, -100)).item() == 0.0
+    torch.testing.assert_close(out.detach(), _per_token(cls, kw, s, tt, 2.0))
 
 
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: L.ForwardKLLoss(temperature=0.0),
-        lambda: L.ForwardKLLoss(reduction="avg"),
         lambda: L.JSDLoss(beta=1.5),
+        lambda: L.JSDLoss(beta=-0.1),
         lambda: L.SkewForwardKLLoss(alpha=1.0),
-        lambda: L.ForwardKLWithChunkedOutputLoss(num_output_chunks=0),
+        lambda: L.SkewReverseKLLoss(alpha=1.0),
+        lambda: L.SkewForwardKLLoss(alpha=-0.5),
+        lambda: KF.check_temperature(0.0),
+        lambda: KF.check_temperature(-1.0),
+        lambda: KF.check_temperature(float("nan")),
+        lambda: KF.check_temperature(True),
     ],
 )
 def test_bad_settings_raise_config_error(make):
@@ -270,7 +238,40 @@ def test_bad_settings_raise_config_error(make):
         make()
 
 
-def test_shape_mismatch_is_explained():
-    s, t, labels = _data()
-    with pytest.raises(ValueError, match="slice a padded teacher"):
-        L.ForwardKLLoss()(s, torch.cat([t, t[..., :3]], dim=-1), labels)
+@pytest.mark.parametrize("method", ["forward", "__call__", "loss_sum"])
+def test_divergence_subclass_defining_a_method_kdtune_never_calls_is_refused(method):
+    def per_token(self, student_logp, teacher_logp):
+        return KF.forward_kl(student_logp, teacher_logp)
+
+    def extra(self, *args, **kwargs):
+        return torch.zeros(())
+
+    with pytest.raises(TypeError, match=f"defines {method}"):
+        type("BadLoss", (L.Divergence,), {"per_token": per_token, method: extra})
+    # a class statement is refused the same way
+    with pytest.raises(TypeError, match="never calls"):
+
+        class _Bad(L.Divergence):
+            def per_token(self, student_logp, teacher_logp):
+                return KF.forward_kl(student_logp, teacher_logp)
+
+            def forward(self, student_logits, teacher_logits, labels):
+                return torch.zeros(())
+
+
+def test_a_divergence_subclass_needs_only_per_token():
+    class HellingerLoss(L.Divergence):
+        def per_token(self, student_logp, teacher_logp):
+            return 1 - (0.5 * (student_logp + teacher_logp)).exp().sum(-1)
+
+    s, t = _data()
+    ps, pt = _probs(s, 2.0), _probs(t, 2.0)
+    torch.testing.assert_close(_per_token(HellingerLoss, {}, s, t, 2.0), 1 - (ps * pt).sqrt().sum(-1))
+    with pytest.raises(NotImplementedError):
+        L.Divergence().per_token(KF.log_probs(s), KF.log_probs(t))
+    assert repr(L.JSDLoss(beta=0.3)) == "JSDLoss(beta=0.3, normalize=True)"
+
+
+def test_forward_kl_with_chunked_output_loss_is_forward_kl():
+    # torchtune's name, kept for migrated configs; chunking is the objective's num_output_chunks
+    assert L.ForwardKLWithChunkedOutputLoss is L.ForwardKLLoss

@@ -58,7 +58,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_hf_model(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="config.json not found"):
+    with pytest.raises(CheckpointError, match="has no config.json"):
         load_hf_model(tmp_path / "empty")
     path = _tiny(tmp_path)
     cfg = json.loads((path / "config.json").read_text())

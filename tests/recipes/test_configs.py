@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from kdtune.config import load_config, read_settings, validate
-from kdtune.training.recipe_settings import FinetuneSettings, KDSettings, LoRAFinetuneSettings
+from kdtune.training.settings import FinetuneSettings, KDSettings, LoRAFinetuneSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml"))
@@ -46,9 +46,33 @@ def test_single_device_configs_read_into_settings(path: Path) -> None:
         ("qwen2/knowledge_distillation_single_device", "qwen2/kd"),
     ],
 )
-def test_tutorial_config_names_are_identical_copies(alias: str, original: str) -> None:
-    a, b = (ROOT / "configs" / f"{n}.yaml" for n in (alias, original))
-    assert a.read_text() == b.read_text()
+def test_tutorial_config_names_are_aliases_of_the_originals(alias: str, original: str) -> None:
+    """The torchtune tutorial's names are two-line `extends:` aliases (not copies that drift) loading the same keys."""
+    from omegaconf import OmegaConf
+
+    from kdtune.config import load_config
+    from kdtune.config._catalog import list_configs
+
+    assert f"extends: {original}" in (ROOT / "configs" / f"{alias}.yaml").read_text()
+    assert OmegaConf.to_container(load_config(alias)) == OmegaConf.to_container(load_config(original))
+    recipes = {c.name: c.recipe for c in list_configs()}
+    assert recipes[alias] == recipes[original]
+
+
+def test_extends_cycle_and_bad_value_are_clear_errors(tmp_path) -> None:
+    from kdtune.config import load_config
+    from kdtune.errors import ConfigError
+
+    (tmp_path / "a.yaml").write_text(f"extends: {tmp_path / 'b.yaml'}\nx: 1\n")
+    (tmp_path / "b.yaml").write_text(f"extends: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: [1, 2]\n")
+    with pytest.raises(ConfigError, match="extends must name one config"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: llama3_2/kd\nkd_ratio: 0.25\n")
+    cfg = load_config(tmp_path / "d.yaml")
+    assert cfg.kd_ratio == 0.25 and cfg.recipe == "knowledge_distillation_single_device" and "extends" not in cfg
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
@@ -81,11 +105,11 @@ def test_recipe_docs_list_every_key() -> None:
 
 
 def test_recipe_docs_are_generated_from_settings() -> None:
-    from kdtune.training.recipe_settings import RECIPES, recipe_doc
+    from kdtune.training.settings import RECIPES, recipe_doc
 
     for name in RECIPES:
         assert (ROOT / "docs" / "recipes" / f"{name}.md").read_text() == recipe_doc(name), (
-            "stale docs: run `python -m kdtune.training.recipe_settings docs/recipes`"
+            "stale docs: run `python -m kdtune.training.settings docs/recipes`"
         )
 
 

@@ -269,8 +269,8 @@ def test_first_step_losses_match_an_independent_float64_reference(tiny, tiny_cfg
 
     from kdtune.config import read_settings
     from kdtune.data import load_hf_tokenizer
-    from kdtune.training import builders as B
-    from kdtune.training.recipe_settings import KDSettings
+    from kdtune.training import build_data
+    from kdtune.training.settings import KDSettings
 
     kd = recipe("knowledge_distillation_single_device")
     extra = ["max_steps=1", "batch_size=2", "gradient_accumulation_steps=2", "kd_ratio=0.3", "temperature=2.0"]
@@ -278,7 +278,7 @@ def test_first_step_losses_match_an_independent_float64_reference(tiny, tiny_cfg
     summary = kd.train(cfg)
     # the same micro-batches, rebuilt from the same settings
     s = read_settings(KDSettings, cfg)
-    _, micro_batches = next(B.build_data(s, load_hf_tokenizer(tiny["student"], max_seq_len=128)).steps())
+    _, micro_batches = next(build_data(s, load_hf_tokenizer(tiny["student"], max_seq_len=128)).steps())
     student = AutoModelForCausalLM.from_pretrained(tiny["student"]).double().eval()
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher_padded"]).double().eval()
     ce_sum = kl_sum = 0.0

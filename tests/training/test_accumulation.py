@@ -7,8 +7,9 @@ import torch
 
 import kdtune.losses as L
 from kdtune.errors import ConfigError
+from kdtune.losses import DistillationObjective, ObjectiveOutput
 from kdtune.models.llama import llama
-from kdtune.training import StepAccumulator, check_kd_ratio, mix_losses, scale_grads, setup_teacher
+from kdtune.training import StepAccumulator, scale_grads, setup_teacher
 
 V = 64
 
@@ -37,18 +38,11 @@ def _data():
 def _step(student, teacher, tokens, labels, micro, kd_ratio=0.5, all_reduce=None, factor=1.0):
     student.zero_grad(set_to_none=True)
     acc = StepAccumulator(student, all_reduce=all_reduce, grad_average_factor=factor)
-    kd_loss = L.ForwardKLLoss(temperature=2.0)
+    objective = DistillationObjective(
+        L.ForwardKLLoss(), teacher=teacher, kd_ratio=kd_ratio, temperature=2.0, num_output_chunks=3
+    )
     for i in range(0, tokens.shape[0], micro):
-        tb, lb = tokens[i : i + micro], labels[i : i + micro]
-        with torch.no_grad():
-            th = teacher(tb, return_hidden=True)
-        out = L.distillation_objective(student(tb, return_hidden=True), th, student, teacher, lb, kd_loss, kd_ratio, 3)
-        acc.backward(
-            mix_losses(out.class_loss_sum, out.kd_loss_sum, kd_ratio),
-            out.num_tokens,
-            class_loss_sum=out.class_loss_sum,
-            kd_loss_sum=out.kd_loss_sum,
-        )
+        acc.backward(objective(student, {"tokens": tokens[i : i + micro], "labels": labels[i : i + micro]}))
     return acc, [p.grad.clone() for p in student.parameters()]
 
 
@@ -119,15 +113,21 @@ def test_simulated_two_ranks_with_all_reduce_and_averaging():
     assert metrics.num_tokens == int((labels[:, 1:] != -100).sum())
 
 
-def test_mix_losses_and_kd_ratio_checks():
+def test_objective_mix_and_kd_ratio_checks():
+    _, teacher = _models()
+
+    def mix(ratio):
+        return DistillationObjective(L.ForwardKLLoss(), teacher=teacher, kd_ratio=ratio).mix
+
     c, k = torch.tensor(2.0), torch.tensor(6.0)
-    assert mix_losses(c, k, 0.25).item() == pytest.approx(0.75 * 2 + 0.25 * 6)
+    assert mix(0.25)(c, k).item() == pytest.approx(0.75 * 2 + 0.25 * 6)
     nan = torch.tensor(float("nan"))
-    assert mix_losses(c, nan, 0.0).item() == 2.0  # unused term dropped, not multiplied by 0
-    assert mix_losses(nan, k, 1.0).item() == 6.0
+    assert mix(0.0)(c, nan).item() == 2.0  # unused term dropped, not multiplied by 0
+    assert mix(1.0)(nan, k).item() == 6.0
+    assert DistillationObjective().mix(c, nan).item() == 2.0  # fine-tuning: cross-entropy only
     for bad in (-0.1, 1.5, "0.5", True):
         with pytest.raises(ConfigError, match="kd_ratio"):
-            check_kd_ratio(bad)
+            DistillationObjective(L.ForwardKLLoss(), teacher=teacher, kd_ratio=bad)
 
 
 def test_scale_grads_and_empty_step():
@@ -137,7 +137,7 @@ def test_scale_grads_and_empty_step():
     scale_grads(lin, 0.5)
     torch.testing.assert_close(lin.weight.grad, before * 0.5)
     acc = StepAccumulator(lin)
-    acc.add(torch.zeros(()), 0)
+    acc.add(ObjectiveOutput(torch.zeros(()), torch.zeros(()), None, torch.tensor(0)))
     m = acc.finish()
     assert m.num_tokens == 0 and m.loss == 0.0 and math.isnan(m.kd_loss)
     with pytest.raises(RuntimeError):

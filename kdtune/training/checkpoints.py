@@ -1,4 +1,6 @@
-"""Resume checkpoints: everything needed to continue a run exactly, one directory per saved step.
+"""Checkpoints of a run: resume checkpoints (everything needed to continue exactly, one directory per saved step),
+the recipe-level :class:`ResumeCheckpoints` that saves/restores model, optimizer, schedule, RNG and data position, and
+the final outputs (``final/`` HF model, ``final_adapter/`` PEFT adapter).
 
 Layout (``<output_dir>/resume/step_00000120/``):
 
@@ -16,6 +18,7 @@ checkpoints are kept.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -26,11 +29,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdtune.errors import CheckpointError
+from kdtune.errors import CheckpointError, ConfigError
+from kdtune.training.data import DataPosition, TrainData
+from kdtune.training.runtime import Runtime
+from kdtune.training.setup import is_lora_model
 
-__all__ = ["ResumeState", "LoadedState", "capture_rng_state", "restore_rng_state"]
+log = logging.getLogger("kdtune")
+
+__all__ = [
+    "DATA_ORDER_KEYS",
+    "LoadedState",
+    "ResumeCheckpoints",
+    "ResumeState",
+    "capture_rng_state",
+    "check_same_data_order",
+    "restore_rng_state",
+    "save_final",
+]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _FORMAT_VERSION = 1
@@ -97,8 +115,6 @@ def _trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _config_to_yaml(config: Any) -> str:
-    from omegaconf import OmegaConf  # noqa: PLC0415
-
     if not OmegaConf.is_config(config):
         config = OmegaConf.create(config)
     return OmegaConf.to_yaml(config, resolve=False)
@@ -256,8 +272,6 @@ class ResumeState:
             extra=meta.get("extra", {}),
         )
         if (path / "config.yaml").is_file():
-            from omegaconf import OmegaConf  # noqa: PLC0415
-
             loaded.config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False)
         if (path / "model.pt").is_file():
             loaded.model_state_dict = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
@@ -298,3 +312,105 @@ class ResumeState:
         except RuntimeError as e:
             first = str(e).strip().splitlines()[-1].strip()
             raise CheckpointError(f"{path}/model.pt does not fit the model ({first}): {fix}") from e
+
+
+class ResumeCheckpoints:
+    """The run's resume checkpoints in ``output_dir/checkpoints/step_N`` (atomic, the newest ``keep_last`` kept).
+
+    Each holds the model (only the adapters of a LoRA model: the base comes from the checkpointer again), the
+    optimizer, the LR schedule, the RNG states, the data position and the config — enough to continue exactly.
+
+    Args:
+        runtime: output layout.
+        settings: recipe settings (``keep_last_n_checkpoints``).
+        model: the trained model.
+        optimizer: its optimizer.
+        scheduler: its LR schedule or None.
+        data: the training data (its ``position`` is saved and restored).
+        cfg: the run's config (saved with each checkpoint).
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        settings: Any,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        data: TrainData,
+        cfg: DictConfig | None = None,
+    ) -> None:
+        self.state = ResumeState(runtime.output_dir, keep_last=settings.keep_last_n_checkpoints, subdir="checkpoints")
+        self.model, self.optimizer, self.scheduler, self.data, self.cfg = model, optimizer, scheduler, data, cfg
+        self.trainable_only = is_lora_model(model)
+        self.last: str | None = None
+
+    def save(self, pos: DataPosition) -> Path:
+        """Write the checkpoint of the step that ended at ``pos``."""
+        nxt = pos if not self.data.is_epoch_end(pos) else DataPosition(pos.epoch + 1, 0, pos.global_step)
+        path = self.state.save(
+            pos.global_step,
+            epoch=nxt.epoch,
+            model=self.model,
+            optimizer=self.optimizer,
+            lr_scheduler=self.scheduler,
+            data_state=nxt.state_dict(),
+            config=self.cfg,
+            trainable_only=self.trainable_only,
+        )
+        self.last = str(path)
+        log.info("saved resume checkpoint %s", path)
+        return path
+
+    def resume(self) -> DataPosition:
+        """Restore the newest checkpoint into the model, optimizer, schedule, RNG and data position."""
+        latest = self.state.find_latest()
+        if latest is not None and self.cfg is not None and (latest / "config.yaml").is_file():
+            check_same_data_order(self.cfg, OmegaConf.load(latest / "config.yaml"), latest)
+        loaded = self.state.load(model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler)
+        self.data.position = DataPosition.from_state_dict(loaded.data_state)
+        self.last = str(loaded.path)
+        log.info("resumed from %s (step %d)", loaded.path, loaded.step)
+        return self.data.position
+
+
+#: settings that define the data order: a resumed run must keep them, or its saved data position means other examples
+DATA_ORDER_KEYS = ("seed", "shuffle", "batch_size", "gradient_accumulation_steps", "max_steps_per_epoch")
+
+
+def check_same_data_order(cfg: DictConfig, saved: DictConfig, where: Path) -> None:
+    """Raise ConfigError when a resumed run changes a setting that defines the data order (see ``DATA_ORDER_KEYS``)."""
+    for key in DATA_ORDER_KEYS:
+        now, before = cfg.get(key), saved.get(key)
+        if now != before:
+            raise ConfigError(
+                f"resume_from_checkpoint: {key} is {now!r} but the checkpoint {where} was trained with {before!r}; "
+                f"resume with {key}={before} (or start a new run in another output_dir)"
+            )
+
+
+def save_final(runtime: Runtime, checkpointer: Any, model: nn.Module, *, adapter_only: bool = False) -> list[Path]:
+    """Write the final outputs: ``final/`` (HF dir, LoRA merged) and, for a LoRA model, ``final_adapter/`` (PEFT).
+
+    Args:
+        runtime: output layout.
+        checkpointer: the model's ``HFCheckpointer`` (copies config/tokenizer files from its checkpoint_dir).
+        model: the trained model.
+        adapter_only: LoRA only: write only the adapter.
+
+    Returns:
+        The directories written.
+    """
+    written = []
+    lora = is_lora_model(model)
+    if adapter_only and not lora:
+        raise ConfigError("save_adapter_weights_only=true needs a LoRA model (a lora_* builder); set it to false")
+    if lora:
+        checkpointer.save_adapter(model, runtime.final_adapter_dir)
+        written.append(runtime.final_adapter_dir)
+    if not adapter_only:
+        checkpointer.save_hf(model, runtime.final_dir)
+        written.append(runtime.final_dir)
+    for d in written:
+        log.info("saved %s", d)
+    return written

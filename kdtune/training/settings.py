@@ -2,8 +2,9 @@
 
 A recipe reads its config with ``kdtune.config.read_settings(<Settings>, cfg)``; an unknown or misspelt key is an error
 naming the closest field, so a typo never silently falls back to a default. ``_component_`` nodes (``model``,
-``optimizer``, ...) stay ``DictConfig`` and are built by :mod:`kdtune.training.builders`. The recipe docs
-(``docs/recipes/*.md``) are generated from the ``help`` metadata below by :func:`settings_markdown_table`.
+``optimizer``, ...) stay ``DictConfig`` and are built by :mod:`kdtune.training.setup`. The recipe docs
+(``docs/recipes/*.md``) are generated from the ``help`` metadata below by :func:`settings_markdown_table`
+(``python -m kdtune.training.settings docs/recipes``). The distributed recipes add the FSDP settings at the end.
 """
 
 from __future__ import annotations
@@ -11,6 +12,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+__all__ = [
+    "RECIPES",
+    "FinetuneDistributedSettings",
+    "FinetuneSettings",
+    "GenerateSettings",
+    "KDDistributedSettings",
+    "KDSettings",
+    "LoRAFinetuneDistributedSettings",
+    "LoRAFinetuneSettings",
+    "PromptSource",
+    "recipe_doc",
+    "settings_markdown_table",
+    "write_recipe_docs",
+]
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
@@ -52,10 +68,8 @@ class FinetuneSettings:
     lr_scheduler: Any = _f(
         None, help="LR schedule `_component_` (kdtune.training.*_schedule), built with optimizer + total steps."
     )
-    num_output_chunks: int | None = _f(
-        None,
-        help="Chunks the valid positions are split into for the output projection + loss (memory at large vocab); "
-        "null = the kd_loss's num_output_chunks (KD) or 8.",
+    num_output_chunks: int = _f(
+        8, help="Chunks the trained positions are split into for the output projection + loss (memory at large vocab)."
     )
     clip_grad_norm: float | None = _f(None, help="Max gradient L2 norm; null = no clipping (norm still logged).")
     # --- precision and speed
@@ -77,7 +91,6 @@ class FinetuneSettings:
     resume_from_checkpoint: bool = _f(
         False, help="Continue exactly from the latest output_dir/checkpoints/step_N (model, optimizer, LR, RNG, data)."
     )
-    save_final_hf: bool = _f(True, help="Write the HF-format model to output_dir/final/ at the end.")
 
 
 @dataclass(kw_only=True)
@@ -99,10 +112,13 @@ class KDSettings(LoRAFinetuneSettings):
         None, help="Teacher tokenizer `_component_`, used only to check vocab compatibility; null = skip that check."
     )
     kd_loss: Any = _f(
-        help="Distillation loss `_component_`, a kdtune.losses.KDLoss (ForwardKLLoss, ReverseKLLoss, JSDLoss, ...)."
+        help="The divergence `_component_`, a kdtune.losses.Divergence (ForwardKLLoss, ReverseKLLoss, JSDLoss, ...)."
     )
-    kd_ratio: float = _f(0.5, help="loss = (1 - kd_ratio) * cross-entropy + kd_ratio * KD.")
-    temperature: float | None = _f(None, help="Overrides kd_loss.temperature when set (logits / T).")
+    kd_ratio: float = _f(0.5, help="loss = (1 - kd_ratio) * cross-entropy + kd_ratio * KD, in [0, 1].")
+    temperature: float = _f(1.0, help="Both models' distributions are softmax(logits / temperature); > 0.")
+    scale_by_temperature_squared: bool = _f(
+        True, help="Multiply the KD term by temperature^2 so its gradient does not shrink as 1/T^2 (Hinton et al.)."
+    )
 
 
 def settings_markdown_table(settings_cls: type) -> str:
@@ -182,7 +198,7 @@ RECIPES: dict[str, tuple[type, str]] = {
         "or optimizer state, and its vocabulary is checked against the student's at setup: a teacher whose output "
         "layer is only padded larger (Qwen2.5-14B 152064 vs 151936) is sliced to the student's vocabulary, "
         "incompatible tokenizers are refused. Both losses are computed from the final hidden states one chunk of "
-        "positions at a time (`num_output_chunks`, default: the kd_loss's own), so no full `[batch, seq, vocab]` "
+        "positions at a time (`num_output_chunks`), so no full `[batch, seq, vocab]` "
         "logits tensor is held. `kd_ratio` and `temperature` are top-level so ablations are one override away: "
         "`kd_ratio=0.25 temperature=2.0`.",
     ),
@@ -219,8 +235,7 @@ gradient norm stops the run before the update, naming the step; the last good ch
 ## Common overrides
 
 ```bash
-kd_ratio=0.25 temperature=2.0 optimizer.lr=1e-3            # KD ablations (top-level keys)
-kd_loss=kdtune.losses.ReverseKLLoss                        # another divergence (JSDLoss +kd_loss.beta=0.5, TVDLoss, ...)
+optimizer.lr=1e-3 batch_size=4 gradient_accumulation_steps=8
 optimizer=torch.optim.SGD ~optimizer.weight_decay          # swap a component, drop an argument it does not take
 +lr_scheduler.warmup_ratio=0.03 ~lr_scheduler.num_warmup_steps
 metric_logger=kdtune.training.TensorBoardLogger            # needs `pip install kdtune[tensorboard]`
@@ -230,18 +245,28 @@ dtype=fp32 device=cpu enable_activation_checkpointing=true max_steps=20 resume_f
 ```
 """
 
+_KD_OVERRIDES = """
+KD ablations are top-level keys:
+
+```bash
+kd_ratio=0.25 temperature=2.0                              # mixing weight and temperature
+kd_loss=kdtune.losses.ReverseKLLoss                        # another divergence (JSDLoss +kd_loss.beta=0.5, TVDLoss, ...)
+scale_by_temperature_squared=false num_output_chunks=16
+```
+"""
+
 
 def recipe_doc(name: str) -> str:
     """The Markdown page of recipe ``name`` (intro, run command, every config key, outputs)."""
     cls, intro = RECIPES[name]
     return (
-        f"# `{name}`\n\n<!-- generated by `python -m kdtune.training.recipe_settings docs/recipes`; edit the settings "
-        f"dataclass in kdtune/training/recipe_settings.py instead -->\n\n{intro}\n\n"
+        f"# `{name}`\n\n<!-- generated by `python -m kdtune.training.settings docs/recipes`; edit the settings "
+        f"dataclass in kdtune/training/settings.py instead -->\n\n{intro}\n\n"
         f"```bash\nkdtune run {name} --config <name or path.yaml> [key=value ...]\nkdtune cp {name} ./my_recipe.py"
         f"   # a standalone copy to edit\n```\n\n## Config keys\n\nEvery top-level key the recipe reads "
         "(plus `recipe:`); any other key is an error naming the closest one. `_component_` nodes are built with "
         "`kdtune.config.instantiate`.\n\n"
-        f"{settings_markdown_table(cls)}\n\n{_OUTPUTS}"
+        f"{settings_markdown_table(cls)}\n\n{_OUTPUTS}{_KD_OVERRIDES if issubclass(cls, KDSettings) else ''}"
     )
 
 
@@ -263,3 +288,32 @@ if __name__ == "__main__":
     import sys
 
     print("\n".join(write_recipe_docs(sys.argv[1] if len(sys.argv) > 1 else "docs/recipes")))
+
+
+@dataclass(kw_only=True)
+class _FSDPSettings:
+    """What the distributed recipes add to the single-device settings."""
+
+    fsdp_cpu_offload: bool = field(
+        default=False,
+        metadata={"help": "Keep sharded parameters, gradients and optimizer state in CPU memory (CUDA only)."},
+    )
+    fsdp_reshard_after_forward: bool = field(
+        default=True,
+        metadata={"help": "Free each layer's gathered weights after its forward (less memory, more communication)."},
+    )
+
+
+@dataclass(kw_only=True)
+class FinetuneDistributedSettings(FinetuneSettings, _FSDPSettings):
+    """Settings of ``full_finetune_distributed``: ``full_finetune_single_device``'s plus FSDP options."""
+
+
+@dataclass(kw_only=True)
+class LoRAFinetuneDistributedSettings(LoRAFinetuneSettings, _FSDPSettings):
+    """Settings of ``lora_finetune_distributed``: ``lora_finetune_single_device``'s plus FSDP options."""
+
+
+@dataclass(kw_only=True)
+class KDDistributedSettings(KDSettings, _FSDPSettings):
+    """Settings of ``knowledge_distillation_distributed``: the single-device KD settings plus FSDP options."""

@@ -7,7 +7,8 @@ import torch
 from torch.utils.data import Dataset
 
 from kdtune.errors import ConfigError
-from kdtune.training.builders import DataPosition, ResumableSampler, build_train_data, count_valid_tokens, due
+from kdtune.training.data import DataPosition, ResumableSampler, build_train_data, count_valid_tokens
+from kdtune.training.step import due
 
 
 class _Toy(Dataset):
@@ -99,7 +100,7 @@ def test_val_split_is_disjoint_and_seeded(tmp_path) -> None:
 
     from kdtune.data import load_hf_tokenizer
     from kdtune.testing.tokenizers import write_bpe_tokenizer
-    from kdtune.training.builders import build_datasets
+    from kdtune.training.data import build_datasets
 
     tok = load_hf_tokenizer(write_bpe_tokenizer(tmp_path / "tok", vocab_size=300))
     rows = [
@@ -126,7 +127,8 @@ def test_build_model_loads_weights_and_seeds_lora(tiny, tmp_path) -> None:
     from omegaconf import OmegaConf
 
     from kdtune.models import load_hf_model
-    from kdtune.training.builders import Runtime, build_model, trainable_parameters
+    from kdtune.training.runtime import Runtime
+    from kdtune.training.setup import build_model, trainable_parameters
 
     rt = Runtime(torch.device("cpu"), torch.float32, tmp_path)
     ckpt = OmegaConf.create(
@@ -164,7 +166,7 @@ def test_list_of_datasets_is_concatenated(tmp_path) -> None:
 
     from kdtune.data import load_hf_tokenizer
     from kdtune.testing.tokenizers import write_bpe_tokenizer
-    from kdtune.training.builders import build_datasets
+    from kdtune.training.data import build_datasets
 
     tok = load_hf_tokenizer(write_bpe_tokenizer(tmp_path / "tok", vocab_size=300))
     nodes = []

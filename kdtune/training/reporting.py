@@ -1,7 +1,9 @@
-"""Metric loggers as config ``_component_``s, and the training progress bar.
+"""What a run reports: metric loggers (config ``_component_``s), the progress bar, and the :class:`Reporter` that a
+recipe's loop feeds after every optimizer step and evaluation, ending in the :class:`RunSummary` its ``train()``
+returns.
 
 Every logger has ``log(name, value, step)``, ``log_dict(payload, step)``, ``log_config(config)`` and ``close()``, and
-writes only on global rank 0 (``RANK`` env var), so recipes can call them unconditionally. The TensorBoard and
+writes only on global rank 0, so recipes can call them unconditionally. The TensorBoard and
 Weights & Biases loggers import their libraries lazily and say which extra to install when missing.
 """
 
@@ -13,10 +15,18 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO, runtime_checkable
 
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from kdtune.config import instantiate
 from kdtune.errors import ConfigError
+from kdtune.training.data import DataPosition, TrainData
+from kdtune.training.runtime import Runtime, is_rank_zero, peak_memory
+from kdtune.training.step import StepResult
 
 __all__ = [
     "MetricLogger",
@@ -25,13 +35,10 @@ __all__ = [
     "TensorBoardLogger",
     "WandBLogger",
     "ProgressBar",
-    "is_rank_zero",
+    "Reporter",
+    "RunSummary",
+    "build_metric_logger",
 ]
-
-
-def is_rank_zero() -> bool:
-    """True unless the ``RANK`` environment variable names a non-zero rank."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _scalar(value: Any) -> Any:
@@ -256,8 +263,6 @@ class ProgressBar:
     def __init__(
         self, total_steps: int, initial_step: int = 0, desc: str = "train", disable: bool | None = None
     ) -> None:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-
         if disable is None:
             disable = not is_rank_zero()
         self._bar = tqdm(total=total_steps, initial=initial_step, desc=desc, disable=disable, dynamic_ncols=True)
@@ -296,3 +301,92 @@ class ProgressBar:
     def close(self) -> None:
         """Close the bar."""
         self._bar.close()
+
+
+def build_metric_logger(logger_cfg: DictConfig | None, runtime: Runtime) -> Any:
+    """Build the metric logger ``_component_``; None = ``kdtune.training.DiskLogger`` writing ``logs/``."""
+    if logger_cfg is None:
+        return DiskLogger(log_dir=str(runtime.logs_dir))
+    return instantiate(logger_cfg)
+
+
+@dataclass
+class RunSummary:
+    """What a recipe run measured, returned by its ``train()`` (tests and notebooks read it).
+
+    Attributes:
+        steps: per optimizer step: ``step``, ``epoch``, ``loss``, ``class_loss``, ``kd_loss``, ``lr``, ``grad_norm``,
+            ``num_tokens``, ``tokens_per_second`` (+ ``peak_memory_gib``).
+        evals: per validation pass: ``step`` + the :func:`evaluate` metrics.
+        output_dir: the run's output directory.
+    """
+
+    steps: list[dict[str, float]]
+    evals: list[dict[str, float]]
+    output_dir: Path
+
+
+class Reporter:
+    """Progress bar + metric logger of a recipe: logs every ``log_every_n_steps`` and every evaluation.
+
+    Args:
+        runtime: device and output layout.
+        settings: the recipe settings (``metric_logger``, ``log_every_n_steps``, ``log_peak_memory_stats``,
+            ``progress_bar``).
+        data: the training data (total steps, resume position).
+        enabled: False on non-zero ranks (no bar, no logging).
+    """
+
+    def __init__(self, runtime: Runtime, settings: Any, data: TrainData, *, enabled: bool = True) -> None:
+        self.runtime, self.enabled = runtime, enabled
+        self.log_every = max(int(settings.log_every_n_steps), 1)
+        self.log_memory = bool(settings.log_peak_memory_stats)
+        self.total = data.total_steps
+        self.logger = build_metric_logger(settings.metric_logger, runtime) if enabled else None
+        if enabled:
+            capped = " (capped by max_steps)" if data.total_steps < data.epochs * data.steps_per_epoch else ""
+            plan = (
+                f"training {data.total_steps} optimizer steps{capped}: {data.epochs} epoch(s) x {data.steps_per_epoch} "
+                f"steps, {data.batch_size} sequences x {data.grad_accum} accumulation per step"
+            )
+            if data.position.global_step:
+                plan += f"; resuming after step {data.position.global_step}"
+            print(f"{plan}; outputs in {runtime.output_dir}", flush=True)
+        self.bar = ProgressBar(
+            data.total_steps, data.position.global_step, disable=not (enabled and settings.progress_bar)
+        )
+        self.steps: list[dict[str, float]] = []
+        self.evals: list[dict[str, float]] = []
+        self.last_eval_step: int | None = None
+
+    def step(self, pos: DataPosition, result: StepResult) -> dict[str, float]:
+        """Record one optimizer step; returns its metrics."""
+        tokens_per_second = self.bar.update(result.num_tokens, result.loss, result.kd_loss, result.lr)
+        m: dict[str, float] = {"step": pos.global_step, "epoch": pos.epoch, "loss": result.loss}
+        if not math.isnan(result.kd_loss):
+            m["class_loss"], m["kd_loss"] = result.class_loss, result.kd_loss
+        m.update(
+            lr=result.lr, grad_norm=result.grad_norm, num_tokens=result.num_tokens, tokens_per_second=tokens_per_second
+        )
+        if self.log_memory:
+            m.update(peak_memory(self.runtime.device))
+        self.steps.append(m)
+        if self.enabled and (pos.global_step % self.log_every == 0 or pos.global_step == self.total):
+            self.logger.log_dict({k: v for k, v in m.items() if k != "step"}, step=pos.global_step)
+        return m
+
+    def eval(self, pos: DataPosition, metrics: dict[str, float]) -> None:
+        """Record one validation pass."""
+        self.evals.append({"step": pos.global_step, **metrics})
+        self.last_eval_step = pos.global_step
+        if self.enabled:
+            self.logger.log_dict(metrics, step=pos.global_step)
+            tqdm.write(f"step {pos.global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        self.bar.reset_timer()  # evaluation time is not training throughput
+
+    def close(self) -> RunSummary:
+        """Close the bar and the logger; return the :class:`RunSummary`."""
+        self.bar.close()
+        if self.logger is not None:
+            self.logger.close()
+        return RunSummary(self.steps, self.evals, self.runtime.output_dir)

@@ -1,21 +1,18 @@
-"""Exact token-normalised gradient accumulation and loss mixing.
+"""One optimizer step: exact token-normalised gradient accumulation, then the update with its NaN/inf guard.
 
-A step's loss is the mean over *all* valid tokens of *all* its micro-batches (and all data-parallel ranks):
+A step's loss is the mean over *all* trained tokens of *all* its micro-batches (and all data-parallel ranks):
 ``L = Σ_micro loss_sum / N_step``. Averaging per-micro-batch means instead would weight a short micro-batch's tokens
-more than a long one's, so ``batch 8 × accum 1`` and ``batch 2 × accum 4`` would differ. Because ``N_step`` is only
-known after the last micro-batch, each micro-batch back-propagates its *sum* and the gradients are divided by
-``N_step`` once at the end (:meth:`StepAccumulator.finish`).
+more than a long one's, so ``batch 8 × accum 1`` and ``batch 2 × accum 4`` would differ. Because ``N_step`` is known
+only after the last micro-batch, each micro-batch back-propagates its *sum* (the objective's ``loss_sum``) and the
+gradients are divided by ``N_step`` once at the end (:meth:`StepAccumulator.finish`). Nothing here knows how the sum
+was mixed: that is the objective's business.
 
 Typical use::
 
     acc = StepAccumulator(model)
     for batch in micro_batches:
-        out = distillation_objective(...)
-        acc.backward(mix_losses(out.class_loss_sum, out.kd_loss_sum, kd_ratio), out.num_tokens,
-                     class_loss_sum=out.class_loss_sum, kd_loss_sum=out.kd_loss_sum)
-    metrics = acc.finish()          # grads now hold ∇ L; metrics.loss is L
-    grad_norm = clip_grad_norm(model.parameters(), max_norm)
-    optimizer.step(); optimizer.zero_grad(set_to_none=True)
+        acc.backward(objective(model, batch))
+    result = optimizer_step(acc, model, optimizer, scheduler, clip_grad_norm, step)
 """
 
 from __future__ import annotations
@@ -23,37 +20,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kdtune.errors import ConfigError
+from kdtune.losses import ObjectiveOutput
+from kdtune.training.runtime import check_finite
+from kdtune.training.runtime import clip_grad_norm as clip
 
-__all__ = ["StepAccumulator", "StepMetrics", "mix_losses", "scale_grads", "check_kd_ratio"]
-
-
-def check_kd_ratio(kd_ratio: float) -> float:
-    """Return ``kd_ratio`` as a float, raising ``ConfigError`` unless it lies in [0, 1]."""
-    if isinstance(kd_ratio, bool) or not isinstance(kd_ratio, (int, float)) or not (0.0 <= kd_ratio <= 1.0):
-        raise ConfigError(
-            f"kd_ratio={kd_ratio!r} is invalid: it must lie in [0, 1] (0 = cross-entropy only, 1 = KD only), "
-            "e.g. kd_ratio=0.5"
-        )
-    return float(kd_ratio)
-
-
-def mix_losses(class_loss: Tensor, kd_loss: Tensor, kd_ratio: float) -> Tensor:
-    """``(1 − kd_ratio) · class_loss + kd_ratio · kd_loss`` (torchtune's convention).
-
-    Works on sums or means alike, as long as both are over the same tokens. At ``kd_ratio`` 0 or 1 the unused term is
-    dropped entirely (not multiplied by 0), so a non-finite unused term cannot leak into the result.
-    """
-    kd_ratio = check_kd_ratio(kd_ratio)
-    if kd_ratio == 0.0:
-        return class_loss
-    if kd_ratio == 1.0:
-        return kd_loss
-    return (1.0 - kd_ratio) * class_loss + kd_ratio * kd_loss
+__all__ = ["StepAccumulator", "StepMetrics", "StepResult", "due", "optimizer_step", "scale_grads"]
 
 
 def _params(model_or_params: nn.Module | Iterable[Tensor]) -> list[Tensor]:
@@ -120,32 +96,17 @@ class StepAccumulator:
         self._have = [False, False, False]
         self.num_micro_batches = 0
 
-    def backward(
-        self,
-        loss_sum: Tensor,
-        num_tokens: Tensor | int,
-        *,
-        class_loss_sum: Tensor | None = None,
-        kd_loss_sum: Tensor | None = None,
-        retain_graph: bool = False,
-    ) -> None:
-        """Back-propagate one micro-batch's summed loss and record its token count (and optional loss parts)."""
-        if loss_sum.requires_grad:
-            loss_sum.backward(retain_graph=retain_graph)
-        self.add(loss_sum, num_tokens, class_loss_sum=class_loss_sum, kd_loss_sum=kd_loss_sum)
+    def backward(self, out: ObjectiveOutput, *, retain_graph: bool = False) -> None:
+        """Back-propagate one micro-batch's summed loss (``out.loss_sum``) and record its sums and token count."""
+        if out.loss_sum.requires_grad:
+            out.loss_sum.backward(retain_graph=retain_graph)
+        self.add(out)
 
-    def add(
-        self,
-        loss_sum: Tensor,
-        num_tokens: Tensor | int,
-        *,
-        class_loss_sum: Tensor | None = None,
-        kd_loss_sum: Tensor | None = None,
-    ) -> None:
+    def add(self, out: ObjectiveOutput) -> None:
         """Record a micro-batch whose backward the caller ran itself (e.g. inside ``no_sync``)."""
-        device = loss_sum.device
-        tokens = torch.as_tensor(num_tokens, device=device).detach().to(torch.int64).reshape(())
-        parts = [loss_sum, class_loss_sum, kd_loss_sum]
+        device = out.loss_sum.device
+        tokens = torch.as_tensor(out.num_tokens, device=device).detach().to(torch.int64).reshape(())
+        parts = [out.loss_sum, out.class_loss_sum, out.kd_loss_sum]
         vals = torch.stack(
             [
                 p.detach().to(device=device, dtype=torch.float64).reshape(())
@@ -184,3 +145,67 @@ class StepAccumulator:
         )
         self.reset()
         return metrics
+
+
+def due(step: int, every: int | None) -> bool:
+    """Whether something configured ``every`` N steps is due after optimizer step ``step`` (1-based)."""
+    return bool(every) and step % every == 0  # type: ignore[operator]
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured.
+
+    Attributes:
+        loss: optimised loss per valid token.
+        class_loss: cross-entropy per valid token.
+        kd_loss: KD loss per valid token (nan without KD).
+        num_tokens: valid tokens of the step.
+        grad_norm: total gradient L2 norm before clipping.
+        lr: learning rate used by this step.
+    """
+
+    loss: float
+    class_loss: float
+    kd_loss: float
+    num_tokens: int
+    grad_norm: float
+    lr: float
+
+
+def optimizer_step(
+    accumulator: StepAccumulator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    clip_grad_norm: float | None,
+    step: int,
+    last_checkpoint: str | None = None,
+) -> StepResult:
+    """Finish a step: normalise gradients by the step's tokens, stop on NaN/inf, clip, update, advance the schedule.
+
+    The NaN/inf check runs *before* the update, so the weights (and the last resume checkpoint on disk) stay those of
+    the last good step.
+
+    Args:
+        accumulator: the :class:`kdtune.training.StepAccumulator` holding this step's micro-batches.
+        model: the trained model.
+        optimizer: its optimizer.
+        scheduler: LR schedule or None.
+        clip_grad_norm: max gradient norm, or None to only measure it.
+        step: this step's number (1-based), named in the NaN error.
+        last_checkpoint: the last resume checkpoint written, named in the NaN error.
+
+    Returns:
+        The :class:`StepResult`.
+    """
+    metrics = accumulator.finish()
+    check_finite(metrics.loss, step, "loss", last_checkpoint)
+    grad_norm = float(clip(model, clip_grad_norm))
+    check_finite(grad_norm, step, "grad_norm", last_checkpoint)
+    lr = float(optimizer.param_groups[0]["lr"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return StepResult(metrics.loss, metrics.class_loss, metrics.kd_loss, metrics.num_tokens, grad_norm, lr)

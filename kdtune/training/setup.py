@@ -1,0 +1,228 @@
+"""Build a recipe's components from its config: models (+ LoRA init, teacher), tokenizer, optimizer, LR schedule and
+the training objective.
+
+Every function takes plain settings values or ``DictConfig`` component nodes and returns the built object, so a new
+recipe reuses them as they are. Data loading is in :mod:`kdtune.training.data`; the distributed variants (meta-device
+build + sharding) in :mod:`kdtune.training.distributed`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from kdtune.config import instantiate
+from kdtune.errors import CheckpointError, ConfigError
+from kdtune.losses import DistillationObjective, TeacherSource
+from kdtune.models import enable_activation_checkpointing
+from kdtune.models.modules.lora import LoRALinear
+from kdtune.training.runtime import Runtime
+
+__all__ = [
+    "build_lr_scheduler",
+    "build_model",
+    "build_objective",
+    "build_optimizer",
+    "build_tokenizer",
+    "count_parameters",
+    "init_lora_parameters",
+    "is_lora_model",
+    "trainable_parameters",
+]
+
+
+def build_model(
+    model_cfg: DictConfig,
+    checkpointer_cfg: DictConfig | None,
+    runtime: Runtime,
+    *,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    lora_seed: int | None = None,
+    key: str = "model",
+) -> tuple[nn.Module, Any]:
+    """Build a model from its ``_component_`` on the runtime's device/dtype and load its weights.
+
+    LoRA/QLoRA models (built by a ``lora_*`` builder) keep only their adapter parameters trainable; their base weights
+    come from the checkpointer and the adapters start from their own initialisation (``lora_b`` = 0).
+
+    Args:
+        model_cfg: the model ``_component_`` node.
+        checkpointer_cfg: the ``kdtune.models.HFCheckpointer`` node; None = keep random init.
+        runtime: device and dtype.
+        activation_checkpointing: recompute each decoder layer in backward.
+        compile: ``torch.compile`` each decoder layer.
+        lora_seed: (re-)initialise the LoRA matrices from this seed alone (PEFT init), so a run's adapters start the
+            same whatever the base model's construction consumed from the global RNG (and the same as a sharded run).
+        key: config key of the model, for error messages.
+
+    Returns:
+        ``(model, checkpointer)`` (checkpointer None when ``checkpointer_cfg`` is None).
+    """
+    checkpointer = instantiate(checkpointer_cfg) if checkpointer_cfg is not None else None
+    from_disk = checkpointer is not None and getattr(checkpointer, "checkpoint_dir", None) is not None
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(runtime.dtype)
+    try:
+        # weights that come from disk: build on the meta device (no random init, no second copy) and assign them
+        with torch.device("meta") if from_disk else runtime.device:
+            model = instantiate(model_cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"{key}: _component_ built a {type(model).__name__}, not a model; use a kdtune.models builder"
+        )
+    if from_disk:
+        # LoRA matrices are not in a base checkpoint (never "missing"); they are created on the device at PEFT init
+        checkpointer.load_into(model, strict=True, assign=True, device=runtime.device)
+        on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if on_meta:
+            raise CheckpointError(
+                f"{key}: {len(on_meta)} tensors were not filled from {checkpointer.checkpoint_dir} (e.g. {on_meta[:3]}); "
+                "the checkpoint does not match the model builder"
+            )
+    model.to(device=runtime.device)
+    if lora_seed is not None and is_lora_model(model):
+        init_lora_parameters(model, lora_seed)
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if compile:
+        for layer in model.layers:
+            layer.compile()
+    return model, checkpointer
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    """Whether ``model`` contains LoRA adapters (``lora_a``/``lora_b`` submodules)."""
+    return any(name.endswith("lora_a") for name, _ in model.named_modules())
+
+
+def trainable_parameters(model: nn.Module, key: str = "model") -> list[nn.Parameter]:
+    """The parameters the optimizer updates (all of a full model; only the adapters of a LoRA model).
+
+    Raises:
+        ConfigError: when nothing is trainable.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"{key}: the model has no trainable parameters; check lora_attn_modules / the builder")
+    return params
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def build_tokenizer(tokenizer_cfg: DictConfig) -> Any:
+    """Build the tokenizer ``_component_`` (e.g. ``kdtune.data.load_hf_tokenizer``)."""
+    return instantiate(tokenizer_cfg)
+
+
+def build_optimizer(optimizer_cfg: DictConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """Build the optimizer ``_component_`` with ``params`` as its first argument."""
+    return instantiate(optimizer_cfg, params)
+
+
+def build_objective(
+    settings: Any,
+    teacher: TeacherSource | nn.Module | None = None,
+) -> DistillationObjective:
+    """The run's :class:`~kdtune.losses.DistillationObjective` from its settings — the one place they meet.
+
+    Fine-tuning settings (no ``kd_loss``) give the cross-entropy objective; KD settings give the divergence
+    ``kd_loss`` mixed by ``kd_ratio`` at ``temperature`` with ``teacher`` as the teacher source. ``num_output_chunks``
+    sets the chunking for both. The objective validates every value (one line naming the key when one is wrong).
+
+    Args:
+        settings: the recipe's settings (:mod:`kdtune.training.settings`).
+        teacher: the teacher source, or the teacher model (wrapped in :class:`kdtune.losses.LiveTeacher`).
+
+    Returns:
+        The objective.
+    """
+    kd_loss_cfg = getattr(settings, "kd_loss", None)
+    if kd_loss_cfg is None:
+        return DistillationObjective(num_output_chunks=settings.num_output_chunks)
+    return DistillationObjective(
+        instantiate(kd_loss_cfg),
+        teacher=teacher,
+        kd_ratio=settings.kd_ratio,
+        temperature=settings.temperature,
+        scale_by_temperature_squared=settings.scale_by_temperature_squared,
+        num_output_chunks=settings.num_output_chunks,
+    )
+
+
+def build_lr_scheduler(
+    scheduler_cfg: DictConfig | None, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Build the LR schedule ``_component_`` as ``component(optimizer, num_training_steps=total_steps, ...)``.
+
+    Returns None (constant LR) when ``scheduler_cfg`` is None.
+    """
+    if scheduler_cfg is None:
+        return None
+    return instantiate(scheduler_cfg, optimizer, num_training_steps=total_steps)
+
+
+@torch.no_grad()
+def init_lora_parameters(model: nn.Module, seed: int) -> int:
+    """(Re-)initialise every LoRA matrix from ``seed`` alone, identically on a plain or a sharded model.
+
+    PEFT's init (``lora_a`` Kaiming-uniform with ``a=sqrt(5)``, ``lora_b`` zeros), drawn on CPU from
+    ``torch.Generator().manual_seed(seed)`` in ``named_modules`` order as full matrices, then each rank keeps its shard.
+    So a run built on the meta device and sharded over N ranks starts from exactly the adapters of a single-device run
+    that calls this too, independent of how much of the global RNG stream a model's random base init consumed.
+
+    Args:
+        model: a model with ``kdtune.models.modules.lora.LoRALinear`` modules (no-op without).
+        seed: the run's seed.
+
+    Returns:
+        The number of LoRA modules initialised.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, LoRALinear):
+            continue
+        a, b = module.lora_a.weight, module.lora_b.weight  # [r, in], [out, r]
+        full_a = torch.empty(tuple(a.shape), dtype=torch.float32)
+        nn.init.kaiming_uniform_(full_a, a=math.sqrt(5), generator=gen)
+        _copy_full_into(a, full_a, f"{name}.lora_a.weight", Path("<init>"))
+        _copy_full_into(b, torch.zeros(tuple(b.shape)), f"{name}.lora_b.weight", Path("<init>"))
+        count += 1
+    return count
+
+
+@torch.no_grad()
+def _copy_full_into(target: torch.Tensor, full: torch.Tensor, name: str, source: Path) -> None:
+    """Copy a full (unsharded) tensor into ``target``: a DTensor gets only this rank's shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if tuple(full.shape) != tuple(target.shape):
+        raise CheckpointError(
+            f"{source}: tensor for {name} has shape {tuple(full.shape)} but the model expects {tuple(target.shape)}; "
+            "the model config (vocab_size, dims) does not match this checkpoint."
+        )
+    if isinstance(target, DTensor):
+        local = target.to_local()
+        # Every rank read the file itself (safetensors mmap), so each one slices its own shard: no communication.
+        shard = distribute_tensor(
+            full.to(device=target.device_mesh.device_type, dtype=target.dtype),
+            target.device_mesh,
+            target.placements,
+            src_data_rank=None,
+        ).to_local()
+        local.copy_(shard)
+    else:
+        target.copy_(full.to(dtype=target.dtype))
