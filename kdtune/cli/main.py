@@ -213,7 +213,7 @@ def _cmd_cat(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from kdtune.config import apply_overrides, find_config, find_recipe, load_config, read_settings, validate
+    from kdtune.config import apply_overrides, check_settings, find_config, find_recipe, load_config, validate
     from kdtune.config._instantiate import import_component
 
     path = find_config(args.config)
@@ -229,9 +229,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             if recipe.settings:
                 try:
                     settings_cls = import_component(recipe.settings, "RECIPE_SETTINGS")
-                    read_settings(settings_cls, cfg)  # type: ignore[arg-type]
                 except ConfigError as e:
                     problems.append(f"settings of recipe {recipe.name}: {e}")
+                else:  # keys, types and values, exactly as the run reads them
+                    problems.extend(
+                        f"settings of recipe {recipe.name}: {p}"
+                        for p in check_settings(settings_cls, cfg)  # type: ignore[arg-type]
+                    )
     if problems:
         print(f"kdtune: error: {len(problems)} problem(s) in {path}:", file=sys.stderr)
         for p in problems:
@@ -258,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
+    # --debug is accepted anywhere on the command line (no value or override is spelt "--debug")
+    if "--debug" in argv:
+        os.environ["KDTUNE_DEBUG"] = "1"
+        argv = [a for a in argv if a != "--debug"]
     # `run` and `quickstart` take free-form arguments (torchrun options, overrides): hand them over untouched
     i = 0
-    while i < len(argv) and argv[i] == "--debug":
-        os.environ["KDTUNE_DEBUG"] = "1"
-        i += 1
     try:
         if i < len(argv) and argv[i] == "run":
             from kdtune.cli._run import run_command
