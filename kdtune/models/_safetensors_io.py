@@ -6,18 +6,17 @@ Nothing here knows about model families; ``kdtune.models.checkpointer`` does the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kdtune.errors import CheckpointError
+from kdtune.fsio import atomic_directory, atomic_write_file
 
 __all__ = [
     "ShardWriter",
@@ -94,12 +93,8 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON to ``path`` via a temporary file and ``os.replace``."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write ``data`` as indented JSON to ``path`` atomically (``kdtune.fsio.atomic_write_file``)."""
+    atomic_write_file(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def list_weight_files(directory: Path) -> list[str]:
@@ -340,58 +335,6 @@ class ShardWriter:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
             write_json_atomic(self.directory / f"{self.prefix}{self.ext}.index.json", index)
         return final
-
-
-def _looks_replaceable(path: Path) -> bool:
-    """An existing directory we may replace: empty, or a model / adapter / kdtune output directory."""
-    names = {p.name for p in path.iterdir()}
-    if not names:
-        return True
-    markers = ("config.json", "adapter_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
-    return any(m in names for m in markers) or any(n.endswith(WEIGHT_SUFFIXES) for n in names)
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a fresh temporary directory ``<out_dir>.tmp-<pid>``; on success it replaces ``out_dir`` (an existing
-    ``out_dir`` is moved aside first and deleted only after the new one is in place); on error it is removed.
-
-    Raises:
-        CheckpointError: ``out_dir`` is a file, or an existing non-empty directory that does not look like a model or
-            adapter directory (refusing to delete unrelated files).
-    """
-    final = Path(out_dir).expanduser().absolute()
-    if final.exists() and not final.is_dir():
-        raise CheckpointError(f"output path {str(final)!r} is a file; choose a directory path.")
-    if final.is_dir() and not _looks_replaceable(final):
-        raise CheckpointError(
-            f"output directory {str(final)!r} exists and holds files that are not a model checkpoint; refusing to "
-            "replace it. Choose an empty or new directory."
-        )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        if old is not None:
-            os.replace(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def copy_non_weight_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> list[str]:
