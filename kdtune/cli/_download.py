@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdtune.errors import KDTuneError
+from kdtune.fsio import make_dirs, output_error, remove_empty_dirs
 
 SOURCE_FILE = "kdtune_source.json"
 
@@ -105,11 +106,9 @@ def _scrub(e: DownloadError, token: str | None) -> DownloadError:
 
 def write_source(output_dir: Path, info: dict[str, Any]) -> Path:
     """Write ``kdtune_source.json`` into ``output_dir`` atomically; return its path."""
-    path = output_dir / SOURCE_FILE
-    tmp = output_dir / f"{SOURCE_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from kdtune.fsio import atomic_write_file
+
+    return atomic_write_file(output_dir / SOURCE_FILE, json.dumps(info, indent=2) + "\n", error=DownloadError)
 
 
 def download(
@@ -144,6 +143,7 @@ def download(
     out = Path(output_dir if output_dir is not None else f"/tmp/{repo_id.rstrip('/').split('/')[-1]}").expanduser()
     has_token = bool(token or os.environ.get("HF_TOKEN"))
     commit: str | None = None
+    created: list[Path] = []  # directories this call creates: removed again if the download fails
     try:
         if not _offline():
             try:
@@ -154,7 +154,7 @@ def download(
             except Exception as e:  # noqa: BLE001 - a connection failure falls back to a local copy below
                 if not _is_connection_error(e):
                     raise
-        out.mkdir(parents=True, exist_ok=True)
+        created = make_dirs(out, error=DownloadError, key="--output-dir")
         path = snapshot_download(
             repo_id,
             repo_type=repo_type,
@@ -165,9 +165,14 @@ def download(
             token=token,
         )
     except KDTuneError:
+        remove_empty_dirs(created, ignore=(".cache",))
         raise
-    except Exception as e:  # noqa: BLE001 - every failure becomes one clear line
-        raise _scrub(_translate(e, repo_id, revision, has_token), token) from None
+    except BaseException as e:
+        remove_empty_dirs(created, ignore=(".cache",))  # no empty output directory is left behind
+        if not isinstance(e, Exception):
+            raise
+        translated = output_error(e, out, error=DownloadError)
+        raise (translated or _scrub(_translate(e, repo_id, revision, has_token), token)) from None
     path = Path(path)
     info = {"repo_id": repo_id, "repo_type": repo_type, "revision": revision or "main", "commit": commit}
     if commit is None:  # offline, served from the existing directory: keep the commit recorded when it was downloaded

@@ -15,6 +15,7 @@ import runpy
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from kdtune.errors import ConfigError, KDTuneError
 
@@ -54,6 +55,32 @@ _RENDEZVOUS = {
     "--master-port",
     "--master_port",
 }
+
+
+_NPROC = {"--nproc-per-node", "--nproc_per_node"}
+#: the words torchrun accepts for --nproc-per-node besides a positive integer
+_NPROC_WORDS = ("auto", "cpu", "gpu", "xpu")
+
+
+def check_nproc_per_node(value: str, option: str = "--nproc_per_node") -> int | str:
+    """The value of ``--nproc_per_node``: a positive integer or one of torchrun's words (auto, cpu, gpu, xpu).
+
+    Raises:
+        ConfigError: zero, negative or anything else, naming the option and the value.
+    """
+    text = str(value).strip()
+    if text in _NPROC_WORDS:
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < 1:
+        raise ConfigError(
+            f"{option} {value!r}: expected the number of processes per node, a positive integer (e.g. {option} 2) "
+            f"or one of {', '.join(_NPROC_WORDS)}"
+        )
+    return n
 
 
 def torchrun_options() -> dict[str, bool]:
@@ -96,11 +123,15 @@ def split_run_args(argv: list[str]) -> tuple[list[str], str, list[str]]:
                 f"{', '.join(close) if close else 'none'}); see `kdtune run --help`"
             )
         torchrun.append(arg)
+        value = arg.split("=", 1)[1] if "=" in arg else None
         if known[name] and "=" not in arg:
             if i + 1 >= len(argv):
                 raise ConfigError(f"torchrun option {name} needs a value, e.g. {name} 2")
-            torchrun.append(argv[i + 1])
+            value = argv[i + 1]
+            torchrun.append(value)
             i += 1
+        if name in _NPROC and value is not None:
+            check_nproc_per_node(value, name)
         i += 1
     if i >= len(argv):
         raise ConfigError("missing recipe: `kdtune run <recipe> --config <config> [key=value ...]` (see `kdtune ls`)")
@@ -161,6 +192,35 @@ def _launch_distributed(torchrun: list[str], recipe: Path, recipe_argv: list[str
     return 0
 
 
+def check_recipe_settings(recipe: Any, cfg: Any, config: str, *, named: str | None) -> None:
+    """Read the config with the recipe's settings (``RECIPE_SETTINGS``) before any process starts.
+
+    A problem is raised as the recipe would raise it; when the config's ``recipe:`` key names another recipe, the
+    error says which recipe the config belongs to and the command that runs it.
+
+    Raises:
+        ConfigError: the first problem of the settings.
+    """
+    from kdtune.config import check_settings
+    from kdtune.config._instantiate import import_component
+
+    if not recipe.settings:
+        return
+    try:
+        settings_cls = import_component(recipe.settings, "RECIPE_SETTINGS")
+    except ConfigError:
+        return  # the recipe reports its own import problem when it runs
+    problems = check_settings(settings_cls, cfg)
+    if not problems:
+        return
+    if named is not None and named != recipe.name:
+        raise ConfigError(
+            f"config {config} belongs to recipe '{named}' (its recipe: key), not '{recipe.name}': {problems[0]}; "
+            f"run it with `kdtune run {named} --config {config}`"
+        )
+    raise ConfigError(problems[0])
+
+
 def run_command(argv: list[str]) -> int:
     """``kdtune run``: resolve recipe and config, check the overrides, run in-process or through torchrun."""
     from kdtune.config import apply_overrides, check_resolvable, find_config, find_recipe, load_config
@@ -182,6 +242,7 @@ def run_command(argv: list[str]) -> int:
     if problems:
         raise ConfigError(problems[0])
     named = cfg.get("recipe") if "recipe" in cfg.keys() else None
+    check_recipe_settings(recipe, cfg, config, named=None if named is None else str(named))
     if named is not None and str(named) != recipe.name:
         print(
             f"kdtune: warning: config {config_path.name} names recipe '{named}', running '{recipe.name}'",

@@ -1,4 +1,4 @@
-"""The ``kdtune`` command: ls, cp, cat, validate, run, download, quickstart.
+"""The ``kdtune`` command: ls, cp, cat, validate, run, download, make-tiny, quickstart.
 
 Every user error (a :class:`kdtune.errors.KDTuneError`) is printed as one line, ``kdtune: error: ...``, with exit
 code 1; ``--debug`` or ``KDTUNE_DEBUG=1`` adds the traceback.
@@ -28,6 +28,7 @@ examples:
   kdtune ls
   kdtune cp llama3_2/kd ./my_kd.yaml
   kdtune validate ./my_kd.yaml
+  kdtune make-tiny && kdtune run knowledge_distillation_single_device --config tiny/kd   # offline, CPU, seconds
   kdtune run knowledge_distillation_single_device --config ./my_kd.yaml kd_ratio=0.25 optimizer.lr=1e-4
   kdtune run --nproc_per_node 4 knowledge_distillation_distributed --config llama3_2/kd_distributed
 
@@ -107,6 +108,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-patterns", nargs="+", default=None, metavar="P", help="only download files matching")
     p.add_argument("--hf-token", default=None, help="Hugging Face token (default: HF_TOKEN or the saved login)")
     p.add_argument("--repo-type", default="model", choices=["model", "dataset"], help="repository type")
+
+    p = sub.add_parser(
+        "make-tiny",
+        help="write the tiny models, tokenizer and data the configs/tiny/* configs read",
+        description="Write student/ and teacher/ (tiny Qwen2-style HF model directories with a matching byte-level BPE "
+        "tokenizer) and train.jsonl (chat data) so that e.g. `kdtune run knowledge_distillation_single_device "
+        "--config tiny/kd` runs offline on a CPU right after. Deterministic; re-running replaces the files.",
+    )
+    p.add_argument("--dir", default=None, help="where to write (default: /tmp/kdtune-tiny, where the configs look)")
 
     sub.add_parser(
         "quickstart",
@@ -213,7 +223,7 @@ def _cmd_cat(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from kdtune.config import apply_overrides, find_config, find_recipe, load_config, read_settings, validate
+    from kdtune.config import apply_overrides, check_settings, find_config, find_recipe, load_config, validate
     from kdtune.config._instantiate import import_component
 
     path = find_config(args.config)
@@ -229,15 +239,33 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             if recipe.settings:
                 try:
                     settings_cls = import_component(recipe.settings, "RECIPE_SETTINGS")
-                    read_settings(settings_cls, cfg)  # type: ignore[arg-type]
                 except ConfigError as e:
                     problems.append(f"settings of recipe {recipe.name}: {e}")
+                else:  # keys, types and values, exactly as the run reads them
+                    problems.extend(
+                        f"settings of recipe {recipe.name}: {p}"
+                        for p in check_settings(settings_cls, cfg)  # type: ignore[arg-type]
+                    )
     if problems:
         print(f"kdtune: error: {len(problems)} problem(s) in {path}:", file=sys.stderr)
         for p in problems:
             print(f"  {' '.join(p.split())}", file=sys.stderr)
         return 1
     print(f"config is valid: {path}")
+    return 0
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from kdtune.testing.tiny import DEFAULT_TINY_DIR, TINY_CONFIG_KEYS, make_tiny_assets
+
+    directory = Path(args.dir or DEFAULT_TINY_DIR).expanduser().absolute()
+    paths = make_tiny_assets(directory)
+    print(f"wrote {paths['student']}, {paths['teacher']} and {paths['data']}")
+    extra = ""
+    if directory != Path(DEFAULT_TINY_DIR):
+        extra = " " + " ".join(f"{key}={directory / name}" for key, name in TINY_CONFIG_KEYS.items())
+        extra += f" output_dir={directory / 'runs' / 'kd'}"
+    print(f"run: kdtune run knowledge_distillation_single_device --config tiny/kd{extra}")
     return 0
 
 
@@ -258,11 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
+    # --debug is accepted anywhere on the command line (no value or override is spelt "--debug")
+    if "--debug" in argv:
+        os.environ["KDTUNE_DEBUG"] = "1"
+        argv = [a for a in argv if a != "--debug"]
     # `run` and `quickstart` take free-form arguments (torchrun options, overrides): hand them over untouched
     i = 0
-    while i < len(argv) and argv[i] == "--debug":
-        os.environ["KDTUNE_DEBUG"] = "1"
-        i += 1
     try:
         if i < len(argv) and argv[i] == "run":
             from kdtune.cli._run import run_command
@@ -280,7 +309,14 @@ def main(argv: list[str] | None = None) -> int:
             from kdtune.cli._download import download_command
 
             return download_command(args)
-        return {"ls": _cmd_ls, "cp": _cmd_cp, "cat": _cmd_cat, "validate": _cmd_validate}[args.command](args)
+        commands = {
+            "ls": _cmd_ls,
+            "cp": _cmd_cp,
+            "cat": _cmd_cat,
+            "validate": _cmd_validate,
+            "make-tiny": _cmd_make_tiny,
+        }
+        return commands[args.command](args)
     except KDTuneError as e:
         return report_error(e)
     except KeyboardInterrupt:

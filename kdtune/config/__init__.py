@@ -21,17 +21,21 @@ from kdtune.config._catalog import (
     list_recipes,
     recipe_roots,
 )
+from kdtune.config._diff import ConfigChange, config_diff
 from kdtune.config._instantiate import import_component, instantiate, validate
 from kdtune.config._loader import check_resolvable, load_config, print_config, save_config, to_yaml
 from kdtune.config._overrides import apply_overrides, parse_value
-from kdtune.config._settings import SettingInfo, describe_settings, read_settings
+from kdtune.config._settings import SettingInfo, check_settings, describe_settings, read_settings, setting
 
 __all__ = [
+    "ConfigChange",
     "ConfigInfo",
     "RecipeInfo",
     "SettingInfo",
     "apply_overrides",
     "check_resolvable",
+    "check_settings",
+    "config_diff",
     "config_roots",
     "describe_settings",
     "find_config",
@@ -48,6 +52,7 @@ __all__ = [
     "read_settings",
     "recipe_roots",
     "save_config",
+    "setting",
     "split_recipe_args",
     "to_yaml",
     "validate",

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kdtune.config._loader import check_resolvable
-from kdtune.errors import ConfigError
+from kdtune.errors import ConfigError, KDTuneError
 
 COMPONENT_KEY = "_component_"
 
@@ -157,7 +157,8 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
         ``target(*args, **config_kwargs, **kwargs)``.
 
     Raises:
-        ConfigError: no ``_component_``, the path does not import, or the arguments do not bind (naming the key).
+        ConfigError: no ``_component_``, the path does not import, the arguments do not bind, or building it raised
+            (any exception other than a KDTuneError, which passes through), each naming the config key.
     """
     node = _to_node(node)
     if node is None or (isinstance(node, DictConfig) and node._is_none()):
@@ -180,7 +181,43 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
             raise ConfigError(detail) from None
     built = {k: _build(_get(node, k)) for k in names}
     built.update(kwargs)
-    return target(*args, **built)
+    try:
+        return target(*args, **built)
+    except KDTuneError:
+        raise  # already one clear line
+    except Exception as e:  # noqa: BLE001 - whatever the component raises becomes one line naming the key
+        raise ConfigError(f"{key}: {_call_repr(path, node, names, kwargs)} failed: {_one_line(e)}") from e
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if not text:
+        return type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _short_repr(value: Any) -> str:
+    if isinstance(value, DictConfig) and not value._is_none() and COMPONENT_KEY in value.keys():
+        try:
+            return f"{value[COMPONENT_KEY]}(...)"
+        except OmegaConfBaseException:
+            return "<component>"
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=False)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _call_repr(path: str, node: DictConfig, names: list[str], kwargs: dict[str, Any]) -> str:
+    """``torch.optim.AdamW(lr=-1.0, ...)``: the config's arguments of a call, for an error message."""
+    parts = []
+    for name in names:
+        try:
+            parts.append(f"{name}={_short_repr(node[name])}")
+        except OmegaConfBaseException:
+            parts.append(f"{name}=<unresolved>")
+    parts += [f"{name}=<from the recipe>" for name in kwargs]
+    return f"{path}({', '.join(parts)})"
 
 
 def validate(cfg: DictConfig) -> list[str]:

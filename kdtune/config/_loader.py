@@ -134,10 +134,10 @@ def save_config(cfg: DictConfig, path: str | os.PathLike[str]) -> Path:
 
     Returns:
         The path written.
+
+    Raises:
+        ConfigError: the file cannot be written (disk full, not writable, a parent is a file), naming the path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(to_yaml(cfg), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from kdtune.fsio import atomic_write_file
+
+    return atomic_write_file(Path(path), to_yaml(cfg), error=ConfigError)

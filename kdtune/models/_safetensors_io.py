@@ -6,23 +6,23 @@ Nothing here knows about model families; ``kdtune.models.checkpointer`` does the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kdtune.errors import CheckpointError
+from kdtune.fsio import atomic_directory, atomic_write_file
 
 __all__ = [
     "ShardWriter",
     "WEIGHT_SUFFIXES",
     "atomic_directory",
+    "check_weight_tensor",
     "list_weight_files",
     "parse_size",
     "read_json",
@@ -93,12 +93,8 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON to ``path`` via a temporary file and ``os.replace``."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write ``data`` as indented JSON to ``path`` atomically (``kdtune.fsio.atomic_write_file``)."""
+    atomic_write_file(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def list_weight_files(directory: Path) -> list[str]:
@@ -220,6 +216,48 @@ def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+#: elements checked at a time for NaN/inf (bounds the temporary boolean mask to 16 MiB)
+_FINITE_CHECK_ELEMENTS = 1 << 24
+
+
+def check_weight_tensor(path: Path, name: str, tensor: torch.Tensor, *, expect_float: bool = True) -> None:
+    """Refuse a weight that does not load as floating point or holds NaN/inf, naming the file and the tensor.
+
+    Called per tensor while loading, so the cost is one summing pass over each tensor (NaN/inf make the sum
+    non-finite), with no second copy of the weights; only a non-finite sum is examined element-wise, in slices of
+    ``_FINITE_CHECK_ELEMENTS``.
+
+    Args:
+        path: the weight file the tensor comes from.
+        name: the tensor's name as the file spells it (e.g. ``model.layers.0.mlp.up_proj.weight``).
+        tensor: the tensor read from the file.
+        expect_float: the model parameter it fills is floating point.
+
+    Raises:
+        CheckpointError: an integer/bool tensor where a float is expected, or NaN/inf values (with their count).
+    """
+    if not tensor.is_floating_point():
+        if expect_float:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, not floating point, but the "
+                "model's weight is; this is not a plain HF checkpoint of this model (a quantized export?): use the "
+                "floating-point (bf16/fp16/fp32) weights."
+            )
+        return
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() == 0 or bool(torch.isfinite(flat.sum())):
+        return  # a NaN or inf anywhere makes the sum non-finite; one fast pass (~15 GB/s on one CPU core)
+    # the sum is not finite: NaN/inf, or only an overflow of the sum (fp16); count exactly, a slice at a time
+    for start in range(0, flat.numel(), _FINITE_CHECK_ELEMENTS):
+        if bool(torch.isfinite(flat[start : start + _FINITE_CHECK_ELEMENTS]).all()):
+            continue
+        n_nan, n_inf = int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
+        raise CheckpointError(
+            f"{path}: tensor {name!r} holds {n_nan} NaN and {n_inf} inf value(s) of {flat.numel()}; these weights are "
+            "broken (saved from a diverged run, or a corrupt file): re-download them or use an earlier checkpoint."
+        )
+
+
 class ShardWriter:
     """Write tensors into HF-style shards as they come (``model-00001-of-0000N.safetensors`` + index), keeping at most
     one shard in memory. A single shard is written as ``model.safetensors`` with no index, as ``save_pretrained`` does.
@@ -297,58 +335,6 @@ class ShardWriter:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
             write_json_atomic(self.directory / f"{self.prefix}{self.ext}.index.json", index)
         return final
-
-
-def _looks_replaceable(path: Path) -> bool:
-    """An existing directory we may replace: empty, or a model / adapter / kdtune output directory."""
-    names = {p.name for p in path.iterdir()}
-    if not names:
-        return True
-    markers = ("config.json", "adapter_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
-    return any(m in names for m in markers) or any(n.endswith(WEIGHT_SUFFIXES) for n in names)
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a fresh temporary directory ``<out_dir>.tmp-<pid>``; on success it replaces ``out_dir`` (an existing
-    ``out_dir`` is moved aside first and deleted only after the new one is in place); on error it is removed.
-
-    Raises:
-        CheckpointError: ``out_dir`` is a file, or an existing non-empty directory that does not look like a model or
-            adapter directory (refusing to delete unrelated files).
-    """
-    final = Path(out_dir).expanduser().absolute()
-    if final.exists() and not final.is_dir():
-        raise CheckpointError(f"output path {str(final)!r} is a file; choose a directory path.")
-    if final.is_dir() and not _looks_replaceable(final):
-        raise CheckpointError(
-            f"output directory {str(final)!r} exists and holds files that are not a model checkpoint; refusing to "
-            "replace it. Choose an empty or new directory."
-        )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        if old is not None:
-            os.replace(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def copy_non_weight_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> list[str]:

@@ -36,6 +36,7 @@ from kdtune.models._family import ModelFamily, family_for_hf_config, registered_
 from kdtune.models._safetensors_io import (
     ShardWriter,
     atomic_directory,
+    check_weight_tensor,
     copy_non_weight_files,
     list_weight_files,
     parse_size,
@@ -205,6 +206,7 @@ def load_state_dict_shardwise(
                 )
             if key in loaded:
                 raise CheckpointError(f"{path.name}: tensor {key!r} appears in more than one weight file.")
+            check_weight_tensor(path, _hf_name_of_key(family, key), tensor, expect_float=target.is_floating_point())
             dtype = target.dtype
             dev = target.device
             if dev.type == "meta":
@@ -670,6 +672,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str]) -> list[
     found: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
     for key, t in tensors.items():
+        check_weight_tensor(wpath, key, t)
         m = re.match(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$", key)
         if not m or m.group(1) not in targets:
             unknown.append(key)

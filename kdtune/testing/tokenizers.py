@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import regex
 
 from kdtune.data.tokenizers.bpe import GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, bytes_to_unicode
 from kdtune.data.tokenizers.tiktoken_llama3 import llama3_special_tokens
+from kdtune.fsio import atomic_write_file
 
 LLAMA3_CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
@@ -76,11 +76,7 @@ DEFAULT_CORPUS: tuple[str, ...] = (
 
 
 def _atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    atomic_write_file(path, data)  # umask modes (mkstemp would leave 0o600 files)
 
 
 def _write_json(path: Path, obj: Any) -> None:

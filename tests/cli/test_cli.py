@@ -271,7 +271,7 @@ def test_validate(tree: Path, inproc: Path, capsys) -> None:
     proc = kdtune(tree, "validate", "fam/bad")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     problems = [line.strip() for line in proc.stderr.splitlines()[1:]]
-    assert len(problems) == 4, proc.stderr
+    assert len(problems) == 5, proc.stderr
     assert problems[0].startswith(
         "model.out_feature: torch.nn.Linear has no argument 'out_feature' (closest: out_features"
     )
@@ -279,6 +279,7 @@ def test_validate(tree: Path, inproc: Path, capsys) -> None:
     assert problems[2].startswith("losses[0].ignore_idx: torch.nn.CrossEntropyLoss has no argument 'ignore_idx'")
     # the recipe declares RECIPE_SETTINGS: top-level keys are checked against its settings dataclass
     assert problems[3].startswith("settings of recipe tiny: unknown config key 'losses'")
+    assert problems[4].startswith("settings of recipe tiny: required config key 'output_dir' is missing")  # all of them
     line = one_line_error(kdtune(tree, "validate", "fam/broken"))
     assert f"YAML syntax error in {tree / 'configs' / 'fam' / 'broken.yaml'}:4:" in line
     # the valid cases in-process (importing torch in yet another process costs seconds on a busy CI machine)

@@ -145,3 +145,28 @@ def test_download_errors(fake_hub, closed_port_url, tmp_path: Path) -> None:
         offline="1",
     )
     assert offline[0]["code"] == 1 and "HF_HUB_OFFLINE is set" in offline[0]["err"]
+
+
+def test_failed_download_leaves_no_empty_directory(fake_hub, closed_port_url, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        {"args": ["kd-org/gated-llama", "--output-dir", str(out / "a" / "b")]},  # fails after the directory is made
+        {"args": ["kd-org/gated-llama", "--output-dir", str(existing)]},  # the user's directory is kept
+        {"args": ["kd-org/tiny-llama", "--output-dir", str(a_file)]},
+        {"args": ["kd-org/tiny-llama", "--output-dir", str(a_file / "sub")]},
+    ]
+    results = run_cases(fake_hub, tmp_path / "hf_home", cases)
+    assert all(r["code"] == 1 and len(r["err"].strip().splitlines()) == 1 for r in results), results
+    assert not out.exists()
+    assert existing.is_dir() and repo_files(existing) == set()
+    assert f"--output-dir '{a_file}' is a file, not a directory" in results[2]["err"]
+    assert f"cannot create --output-dir '{a_file / 'sub'}': {a_file} is a file" in results[3]["err"]
+    assert a_file.read_text() == "x"
+    refused = run_cases(
+        closed_port_url, tmp_path / "hf_home", [{"args": ["kd-org/tiny-llama", "--output-dir", str(out)]}]
+    )
+    assert refused[0]["code"] == 1 and not out.exists()

@@ -314,7 +314,7 @@ def test_errors(tok, tmp_path, write_jsonl, cache_dir):
     with pytest.raises(DataError, match="could not load dataset .*split 'validation'"):
         instruct_dataset(tok, source="json", data_files=write_jsonl(PAIRS), split="validation", cache_dir=cache_dir)
     no_answer = write_jsonl([{"messages": [{"role": "user", "content": "x"}]}], "noans.jsonl")
-    with pytest.raises(DataError, match="no example has a trained token"):
+    with pytest.raises(DataError, match="nothing to train: none of its 1 rows has an assistant"):
         chat_dataset(tok, source="json", data_files=no_answer, cache_dir=cache_dir)
 
 

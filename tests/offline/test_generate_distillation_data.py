@@ -95,6 +95,9 @@ def test_generated_pairs_equal_direct_greedy_generation_and_train_a_student(teac
             f"checkpointer.checkpoint_dir={teacher_dir}",
             f"tokenizer.checkpoint_dir={teacher_dir}",
             f"dataset.data_files={out / 'ultrachat_llama3_1_8b.jsonl'}",
+            # the random tiny teacher's completions are empty once stripped; a dataset with nothing to train is
+            # refused, so this plumbing check trains on the prompts too
+            "+dataset.train_on_input=true",
             "val_split_ratio=0.0",
             f"output_dir={sft_out}",
             "batch_size=2",

@@ -211,6 +211,8 @@ def _message_dataset(
         source=where,
     )
 
+    check_something_to_train(rows, convert, where=where, row_ids=row_ids)
+
     # The dataset truncates (and counts truncations) itself, so ask the tokenizer not to cut silently first.
     extra = (
         {"truncate_to_max_seq_len": False} if _accepts(tokenizer.tokenize_messages, "truncate_to_max_seq_len") else {}
@@ -235,6 +237,31 @@ def _message_dataset(
         lazy=lazy,
         num_proc=num_proc,
         row_ids=row_ids,
+    )
+
+
+def check_something_to_train(
+    rows: Any,
+    convert: Callable[[Mapping[str, Any], int], list[Any]],
+    *,
+    where: str,
+    row_ids: list[int] | None = None,
+) -> None:
+    """Refuse a dataset none of whose trained messages (the assistant's; with ``train_on_input`` every turn's) has any
+    content: it would train on end-of-turn tokens only.
+
+    Stops at the first row with something to train, so it costs one row conversion on any usable dataset.
+
+    Raises:
+        DataError: naming the dataset (file) and the number of rows.
+    """
+    for i in range(len(rows)):
+        messages = convert(rows[i], i if row_ids is None else row_ids[i])
+        if any(not m.masked and m.content.strip() for m in messages):
+            return
+    raise DataError(
+        f"{where}: nothing to train: none of its {len(rows)} rows has an assistant (trained) message that is not "
+        "empty or null; fill in the responses or point column_map at the response column"
     )
 
 
@@ -503,6 +530,11 @@ def text_completion_dataset(
     if column not in rows.column_names:
         raise DataError(
             f"{where} has no column {column!r}; columns present: {rows.column_names}; set column='<your text column>'"
+        )
+    if not any(isinstance(t, str) and t.strip() for t in (rows[i][column] for i in range(len(rows)))):
+        raise DataError(
+            f"{where}: nothing to train: column {column!r} is empty or null in all {len(rows)} rows; "
+            "give rows with text or set column='<your text column>'"
         )
     keep_whole = packed and split_across_pack
     if packed and lazy:

@@ -74,6 +74,59 @@ def find_json_error(path: str) -> tuple[int, str] | None:
     return None
 
 
+#: packaged builders that read their files as UTF-8 text (checked by `check_text_file` before loading)
+TEXT_BUILDERS = ("json", "csv", "text")
+
+
+def check_text_file(path: str, *, key: str = "data_files", chunk_bytes: int = 1 << 22) -> None:
+    """Refuse a local data file that is empty or not UTF-8 text, naming the file (and the line of the first bad byte).
+
+    Reads the file once, a chunk at a time (memory stays at ``chunk_bytes``), so it is cheap next to tokenizing it.
+
+    Args:
+        path: the data file.
+        key: the config key that names it, for the message.
+        chunk_bytes: read size.
+
+    Raises:
+        DataError: the file is empty / holds only blank lines, or holds bytes that are not UTF-8.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        raise DataError(f"data file {path} (key {key!r}) is empty (0 bytes); give a file with rows or remove it")
+    line = 1  # 1-based number of the first line of `pending`
+    pending = b""
+    blank = True
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            data = pending + chunk
+            if chunk:
+                cut = data.rfind(b"\n") + 1  # decode whole lines only: no UTF-8 sequence is split
+                if cut == 0:
+                    pending = data
+                    continue
+                part, pending = data[:cut], data[cut:]
+            else:
+                part, pending = data, b""
+            try:
+                text = part.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad_line = line + part[: e.start].count(b"\n")
+                column = e.start - (part.rfind(b"\n", 0, e.start) + 1) + 1
+                raise DataError(
+                    f"data file {path} (key {key!r}) line {bad_line} is not UTF-8 text (byte 0x{part[e.start]:02x} "
+                    f"at column {column}); re-save the file as UTF-8 or fix that line"
+                ) from None
+            if blank and text.strip("\ufeff \t\r\n"):
+                blank = False
+            line += part.count(b"\n")
+            if not chunk:
+                break
+    if blank:
+        raise DataError(f"data file {path} (key {key!r}) holds only blank lines; give a file with rows or remove it")
+
+
 def _first_line(e: BaseException) -> str:
     msgs = [str(e).strip()]
     cause = e.__cause__ or e.__context__
@@ -115,6 +168,7 @@ def load_rows(
 
     if load_dataset_kwargs.get("streaming"):
         raise DataError("streaming=True is not supported by kdtune's map-style datasets; remove 'streaming'")
+    files_key = "data_files" if data_files is not None else "source"
     builder, data_files = resolve_source(source, data_files)
     local_dir = os.path.expanduser(builder)
     if (
@@ -136,6 +190,9 @@ def load_rows(
         ]
         if missing:
             raise DataError(f"data file {missing[0]!r} (key 'data_files') does not exist; check the path")
+        if builder in TEXT_BUILDERS:
+            for path in _data_file_list(data_files):
+                check_text_file(path, key=files_key)
     try:
         rows = datasets.load_dataset(builder, data_files=data_files, split=split, **load_dataset_kwargs)
     except Exception as e:
