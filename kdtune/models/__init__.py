@@ -24,6 +24,7 @@ Every model is a ``TransformerDecoder`` carrying ``hf_family`` and ``hf_config``
 """
 
 from kdtune.models import gemma, gpt2, llama, phi3, qwen2, qwen3  # noqa: F401  (each registers its family)
+from kdtune.models import bart, opt, t5  # noqa: F401  (encoder-decoder families and OPT)
 from kdtune.models.checkpointer import HFCheckpointer, load_state_dict_shardwise
 from kdtune.models.hf import hf_model, load_hf_model, read_hf_config
 from kdtune.models.modules import TransformerDecoder, enable_activation_checkpointing

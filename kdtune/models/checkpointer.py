@@ -107,7 +107,7 @@ def family_for_model(model: nn.Module) -> ModelFamily:
     name = getattr(model, "hf_family", "") or ""
     families = registered_families()
     if name in families:
-        return families[name]
+        return families[name].for_config(getattr(model, "hf_config", None) or {})
     cfg = getattr(model, "hf_config", None)
     if cfg:
         return family_for_hf_config(cfg, source=f"{type(model).__name__}.hf_config")

@@ -70,10 +70,11 @@ def generate(
     device = param.device
     b, prompt_len = len(prompts), max(len(p) for p in prompts)
     total = prompt_len + max_new_tokens
-    if decoder.pos_embeddings is not None and total > decoder.pos_embeddings.num_embeddings:
+    n_pos = None if decoder.pos_embeddings is None else decoder.pos_embeddings.num_embeddings - decoder.pos_offset
+    if n_pos is not None and total > n_pos:
         raise ValueError(
             f"generate: prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"{decoder.pos_embeddings.num_embeddings} learned positions"
+            f"{n_pos} learned positions"
         )
     tokens = torch.full((b, prompt_len), pad_id, dtype=torch.long, device=device)
     padding_mask = torch.zeros((b, prompt_len), dtype=torch.bool, device=device)
