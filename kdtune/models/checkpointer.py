@@ -584,7 +584,7 @@ def save_adapter(
     dropout = _most_common([m.dropout_p for m in lora_mods.values()])
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_2_SEQ_LM" if getattr(model, "is_encoder_decoder", False) else "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path or _base_model_name(None, model),
         "r": r,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
