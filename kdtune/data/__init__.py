@@ -7,6 +7,7 @@ from kdtune.data.chat_formats import CHAT_FORMATS, ChatFormat, get_chat_format
 from kdtune.data.collate import model_inputs, padded_collate
 from kdtune.data.datasets import (
     CROSS_ENTROPY_IGNORE_IDX,
+    Seq2SeqDataset,
     SFTDataset,
     alpaca_cleaned_dataset,
     alpaca_dataset,
@@ -14,6 +15,7 @@ from kdtune.data.datasets import (
     dolly_dataset,
     instruct_dataset,
     openorca_dataset,
+    seq2seq_dataset,
     sft_dataset,
     slimorca_dataset,
     split_dataset,
@@ -35,6 +37,7 @@ __all__ = [
     "PackedDataset",
     "ROLES",
     "SFTDataset",
+    "Seq2SeqDataset",
     "Tokenizer",
     "alpaca_cleaned_dataset",
     "alpaca_dataset",
@@ -49,6 +52,7 @@ __all__ = [
     "openorca_dataset",
     "model_inputs",
     "padded_collate",
+    "seq2seq_dataset",
     "sft_dataset",
     "slimorca_dataset",
     "split_dataset",

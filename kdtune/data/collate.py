@@ -32,7 +32,9 @@ def padded_collate(
     Returns:
         ``tokens [B, T]`` and ``labels [B, T]`` (int64), plus ``input_pos [B, T]`` and ``document_ids [B, T]`` when
         the items have them. Padding of ``input_pos`` counts from 0 and padding of ``document_ids`` is a new document
-        id (one more than the row's largest), so padding never joins a real document.
+        id (one more than the row's largest), so padding never joins a real document. Encoder-decoder items
+        (``kdtune.data.seq2seq_dataset``) also give ``encoder_tokens [B, S]`` (right-padded with ``pad_id``) and
+        ``encoder_padding_mask [B, S]`` (bool, True = real token).
     """
     if not batch:
         raise DataError("padded_collate got an empty batch")
@@ -66,11 +68,29 @@ def padded_collate(
                 out["input_pos"][i, n:] = torch.arange(T - n)
             if "document_ids" in out:
                 out["document_ids"][i, n:] = (int(rows["document_ids"][i].max()) + 1) if n else 0
+    if "encoder_tokens" in batch[0]:
+        out.update(_pad_encoder([item["encoder_tokens"] for item in batch], pad_id, pad_to_multiple_of))
     return out
 
 
-#: batch keys that are keyword arguments of the models' ``forward`` (packed sequences), beside ``tokens``
-MODEL_INPUT_KEYS = ("input_pos", "document_ids")
+def _pad_encoder(sources: Sequence[Any], pad_id: int, pad_to_multiple_of: int | None) -> dict[str, torch.Tensor]:
+    """``encoder_tokens [B, S]`` right-padded with ``pad_id`` and ``encoder_padding_mask [B, S]`` (True = real)."""
+    rows = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in sources]
+    if any(r.numel() == 0 for r in rows):
+        raise DataError("a batch item has empty encoder_tokens; every source needs at least one token")
+    S = max(r.numel() for r in rows)
+    if pad_to_multiple_of is not None and pad_to_multiple_of > 1:
+        S = -(-S // pad_to_multiple_of) * pad_to_multiple_of
+    tokens = torch.full((len(rows), S), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), S), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, : r.numel()] = r
+        mask[i, : r.numel()] = True
+    return {"encoder_tokens": tokens, "encoder_padding_mask": mask}
+
+
+#: batch keys that are keyword arguments of the models' ``forward`` (packed sequences; the encoder input of encoder-decoder models), beside ``tokens``
+MODEL_INPUT_KEYS = ("input_pos", "document_ids", "encoder_tokens", "encoder_padding_mask")
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

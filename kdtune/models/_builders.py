@@ -60,6 +60,16 @@ def make_size_builders(
     return out
 
 
+def _num_layers(hf_config: dict[str, Any]) -> str:
+    """The layer count of a size-table config, however the family spells it (encoder-decoder: ``enc+dec``)."""
+    for key in ("num_hidden_layers", "n_layer"):
+        if key in hf_config:
+            return str(hf_config[key])
+    enc = hf_config.get("num_layers", hf_config.get("encoder_layers"))
+    dec = hf_config.get("num_decoder_layers", hf_config.get("decoder_layers")) or enc
+    return f"{enc}+{dec}"
+
+
 def _base_builder(family: ModelFamily, name: str, hf_config: dict[str, Any], module: str) -> Callable[[], nn.Module]:
     def builder() -> nn.Module:
         return family.build(copy.deepcopy(hf_config))
@@ -68,7 +78,7 @@ def _base_builder(family: ModelFamily, name: str, hf_config: dict[str, Any], mod
     builder.__module__ = module
     builder.__doc__ = (
         f"Build {hf_config.get('_name_or_path', name)} ({family.name} family) with random weights: "
-        f"{hf_config['num_hidden_layers' if 'num_hidden_layers' in hf_config else 'n_layer']} layers; "
+        f"{_num_layers(hf_config)} layers; "
         "load weights with the checkpointer or use ``kdtune.models.load_hf_model``."
     )
     return builder

@@ -51,6 +51,11 @@ class ModelFamily(abc.ABC):
     def state_dict_to_hf(self, state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Convert kdtune base-model tensors (no LoRA keys) to HF names/layouts."""
 
+    def for_config(self, hf_config: dict[str, Any]) -> ModelFamily:
+        """The family object for one ``config.json`` (default: ``self``). A family whose HF module names depend on the
+        config (T5: ``wi`` vs ``wi_0``/``wi_1``) returns a variant, so ``module_name_to_hf`` needs no config."""
+        return self
+
     @abc.abstractmethod
     def module_name_to_hf(self, name: str) -> str:
         """Map a kdtune module path (``layers.0.attn.q_proj``) to the HF module path (``model.layers.0.self_attn.q_proj``),
@@ -78,11 +83,11 @@ def family_for_hf_config(hf_config: dict[str, Any], source: str = "config.json")
     archs = hf_config.get("architectures") or []
     for family in _FAMILIES.values():
         if any(a in family.hf_architectures for a in archs):
-            return family
+            return family.for_config(hf_config)
     model_type = hf_config.get("model_type")
     for family in _FAMILIES.values():
         if model_type in family.hf_model_types:
-            return family
+            return family.for_config(hf_config)
     what = f"architectures={archs}" if archs else f"model_type={model_type!r}"
     wanted = archs[0] if archs else str(model_type)
     close = difflib.get_close_matches(wanted, supported_architectures(), n=3, cutoff=0.5)

@@ -101,7 +101,7 @@ def family_for_model(model: nn.Module) -> ModelFamily:
     name = getattr(model, "hf_family", "") or ""
     families = registered_families()
     if name in families:
-        return families[name]
+        return families[name].for_config(getattr(model, "hf_config", None) or {})
     cfg = getattr(model, "hf_config", None)
     if cfg:
         return family_for_hf_config(cfg, source=f"{type(model).__name__}.hf_config")
@@ -578,7 +578,7 @@ def save_adapter(
     dropout = _most_common([m.dropout_p for m in lora_mods.values()])
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_2_SEQ_LM" if getattr(model, "is_encoder_decoder", False) else "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path or _base_model_name(None, model),
         "r": r,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,

@@ -16,6 +16,7 @@ builder                      data
 ``openorca_dataset``         ``Open-Orca/OpenOrca``;  ``slimorca_dataset``: ``Open-Orca/SlimOrca-Dedup``
 ``dolly_dataset``            ``databricks/databricks-dolly-15k``
 ``ultrachat_dataset``        ``HuggingFaceH4/ultrachat_200k``, split ``train_sft``
+``seq2seq_dataset``          source/target pairs for T5/BART: ``{"encoder_tokens", "tokens", "labels"}``
 ===========================  =================================================================================
 
 Sources: a hub name, ``source: json|csv|parquet|arrow|text`` with ``data_files``, a local data file as ``source``, or
@@ -50,11 +51,13 @@ from kdtune.data.datasets._builders import (
     ultrachat_dataset,
 )
 from kdtune.data.datasets._load import find_json_error, load_rows, split_dataset, split_indices
+from kdtune.data.datasets._seq2seq import Seq2SeqDataset, seq2seq_dataset
 from kdtune.data.datasets._sft import CROSS_ENTROPY_IGNORE_IDX, SFTDataset, labels_from_mask
 
 __all__ = [
     "CROSS_ENTROPY_IGNORE_IDX",
     "SFTDataset",
+    "Seq2SeqDataset",
     "alpaca_cleaned_dataset",
     "alpaca_dataset",
     "chat_dataset",
@@ -64,6 +67,7 @@ __all__ = [
     "labels_from_mask",
     "load_rows",
     "openorca_dataset",
+    "seq2seq_dataset",
     "sft_dataset",
     "slimorca_dataset",
     "split_dataset",

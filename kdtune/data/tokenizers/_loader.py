@@ -98,8 +98,10 @@ def load_hf_tokenizer(
     """Build the tokenizer of an HF checkpoint directory.
 
     Picks, in order: Llama 3 tiktoken (``original/tokenizer.model`` rank file), byte-level BPE from
-    ``tokenizer.json`` (Qwen2/2.5/3, GPT-2, Llama 3 without ``original/``), sentencepiece (``tokenizer.model``:
-    Llama 2, TinyLlama, Mistral), byte-level BPE from ``vocab.json`` + ``merges.txt``. BOS/EOS/PAD come from
+    ``tokenizer.json`` (Qwen2/2.5/3, GPT-2, BART, OPT, Llama 3 without ``original/``), sentencepiece
+    (``tokenizer.model``: Llama 2, TinyLlama, Mistral; ``spiece.model``: T5 / flan-t5), byte-level BPE from
+    ``vocab.json`` + ``merges.txt``. With a ``config.json`` holding ``decoder_start_token_id`` (encoder-decoder
+    models) the tokenizer gets a ``decoder_start_id`` attribute, which ``kdtune.data.seq2seq_dataset`` uses. BOS/EOS/PAD come from
     ``tokenizer_config.json``, ``special_tokens_map.json`` and ``generation_config.json``.
 
     Args:
@@ -139,6 +141,8 @@ def load_hf_tokenizer(
     spm_file = (
         d / "tokenizer.model" if (d / "tokenizer.model").is_file() and tiktoken_file != d / "tokenizer.model" else None
     )
+    if spm_file is None and (d / "spiece.model").is_file():  # T5 / flan-t5 name their sentencepiece model so
+        spm_file = d / "spiece.model"
     tj_bytelevel = bool(tj) and "ByteLevel" in json.dumps(tj.get("pre_tokenizer") or {})
     common: dict[str, Any] = {"max_seq_len": max_seq_len}
 
@@ -214,6 +218,9 @@ def load_hf_tokenizer(
             f"vocab.json + merges.txt; present: {present}); download the tokenizer files with the model."
         )
 
+    start = _read_json(d / "config.json").get("decoder_start_token_id")
+    if isinstance(start, int):  # encoder-decoder models (T5, BART): the decoder's first input token
+        tok.decoder_start_id = start
     tok.template_tokens = {k: v for k, v in names.items()}
     tok.template_kwargs = dict(template_kwargs or {})
     _set_chat(tok, d, cfg, chat_template, added)
@@ -257,6 +264,9 @@ def _ids(
             add_bos = first is not None
             if first is not None:
                 bos = table.get(first["id"], bos)
+        elif post.get("type") in ("RobertaProcessing", "BertProcessing") and post.get("cls"):
+            add_bos = True  # BART / RoBERTa: <s> text </s>
+            bos = int(post["cls"][1]) if isinstance(post["cls"], list) else bos
         else:
             add_bos = kind in ("tiktoken", "sentencepiece")
     if bos is not None or not add_bos:

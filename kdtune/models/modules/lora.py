@@ -255,7 +255,7 @@ def _lora_targets(
             continue
         parts = name.split(".")
         leaf, parent = parts[-1], (parts[-2] if len(parts) > 1 else "")
-        if parent == "attn" and leaf in attn:
+        if parent in ("attn", "cross_attn") and leaf in attn:  # cross_attn: encoder-decoder models
             targets.append(name)
         elif apply_lora_to_mlp and parent == "mlp" and leaf in _MLP_MODULES:
             targets.append(name)

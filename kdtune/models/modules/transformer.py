@@ -15,14 +15,26 @@ from kdtune.models.modules.rope import RotaryEmbedding
 
 
 class TransformerSelfAttentionLayer(nn.Module):
-    """Pre-norm block: ``h = x + attn(sa_norm(x)); out = h + mlp(mlp_norm(h))``."""
+    """Pre-norm block: ``h = x + attn(sa_norm(x)); out = h + mlp(mlp_norm(h))``.
 
-    def __init__(self, attn: MultiHeadAttention, mlp: nn.Module, sa_norm: nn.Module, mlp_norm: nn.Module) -> None:
+    With ``post_norm=True`` (OPT-350m, BART): ``h = sa_norm(x + attn(x)); out = mlp_norm(h + mlp(h))``.
+    """
+
+    def __init__(
+        self,
+        attn: MultiHeadAttention,
+        mlp: nn.Module,
+        sa_norm: nn.Module,
+        mlp_norm: nn.Module,
+        *,
+        post_norm: bool = False,
+    ) -> None:
         super().__init__()
         self.sa_norm = sa_norm
         self.attn = attn
         self.mlp_norm = mlp_norm
         self.mlp = mlp
+        self.post_norm = post_norm
 
     def forward(
         self,
@@ -34,6 +46,9 @@ class TransformerSelfAttentionLayer(nn.Module):
     ) -> torch.Tensor:
         """``x [B, T, D] -> [B, T, D]``; see ``MultiHeadAttention.forward`` for the other arguments."""
         rope = (rope_cos, rope_sin) if rope_cos is not None else None
+        if self.post_norm:
+            h = self.sa_norm(x + self.attn(x, rope=rope, mask=mask, cache_pos=cache_pos))
+            return self.mlp_norm(h + self.mlp(h))
         h = x + self.attn(self.sa_norm(x), rope=rope, mask=mask, cache_pos=cache_pos)
         return h + self.mlp(self.mlp_norm(h))
 
@@ -55,6 +70,10 @@ class TransformerDecoder(nn.Module):
         sliding_window: if set, a token attends only to the previous ``sliding_window`` tokens (itself included),
             as Mistral does; applied only when a sequence is longer than the window.
         embed_scale: multiply token embeddings by this (Gemma: ``sqrt(D)``, rounded to the model dtype as HF does).
+        pos_offset: added to positions before the learned position lookup (OPT: 2).
+        project_in: maps token embeddings (width E) to the model width D before positions are added (OPT-350m).
+        project_out: maps the final hidden states back to width E before the (tied) output projection (OPT-350m);
+            ``return_hidden`` returns its output, so ``output_logits`` applies to it.
     """
 
     def __init__(
@@ -69,6 +88,9 @@ class TransformerDecoder(nn.Module):
         max_seq_len: int = 4096,
         sliding_window: int | None = None,
         embed_scale: float | None = None,
+        pos_offset: int = 0,
+        project_in: nn.Module | None = None,
+        project_out: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.tok_embeddings = tok_embeddings
@@ -76,6 +98,15 @@ class TransformerDecoder(nn.Module):
             self.pos_embeddings = pos_embeddings
         else:
             self.pos_embeddings = None
+        self.pos_offset = int(pos_offset)
+        if project_in is not None:
+            self.project_in = project_in
+        else:
+            self.project_in = None
+        if project_out is not None:
+            self.project_out = project_out
+        else:
+            self.project_out = None
         self.rope = rope
         self.layers = nn.ModuleList(layers)
         self.norm = norm
@@ -238,13 +269,15 @@ class TransformerDecoder(nn.Module):
         h = self.tok_embeddings(tokens)
         if self.embed_scale is not None:
             h = h * torch.tensor(self.embed_scale, dtype=h.dtype, device=h.device)
+        if self.project_in is not None:
+            h = self.project_in(h)
         if self.pos_embeddings is not None:
-            n_pos = self.pos_embeddings.num_embeddings
+            n_pos = self.pos_embeddings.num_embeddings - self.pos_offset
             if (cache_pos or 0) + t > n_pos and input_pos.numel() and int(input_pos.max()) >= n_pos:
                 raise ValueError(
                     f"sequence position {int(input_pos.max())} is beyond the model's {n_pos} learned positions"
                 )
-            h = h + self.pos_embeddings(input_pos)
+            h = h + self.pos_embeddings(input_pos + self.pos_offset if self.pos_offset else input_pos)
         cos = sin = None
         if self.rope is not None:
             cos, sin = self.rope(input_pos, h.dtype)
@@ -256,6 +289,8 @@ class TransformerDecoder(nn.Module):
             else:
                 h = layer(h, cos, sin, mask, cache_pos)
         h = self.norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)
         if return_hidden:
             return h
         return self.output_logits(h)
@@ -280,7 +315,8 @@ def enable_activation_checkpointing(model: nn.Module, enabled: bool = True) -> n
     """Recompute each transformer block in backward (per-layer activation checkpointing); returns ``model``."""
     found = False
     for module in model.modules():
-        if isinstance(module, TransformerDecoder):
+        # TransformerDecoder, and the encoder/decoder stacks of encoder-decoder models, carry this flag
+        if isinstance(module, TransformerDecoder) or getattr(module, "supports_activation_checkpointing", False):
             module.activation_checkpointing = enabled
             found = True
     if not found:
