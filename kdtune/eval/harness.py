@@ -39,8 +39,7 @@ def require_lm_eval() -> Any:
         import lm_eval.api.model  # noqa: F401
     except ImportError as e:
         raise MissingDependencyError(
-            f"evaluation needs EleutherAI's lm-evaluation-harness (import failed: {e}); install it with "
-            f"{INSTALL_HINT}"
+            f"evaluation needs EleutherAI's lm-evaluation-harness (import failed: {e}); install it with {INSTALL_HINT}"
         ) from None
     return lm_eval
 

@@ -311,8 +311,8 @@ class KDTuneLM(TemplateLM):
             contexts = {i: self._encode_context(requests[i].args[0], max_ctx) for i in indices}
             order = sorted(indices, key=lambda i: -len(contexts[i]))
 
-            def stop_fn(generated: torch.Tensor) -> torch.Tensor:
-                texts = [self.tok_decode(row) for row in generated.tolist()]
+            def stop_fn(generated: torch.Tensor, until: list[str] = until) -> torch.Tensor:
+                texts = [self.tok_decode(row) for row in generated.tolist()]  # generated: [B, steps]
                 return torch.tensor([any(s and s in t for s in until) for t in texts])
 
             for start in range(0, len(order), self._batch_size):
