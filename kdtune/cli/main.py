@@ -1,4 +1,4 @@
-"""The ``kdtune`` command: ls, cp, cat, validate, run, download, make-tiny, quickstart.
+"""The ``kdtune`` command: ls, cp, cat, validate, run, download, upload, make-tiny, quickstart.
 
 Every user error (a :class:`kdtune.errors.KDTuneError`) is printed as one line, ``kdtune: error: ...``, with exit
 code 1; ``--debug`` or ``KDTUNE_DEBUG=1`` adds the traceback.
@@ -117,6 +117,20 @@ def _build_parser() -> argparse.ArgumentParser:
         "--config tiny/kd` runs offline on a CPU right after. Deterministic; re-running replaces the files.",
     )
     p.add_argument("--dir", default=None, help="where to write (default: /tmp/kdtune-tiny, where the configs look)")
+    p = sub.add_parser(
+        "upload",
+        help="upload a folder (e.g. a run's final/) to the Hugging Face Hub",
+        description="Create the repository if needed and upload every file of <folder> in one commit with "
+        "huggingface_hub. The token comes from --hf-token, HF_TOKEN or a saved `hf auth login`; it is never printed "
+        "or written.",
+    )
+    p.add_argument("folder", help="the directory to upload, e.g. /tmp/kdtune/llama3_2_1B/kd/final")
+    p.add_argument("repo_id", help="<user or org>/<name>, e.g. me/llama3.2-1b-kd")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", default=None, help="branch to commit to (created if missing; default: main)")
+    p.add_argument("--repo-type", default="model", choices=["model", "dataset"], help="repository type")
+    p.add_argument("--hf-token", default=None, help="Hugging Face token (default: HF_TOKEN or the saved login)")
+    p.add_argument("--commit-message", default=None, help="commit message (default: 'Upload <folder> with kdtune')")
 
     sub.add_parser(
         "quickstart",
@@ -309,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             from kdtune.cli._download import download_command
 
             return download_command(args)
+        if args.command == "upload":
+            from kdtune.cli._upload import upload_command
+
+            return upload_command(args)
         commands = {
             "ls": _cmd_ls,
             "cp": _cmd_cp,

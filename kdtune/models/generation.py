@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -43,6 +45,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    stop_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[list[int]]:
     """Continue every prompt, batched: prompts are left-padded, run once through the model (prefill), then decoded
     one token per step with the KV cache.
@@ -57,9 +60,13 @@ def generate(
         temperature: 0 = greedy; > 0 samples from the tempered distribution.
         top_k: sample only among the ``top_k`` most likely tokens.
         generator: RNG for sampling (reproducible runs).
+        stop_fn: called after each step with the tokens generated so far ``[B, steps]`` (finished rows hold
+            ``pad_id`` after their end); returns a bool ``[B]``, True for rows to end after their latest token (e.g.
+            a stop string appeared in the decoded text). Rows already ended are ignored.
 
     Returns:
-        The generated tokens of each prompt (prompt excluded), cut after the first EOS (the EOS is kept).
+        The generated tokens of each prompt (prompt excluded), cut after the first EOS (the EOS is kept) or after the
+        token at which ``stop_fn`` ended the row.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -89,6 +96,7 @@ def generate(
     try:
         out = torch.empty((b, max_new_tokens), dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
+        lengths = [max_new_tokens] * b  # tokens kept per row (set when a row ends)
         eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
         logits = model(tokens, padding_mask=padding_mask)[:, -1]  # [B, V]
         steps = 0
@@ -97,8 +105,15 @@ def generate(
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             out[:, step] = nxt
             steps = step + 1
+            ended = torch.zeros_like(done)
             if eos:
-                done = done | torch.isin(nxt, eos_t)
+                ended = torch.isin(nxt, eos_t) & ~done
+            if stop_fn is not None:
+                ended = ended | (stop_fn(out[:, :steps]).to(device=device, dtype=torch.bool) & ~done)
+            if (eos or stop_fn is not None) and bool(ended.any()):
+                for i in ended.nonzero().flatten().tolist():
+                    lengths[i] = steps
+                done = done | ended
                 if bool(done.all()):
                     break
             if step + 1 < max_new_tokens:
@@ -106,11 +121,7 @@ def generate(
     finally:
         decoder.remove_caches()
         model.train(was_training)
-    results: list[list[int]] = []
-    for row in out[:, :steps].tolist():
-        cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
-        results.append(row[:cut])
-    return results
+    return [row[: lengths[i]] for i, row in enumerate(out[:, :steps].tolist())]
 
 
 @torch.no_grad()

@@ -1,7 +1,9 @@
-"""A tiny stand-in for the Hugging Face Hub on 127.0.0.1, speaking enough of its API for ``snapshot_download``."""
+"""A tiny stand-in for the Hugging Face Hub on 127.0.0.1, speaking enough of its API for ``snapshot_download`` and
+(``create_repo`` + ``upload_folder``, files sent inline as "regular" uploads) for uploads."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -116,6 +118,70 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server API
         self._handle(head=False)
 
+    def _write_access(self, repo: str) -> bool:
+        """Writes need GOOD_TOKEN (NO_ACCESS_TOKEN is a read-only token); send 401/403 and return False otherwise."""
+        token = self._token()
+        if token is None:
+            self._error(401, "", "Invalid username or password.")
+            return False
+        if token != GOOD_TOKEN:
+            self._error(403, "", f"You don't have the rights to create or write to {repo}")
+            return False
+        return True
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        path = unquote(urlparse(self.path).path)
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.requests.append((self.command, path, self._token()))
+        token = self._token()
+        if token is not None and token not in (GOOD_TOKEN, NO_ACCESS_TOKEN):
+            return self._error(401, "", "Invalid credentials in Authorization header")
+        if path == "/api/repos/create":
+            req = json.loads(body)
+            kind = req.get("type") or "model"
+            repo = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
+            if not self._write_access(repo):
+                return None
+            url = f"http://{self.headers['Host']}/{'' if kind == 'model' else kind + 's/'}{repo}"
+            if repo in REPOS or (kind, repo) in self.server.created:  # the Hub's 409 names the existing repo
+                body = json.dumps({"error": "You already created this model repo", "url": url}).encode()
+                return self._send(409, body, {"Content-Type": "application/json", "X-Error-Message": "exists"})
+            private = req.get("visibility", "private" if req.get("private") else "public") == "private"
+            self.server.created[(kind, repo)] = {"private": private}
+            return self._send(200, json.dumps({"url": url}).encode(), {"Content-Type": "application/json"})
+        if path == "/api/validate-yaml":  # the Hub checks a README.md's YAML front matter before a commit
+            return self._send(200, json.dumps({"warnings": []}).encode(), {"Content-Type": "application/json"})
+        m = re.fullmatch(r"/api/(model|dataset)s/([^/]+/[^/]+)/branch/(.+)", path)
+        if m:
+            kind, repo, branch = m.groups()
+            if not self._write_access(repo):
+                return None
+            self.server.created.setdefault((kind, repo), {}).setdefault("branches", []).append(branch)
+            return self._send(200, b"{}", {"Content-Type": "application/json"})
+        m = re.fullmatch(r"/api/(model|dataset)s/([^/]+/[^/]+)/(preupload|commit)/(.+)", path)
+        if m:
+            kind, repo, op, revision = m.groups()
+            if repo not in REPOS and (kind, repo) not in self.server.created:
+                return self._error(404, "RepoNotFound", "Repository not found")
+            if not self._write_access(repo):
+                return None
+            if op == "preupload":
+                files = [
+                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                    for f in json.loads(body)["files"]
+                ]
+                return self._send(200, json.dumps({"files": files}).encode(), {"Content-Type": "application/json"})
+            files = {}
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            self.server.commits.append({"repo": repo, "type": kind, "revision": revision, "files": files})
+            sha = hashlib.sha1(body).hexdigest()
+            info = {"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{sha}", "commitOid": sha}
+            return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
+        self._error(404, "", "not found")
+
     def do_HEAD(self) -> None:  # noqa: N802 - http.server API
         self._handle(head=True)
 
@@ -123,19 +189,26 @@ class _Handler(BaseHTTPRequestHandler):
 class _HubServer(ThreadingHTTPServer):
     daemon_threads = True
     requests: list[tuple[str, str, str | None]]
+    created: dict[tuple[str, str], dict]  # (repo type, repo id) -> {"private": bool}
+    commits: list[dict]  # {"repo", "type", "revision", "files": {path: bytes}}
 
 
 @pytest.fixture
 def fake_hub():
-    """Yield the base URL of a running fake Hub (a str); ``.requests`` logs (method, path, token), and ``.files``,
+    """Yield the base URL of a running fake Hub (a str); ``.requests`` logs (method, path, token), ``.created`` and
+    ``.commits`` record uploads, and ``.files``,
     ``.good_token``, ``.no_access_token``, ``.sha_main``, ``.sha_v1`` describe what it serves."""
     server = _HubServer(("127.0.0.1", 0), _Handler)
     server.requests = []
+    server.created = {}
+    server.commits = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
 
     class _Hub(str):
         requests = server.requests
+        created = server.created
+        commits = server.commits
         files = FILES
         good_token = GOOD_TOKEN
         no_access_token = NO_ACCESS_TOKEN

@@ -233,11 +233,12 @@ class BaseTokenizer:
         for i in ids:
             i = int(i)
             if i in self._id_to_special:
+                if skip_special_tokens and i in self._skip_ids:
+                    continue  # dropped before decoding, as HF does: the bytes around it decode together
                 if run:
                     parts.append(self._decode_ordinary(run))
                     run = []
-                if not (skip_special_tokens and i in self._skip_ids):
-                    parts.append(self._id_to_special[i])
+                parts.append(self._id_to_special[i])
             else:
                 if not 0 <= i < self.vocab_size:
                     raise DataError(

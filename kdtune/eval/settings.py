@@ -1,0 +1,56 @@
+"""Typed settings of the ``eleuther_eval`` recipe: every top-level config key it reads, its default and its meaning."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["EvalSettings"]
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "") -> Any:
+    """A dataclass field with a one-line ``help`` (read by ``kdtune validate`` and the docs generator)."""
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(kw_only=True)
+class EvalSettings:
+    """Every key ``eleuther_eval`` reads (see ``recipes/eleuther_eval.py``)."""
+
+    output_dir: str = _f(help="Directory for results.json, samples_<task>.jsonl and the resolved config.yaml.")
+    model: Any = _f(help="Model `_component_`, usually kdtune.models.hf_model with checkpoint_dir (a run's final/).")
+    checkpointer: Any = _f(help="kdtune.models.HFCheckpointer `_component_` the weights are loaded from.")
+    tokenizer: Any = _f(help="Tokenizer `_component_`, usually kdtune.data.load_hf_tokenizer with checkpoint_dir.")
+    adapter_dir: str | None = _f(
+        None,
+        help="PEFT LoRA adapter dir (e.g. a run's final_adapter/) loaded on top of the checkpoint; with "
+        "kdtune.models.hf_model the LoRA settings are read from its adapter_config.json.",
+    )
+    tasks: list[str] = _f(help="lm-eval task, group or tag names (or task YAML paths), e.g. [hellaswag, arc_easy].")
+    include_path: list[str] | None = _f(None, help="Directories of extra (local) lm-eval task YAMLs.")
+    include_default_tasks: bool = _f(
+        True, help="Also index lm-eval's built-in tasks (false: only include_path, which is faster to start)."
+    )
+    limit: int | float | None = _f(
+        None, help="Examples per task: an integer count, or a fraction < 1; null = all (use for quick checks only)."
+    )
+    num_fewshot: int | None = _f(None, help="Few-shot examples per prompt; null = each task's own default.")
+    batch_size: int = _f(8, help="Requests per forward pass.")
+    max_seq_len: int | None = _f(
+        None,
+        help="Context length; longer inputs are truncated from the left (like lm-eval's hf model). null = the "
+        "model's max positions from config.json, else the tokenizer's max_seq_len, else 2048.",
+    )
+    max_gen_toks: int = _f(256, help="Default cap on generated tokens for generate_until tasks that set none.")
+    apply_chat_template: bool = _f(
+        False, help="Format prompts with the tokenizer's chat template (few-shot examples as turns)."
+    )
+    system_instruction: str | None = _f(None, help="System prompt prepended to every request; null = none.")
+    log_samples: bool = _f(False, help="Also write every request's prompt and output to samples_<task>.jsonl.")
+    bootstrap_iters: int = _f(100000, help="Bootstrap iterations for metric stderrs (0 = skip them).")
+    device: str = _f("auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+    dtype: str = _f("bf16", help="fp32 or bf16 weights; log-probabilities are always computed in fp32.")
+    seed: int = _f(1234, help="Seed of few-shot sampling, sampling-based generation and torch/numpy.")
