@@ -169,6 +169,11 @@ class GenerateSettings:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
     dtype: str = field(default="fp32", metadata={"help": "fp32 or bf16."})
     resume_from_checkpoint: bool = field(default=False, metadata={"help": "Continue an interrupted .partial file."})
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={"help": "Upload the finished file to this Hub dataset repo (<user or org>/<name>); token: HF_TOKEN."},
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the push_to_hub repository private."})
 
 
 RECIPES: dict[str, tuple[type, str]] = {

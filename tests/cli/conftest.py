@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -116,6 +117,51 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server API
         self._handle(head=False)
 
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        """Uploads: create a repo, ask the upload mode (always "regular": content inline), commit (NDJSON)."""
+        path = unquote(urlparse(self.path).path)
+        token = self._token()
+        self.server.requests.append((self.command, path, token))
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if token is None:
+            return self._error(401, "", "You must be authenticated to access this resource")
+        if token not in (GOOD_TOKEN, NO_ACCESS_TOKEN):
+            return self._error(401, "", "Invalid credentials in Authorization header")
+        if token != GOOD_TOKEN:
+            return self._error(403, "", "You don't have the rights to create or write to this repository")
+        uploads = self.server.uploads
+        if path == "/api/repos/create":
+            req = json.loads(body)
+            repo = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
+            key = (req.get("type") or "model", repo)
+            prefix = "" if key[0] == "model" else f"{key[0]}s/"
+            url = f"http://{self.headers['Host']}/{prefix}{repo}"
+            if key in uploads:  # the Hub's answer names the existing repo
+                body = json.dumps({"error": "You already created this repo", "url": url}).encode()
+                return self._send(409, body, {"Content-Type": "application/json"})
+            uploads[key] = {"private": req.get("visibility") == "private" or bool(req.get("private")), "files": {}}
+            return self._send(
+                200, json.dumps({"url": url, "name": repo}).encode(), {"Content-Type": "application/json"}
+            )
+        m = re.fullmatch(r"/api/(model|dataset|space)s/([^/]+/[^/]+)/(preupload|commit)/(.+)", path)
+        if not m or (m.group(1), m.group(2)) not in uploads:
+            return self._error(404, "RepoNotFound", "Repository not found")
+        repo = uploads[(m.group(1), m.group(2))]
+        if m.group(3) == "preupload":
+            files = [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in json.loads(body)["files"]
+            ]
+            return self._send(200, json.dumps({"files": files}).encode(), {"Content-Type": "application/json"})
+        for line in body.decode().splitlines():
+            item = json.loads(line)
+            if item["key"] == "header":
+                repo["summary"] = item["value"]["summary"]
+            elif item["key"] == "file":
+                repo["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+        url = f"http://{self.headers['Host']}/{m.group(1)}s/{m.group(2)}/commit/{SHA_MAIN}"
+        answer = {"commitUrl": url, "commitOid": SHA_MAIN}
+        return self._send(200, json.dumps(answer).encode(), {"Content-Type": "application/json"})
+
     def do_HEAD(self) -> None:  # noqa: N802 - http.server API
         self._handle(head=True)
 
@@ -123,19 +169,23 @@ class _Handler(BaseHTTPRequestHandler):
 class _HubServer(ThreadingHTTPServer):
     daemon_threads = True
     requests: list[tuple[str, str, str | None]]
+    uploads: dict[tuple[str, str], dict]
 
 
 @pytest.fixture
 def fake_hub():
-    """Yield the base URL of a running fake Hub (a str); ``.requests`` logs (method, path, token), and ``.files``,
+    """Yield the base URL of a running fake Hub (a str); ``.requests`` logs (method, path, token), ``.uploads`` holds
+    the repos created and files committed through it, and ``.files``,
     ``.good_token``, ``.no_access_token``, ``.sha_main``, ``.sha_v1`` describe what it serves."""
     server = _HubServer(("127.0.0.1", 0), _Handler)
     server.requests = []
+    server.uploads = {}
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
 
     class _Hub(str):
         requests = server.requests
+        uploads = server.uploads  # (repo_type, repo_id) -> {"private", "files": {path: bytes}, "summary"}
         files = FILES
         good_token = GOOD_TOKEN
         no_access_token = NO_ACCESS_TOKEN
