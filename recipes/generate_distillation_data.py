@@ -8,9 +8,12 @@ both an OpenAI ``messages`` column and ``prompt``/``completion`` columns. Step 2
     kdtune run full_finetune_single_device --config llama3_2/sft_on_generated   # or any SFT config with
         dataset._component_=kdtune.data.chat_dataset dataset.source=json dataset.data_files=<output_file>
 
-Prompts longer than ``max_prompt_tokens`` are skipped (and counted). Lines are appended batch by batch to
-``<output_file>.partial``; a rerun with ``resume_from_checkpoint=True`` continues after the last finished batch, and the
-file is renamed to ``output_file`` only when every prompt is done.
+Prompts longer than ``max_prompt_tokens`` are skipped and completions cut at ``max_new_tokens`` are dropped (unless
+``keep_unfinished``); the run summary (printed, and ``output_dir/generation_summary.json``) counts both. Lines are
+appended batch by batch to ``<output_file>.partial``; a rerun with ``resume_from_checkpoint=True`` continues after the
+last finished batch, and the file is renamed to ``output_file`` only when every prompt is done. With
+``push_to_hub=<user or org>/<name>`` the finished file is uploaded to that Hub dataset repository (created, private with
+``hub_private=true``), with the token ``huggingface_hub`` finds (``HF_TOKEN`` or ``hf auth login``; never printed).
 
 Copy and edit:  kdtune cp generate_distillation_data ./my_generate.py
 """
@@ -20,6 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -62,8 +66,8 @@ def load_prompts(p: PromptSource, system_prompt: str | None) -> list[list[Messag
     return conversations
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg: DictConfig = parse_recipe_args(argv)
+def generate_data(cfg: DictConfig) -> dict[str, Any]:
+    """Generate (and optionally push) the dataset configured by ``cfg``; returns the run summary."""
     s = read_settings(GenerateSettings, cfg)
     if s.num_generations > 1 and s.temperature == 0.0:
         raise ConfigError("num_generations > 1 with temperature=0 gives identical copies; set temperature (e.g. 0.7)")
@@ -84,15 +88,18 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(keep)} prompts to answer ({len(encoded) - len(keep)} longer than {s.max_prompt_tokens} tokens skipped)"
     )
 
-    done_batches = 0
+    progress_file = partial.with_suffix(".progress")
+    done_batches, written, unfinished = 0, 0, 0
     if s.resume_from_checkpoint and partial.exists():
-        done_batches = int(json.loads(partial.with_suffix(".progress").read_text())["batches"])
+        progress = json.loads(progress_file.read_text())
+        done_batches = int(progress["batches"])
+        written, unfinished = int(progress.get("written", 0)), int(progress.get("unfinished", 0))
         print(f"resuming after {done_batches} finished batches of {partial}")
     elif partial.exists():
         partial.unlink()
     generator = torch.Generator(device=rt.device).manual_seed(s.seed)
     stop_ids = list(tokenizer.stop_ids)
-    started, written, unfinished = time.monotonic(), 0, 0
+    started = time.monotonic()
     batches = [keep[i : i + s.batch_size] for i in range(0, len(keep), s.batch_size)]
     with open(partial, "a", encoding="utf-8") as out:
         for batch_index, batch in enumerate(batches):
@@ -108,9 +115,10 @@ def main(argv: list[str] | None = None) -> None:
                 )  # fmt: skip
             for k, ids in enumerate(completions):
                 finished = bool(ids) and ids[-1] in stop_ids
-                if not finished and not s.keep_unfinished:
+                if not finished:
                     unfinished += 1
-                    continue
+                    if not s.keep_unfinished:
+                        continue
                 conversation = conversations[batch[k // s.num_generations]]
                 text = tokenizer.decode(ids, skip_special_tokens=True).strip()
                 record = {
@@ -123,11 +131,43 @@ def main(argv: list[str] | None = None) -> None:
                 written += 1
             out.flush()
             os.fsync(out.fileno())
-            partial.with_suffix(".progress").write_text(json.dumps({"batches": batch_index + 1}))
+            progress_file.write_text(
+                json.dumps({"batches": batch_index + 1, "written": written, "unfinished": unfinished})
+            )
             print(f"batch {batch_index + 1}/{len(batches)}: {written} written, {time.monotonic() - started:.0f} s")
     os.replace(partial, output)
-    partial.with_suffix(".progress").unlink(missing_ok=True)
-    print(f"wrote {output} ({written} pairs; {unfinished} unfinished completions dropped)")
+    progress_file.unlink(missing_ok=True)
+    summary: dict[str, Any] = {
+        "output_file": str(output),
+        "prompts": len(encoded),
+        "prompts_over_max_prompt_tokens": len(encoded) - len(keep),
+        "max_prompt_tokens": s.max_prompt_tokens,
+        "completions": len(keep) * s.num_generations,
+        # completions that hit max_new_tokens without a stop token: dropped, or kept with keep_unfinished=true
+        "unfinished_completions": unfinished,
+        "unfinished_dropped": unfinished if not s.keep_unfinished else 0,
+        "pairs_written": written,
+        "pushed_to": None,
+    }
+    if s.push_to_hub:
+        from kdtune.data.hub import push_file_to_hub
+
+        summary["pushed_to"] = s.push_to_hub
+        summary["commit_url"] = push_file_to_hub(output, s.push_to_hub, private=s.hub_private)
+    (rt.output_dir / "generation_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"wrote {output}: {written} pairs from {len(keep)} of {len(encoded)} prompts; filtered: "
+        f"{summary['prompts_over_max_prompt_tokens']} prompts over max_prompt_tokens={s.max_prompt_tokens}, "
+        f"{summary['unfinished_dropped']} unfinished completions (hit max_new_tokens={s.max_new_tokens}) dropped"
+        + (f"; pushed to the Hub dataset {s.push_to_hub}" if s.push_to_hub else "")
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``--config <name|path> [overrides...]``."""
+    generate_data(parse_recipe_args(argv))
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ Every config key: docs/distributed.md and docs/recipes/knowledge_distillation_si
 import sys
 
 from omegaconf import DictConfig
+from torch import nn
 
 from kdtune.config import parse_recipe_args, read_settings
 from kdtune.errors import ConfigError
@@ -33,15 +34,14 @@ from kdtune.training import (
     build_lr_scheduler,
     build_objective,
     build_optimizer,
+    build_teacher,
     build_tokenizer,
-    check_vocab_compatibility,
     due,
     evaluate,
     is_lora_model,
     optimizer_step,
     set_seed,
     setup_runtime,
-    setup_teacher,
     to_device,
     trainable_parameters,
 )
@@ -76,17 +76,19 @@ def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> RunSumm
     if s.save_adapter_weights_only and not is_lora_model(student):
         raise ConfigError("save_adapter_weights_only=true needs a LoRA student (a lora_* builder); set it to false")
     tokenizer = build_tokenizer(s.tokenizer)
-    teacher, _ = D.build_sharded_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model", **fsdp)
-    setup_teacher(teacher)
-    teacher_tokenizer = build_tokenizer(s.teacher_tokenizer) if s.teacher_tokenizer is not None else None
-    check_vocab_compatibility(student.vocab_size, teacher.vocab_size, tokenizer, teacher_tokenizer)
-    objective = build_objective(s, teacher)  # divergence, kd_ratio, temperature, chunking: validated here, once
-
-    # ---- data (this rank's slice of every global batch), optimizer, LR schedule, sharded checkpoints, metrics
     with D.rank_zero_first():  # rank 0 fills the datasets cache, the others then read it
-        data = build_data(s, tokenizer, rank=env.rank, world_size=env.world_size)
+        data = build_data(s, tokenizer, rank=env.rank, world_size=env.world_size)  # this rank's slice of each step
     if data.val_loader is not None:  # every validation example once over all ranks, same batch count everywhere
         data.val_loader = D.EvenEvalLoader(data.val_loader, env.rank, env.world_size)
+
+    # ---- the teacher (a frozen sharded model, or its cached top-k logits) and the objective that mixes CE and KD
+    def load_teacher() -> nn.Module:
+        return D.build_sharded_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model", **fsdp)[0]
+
+    teacher = build_teacher(s, student, tokenizer, data, load_teacher)
+    objective = build_objective(s, teacher)  # divergence, kd_ratio, temperature, chunking: validated here, once
+
+    # ---- optimizer, LR schedule, sharded checkpoints, metrics
     optimizer = build_optimizer(s.optimizer, trainable_parameters(student))
     scheduler = build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
     ckpt = D.DistributedResumeCheckpoints(rt, s, student, optimizer, scheduler, data, cfg)

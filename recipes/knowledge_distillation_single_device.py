@@ -18,6 +18,7 @@ Every config key: docs/recipes/knowledge_distillation_single_device.md
 import sys
 
 from omegaconf import DictConfig
+from torch import nn
 
 from kdtune.config import parse_recipe_args, read_settings
 from kdtune.errors import ConfigError
@@ -32,15 +33,14 @@ from kdtune.training import (
     build_model,
     build_objective,
     build_optimizer,
+    build_teacher,
     build_tokenizer,
-    check_vocab_compatibility,
     due,
     evaluate,
     is_lora_model,
     optimizer_step,
     save_final,
     setup_runtime,
-    setup_teacher,
     to_device,
     trainable_parameters,
 )
@@ -67,14 +67,16 @@ def train(cfg: DictConfig) -> RunSummary:
     if s.save_adapter_weights_only and not is_lora_model(student):
         raise ConfigError("save_adapter_weights_only=true needs a LoRA student (a lora_* builder); set it to false")
     tokenizer = build_tokenizer(s.tokenizer)
-    teacher, _ = build_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model")
-    setup_teacher(teacher)
-    teacher_tokenizer = build_tokenizer(s.teacher_tokenizer) if s.teacher_tokenizer is not None else None
-    check_vocab_compatibility(student.vocab_size, teacher.vocab_size, tokenizer, teacher_tokenizer)
+    data = build_data(s, tokenizer)
+
+    # ---- the teacher (a frozen model, or its cached top-k logits) and the objective that mixes CE and KD
+    def load_teacher() -> nn.Module:
+        return build_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model")[0]
+
+    teacher = build_teacher(s, student, tokenizer, data, load_teacher)
     objective = build_objective(s, teacher)  # divergence, kd_ratio, temperature, chunking: validated here, once
 
-    # ---- data, optimizer, LR schedule, checkpoints (resume), metrics
-    data = build_data(s, tokenizer)
+    # ---- optimizer, LR schedule, checkpoints (resume), metrics
     optimizer = build_optimizer(s.optimizer, trainable_parameters(student))
     scheduler = build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
     ckpt = ResumeCheckpoints(rt, s, student, optimizer, scheduler, data, cfg)

@@ -5,10 +5,12 @@
 * ``divergences``: one small class per divergence (``per_token`` on tempered log-probabilities), named by configs as
   ``kd_loss``.
 * ``functional``: the same divergences as plain functions, and the one logits → tempered log-probs conversion.
+* :class:`CachedTeacher` (``cached``) + ``sparse``: the teacher's top-k from a cache, as a teacher source.
 
 See ``docs/losses.md`` for the formulas and ``docs/adding_a_loss.md`` to add a divergence.
 """
 
+from kdtune.losses.cached import CachedTeacher
 from kdtune.losses.divergences import (
     Divergence,
     ForwardKLLoss,
@@ -23,6 +25,7 @@ from kdtune.losses.divergences import (
 from kdtune.losses.objective import DistillationObjective, LiveTeacher, ObjectiveOutput, TeacherSource
 
 __all__ = [
+    "CachedTeacher",
     "DistillationObjective",
     "Divergence",
     "ForwardKLLoss",

@@ -106,10 +106,20 @@ class LoRAFinetuneSettings(FinetuneSettings):
 class KDSettings(LoRAFinetuneSettings):
     """Settings of ``knowledge_distillation_single_device``: a frozen teacher and a trainable (full or LoRA) student."""
 
-    teacher_model: Any = _f(help="Teacher model `_component_` (its weights come from teacher_checkpointer).")
-    teacher_checkpointer: Any = _f(help="kdtune.models.HFCheckpointer for the teacher (e.g. a merged LoRA final/ dir).")
+    teacher_model: Any = _f(
+        None, help="Teacher model `_component_` (its weights come from teacher_checkpointer); null with teacher_logits."
+    )
+    teacher_checkpointer: Any = _f(
+        None,
+        help="kdtune.models.HFCheckpointer for the teacher (e.g. a merged LoRA final/ dir); null with teacher_logits.",
+    )
     teacher_tokenizer: Any = _f(
         None, help="Teacher tokenizer `_component_`, used only to check vocab compatibility; null = skip that check."
+    )
+    teacher_logits: Any = _f(
+        None,
+        help="Offline KD: a cached teacher (kdtune.losses.CachedTeacher with the path written by cache_teacher_logits) "
+        "instead of teacher_model; no teacher is built.",
     )
     kd_loss: Any = _f(
         help="The divergence `_component_`, a kdtune.losses.Divergence (ForwardKLLoss, ReverseKLLoss, JSDLoss, ...)."
@@ -185,6 +195,11 @@ class GenerateSettings:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
     dtype: str = field(default="fp32", metadata={"help": "fp32 or bf16."})
     resume_from_checkpoint: bool = field(default=False, metadata={"help": "Continue an interrupted .partial file."})
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={"help": "Upload the finished file to this Hub dataset repo (<user or org>/<name>); token: HF_TOKEN."},
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the push_to_hub repository private."})
 
 
 RECIPES: dict[str, tuple[type, str]] = {

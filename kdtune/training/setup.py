@@ -9,6 +9,7 @@ build + sharding) in :mod:`kdtune.training.distributed`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,19 @@ from torch import nn
 
 from kdtune.config import instantiate
 from kdtune.errors import CheckpointError, ConfigError
-from kdtune.losses import DistillationObjective, TeacherSource
+from kdtune.losses import DistillationObjective, LiveTeacher, TeacherSource
 from kdtune.models import enable_activation_checkpointing
 from kdtune.models.modules.lora import LoRALinear
+from kdtune.training.data import TrainData
 from kdtune.training.runtime import Runtime
+from kdtune.training.teacher import check_vocab_compatibility, setup_teacher
 
 __all__ = [
     "build_lr_scheduler",
     "build_model",
     "build_objective",
     "build_optimizer",
+    "build_teacher",
     "build_tokenizer",
     "count_parameters",
     "init_lora_parameters",
@@ -160,6 +164,59 @@ def build_objective(
         scale_by_temperature_squared=settings.scale_by_temperature_squared,
         num_output_chunks=settings.num_output_chunks,
     )
+
+
+def build_teacher(
+    settings: Any,
+    student: nn.Module,
+    tokenizer: Any,
+    data: TrainData,
+    load_model: Callable[[], nn.Module],
+) -> TeacherSource:
+    """The KD run's teacher source: a frozen live model (``teacher_model``) or a cache of its top-k logits
+    (``teacher_logits``), checked against the student, the tokenizer and the data at setup.
+
+    Args:
+        settings: KD settings (``teacher_model``/``teacher_checkpointer``/``teacher_tokenizer`` or ``teacher_logits``,
+            ``temperature``).
+        student: the student (its vocabulary size).
+        tokenizer: the student's tokenizer.
+        data: the training data (a cached teacher must cover its examples).
+        load_model: builds and loads the teacher model (single-device or sharded), called only for a live teacher.
+
+    Returns:
+        A :class:`~kdtune.losses.LiveTeacher` or the cached teacher component.
+    """
+    if settings.teacher_logits is not None:
+        live = [k for k in ("teacher_model", "teacher_checkpointer") if getattr(settings, k) is not None]
+        if live:
+            raise ConfigError(
+                f"teacher_logits is set, and so is {' and '.join(live)}: a run distils from a cached teacher OR a "
+                f"teacher model; remove one (e.g. ~{live[0]})"
+            )
+        source = instantiate(settings.teacher_logits)
+        if not isinstance(source, TeacherSource):
+            raise ConfigError(
+                f"teacher_logits: {type(source).__name__} is not a teacher source (kdtune.losses.CachedTeacher)"
+            )
+        datasets = [data.loader.dataset, data.val_loader.dataset if data.val_loader is not None else None]
+        source.check_run(
+            tokenizer=tokenizer,
+            temperature=settings.temperature,
+            student_vocab_size=student.vocab_size,
+            datasets=datasets,
+        )
+        return source
+    missing = [k for k in ("teacher_model", "teacher_checkpointer") if getattr(settings, k) is None]
+    if missing:
+        raise ConfigError(
+            f"{' and '.join(missing)} missing: KD needs a teacher model (teacher_model + teacher_checkpointer) or a "
+            "cached teacher (teacher_logits: {_component_: kdtune.losses.CachedTeacher, path: <cache dir>})"
+        )
+    teacher = setup_teacher(load_model())
+    teacher_tokenizer = build_tokenizer(settings.teacher_tokenizer) if settings.teacher_tokenizer is not None else None
+    check_vocab_compatibility(student.vocab_size, teacher.vocab_size, tokenizer, teacher_tokenizer)
+    return LiveTeacher(teacher)
 
 
 def build_lr_scheduler(

@@ -148,6 +148,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(409, body, {"Content-Type": "application/json", "X-Error-Message": "exists"})
             private = req.get("visibility", "private" if req.get("private") else "public") == "private"
             self.server.created[(kind, repo)] = {"private": private}
+            self.server.uploads[(kind, repo)] = {"private": private, "files": {}}
             return self._send(200, json.dumps({"url": url}).encode(), {"Content-Type": "application/json"})
         if path == "/api/validate-yaml":  # the Hub checks a README.md's YAML front matter before a commit
             return self._send(200, json.dumps({"warnings": []}).encode(), {"Content-Type": "application/json"})
@@ -172,10 +173,14 @@ class _Handler(BaseHTTPRequestHandler):
                 ]
                 return self._send(200, json.dumps({"files": files}).encode(), {"Content-Type": "application/json"})
             files = {}
+            upload = self.server.uploads.setdefault((kind, repo), {"private": False, "files": {}})
             for line in body.decode().splitlines():
                 item = json.loads(line)
                 if item["key"] == "file":
                     files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                elif item["key"] == "header":
+                    upload["summary"] = item["value"]["summary"]
+            upload["files"].update(files)
             self.server.commits.append({"repo": repo, "type": kind, "revision": revision, "files": files})
             sha = hashlib.sha1(body).hexdigest()
             info = {"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{sha}", "commitOid": sha}
@@ -191,6 +196,7 @@ class _HubServer(ThreadingHTTPServer):
     requests: list[tuple[str, str, str | None]]
     created: dict[tuple[str, str], dict]  # (repo type, repo id) -> {"private": bool}
     commits: list[dict]  # {"repo", "type", "revision", "files": {path: bytes}}
+    uploads: dict[tuple[str, str], dict]  # (repo type, repo id) -> {"private", "files": {path: bytes}, "summary"}
 
 
 @pytest.fixture
@@ -202,6 +208,7 @@ def fake_hub():
     server.requests = []
     server.created = {}
     server.commits = []
+    server.uploads = {}
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
 
@@ -209,6 +216,7 @@ def fake_hub():
         requests = server.requests
         created = server.created
         commits = server.commits
+        uploads = server.uploads
         files = FILES
         good_token = GOOD_TOKEN
         no_access_token = NO_ACCESS_TOKEN

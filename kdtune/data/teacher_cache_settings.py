@@ -1,0 +1,49 @@
+"""Typed settings of ``recipes/cache_teacher_logits.py``: every top-level key it reads, its default and its meaning.
+
+The data keys (``tokenizer``, ``dataset``, ``val_dataset``, ``val_split_ratio``, ``seed``) and the teacher keys
+(``teacher_model``, ``teacher_checkpointer``) have the names and meaning of the KD recipes' keys, so a KD config's
+blocks can be copied as they are (the cache matches the KD run's data by example).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["CacheTeacherLogitsSettings"]
+
+
+def _f(default: Any = ..., help: str = "") -> Any:
+    if default is ...:
+        return field(metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(kw_only=True)
+class CacheTeacherLogitsSettings:
+    """Every key ``cache_teacher_logits`` reads."""
+
+    output_dir: str = _f(help="The cache directory: manifest.json, index.safetensors, shards/, config.yaml.")
+    teacher_model: Any = _f(help="Teacher model `_component_` (as in the KD config).")
+    teacher_checkpointer: Any = _f(help="kdtune.models.HFCheckpointer the teacher's weights come from (hashed).")
+    tokenizer: Any = _f(help="The data's (student's) tokenizer `_component_`, as in the KD config.")
+    dataset: Any = _f(help="Training dataset `_component_` (or list), exactly as in the KD config.")
+    val_dataset: Any = _f(None, help="Validation dataset `_component_`, as in the KD config; cached too.")
+    val_split_ratio: float = _f(0.0, help="Held-out fraction of `dataset`, as in the KD config; cached too.")
+    seed: int = _f(42, help="The KD config's seed (it seeds the validation split).")
+    top_k: int = _f(64, help="Teacher entries kept per trained position.")
+    temperature: float = _f(1.0, help="T of the stored log-probs and logZ; the KD run must use the same T.")
+    vocab_size: int | None = _f(
+        None,
+        help="Normalise over the teacher's first N logits (the student's vocab size when the teacher's output is "
+        "padded larger); null = the teacher's whole output.",
+    )
+    value_kind: Literal["logprobs", "logits"] = _f("logprobs", help="Store top-k log-probs at T, or raw logits.")
+    value_dtype: Literal["bf16", "fp32"] = _f("bf16", help="Storage dtype of the values (ids are int32, logZ fp32).")
+    batch_size: int = _f(8, help="Dataset items per teacher forward pass.")
+    items_per_shard: int = _f(1024, help="Dataset items per shard file (the unit of resuming).")
+    output_chunk_size: int = _f(1024, help="Positions per output-projection chunk (memory at large vocab).")
+    hash_teacher_weights: bool = _f(True, help="sha256 the teacher's weight files into the manifest.")
+    device: str = _f("auto", help="auto, cpu, cuda (under torchrun: cuda = cuda:LOCAL_RANK).")
+    dtype: str = _f("bf16", help="Teacher dtype: bf16 or fp32 (the output projection runs in fp32).")
+    resume_from_checkpoint: bool = _f(False, help="Continue an interrupted cache in output_dir (same settings).")
