@@ -1,0 +1,381 @@
+"""fused_linear_loss (gradients computed in forward, chunk by chunk) vs plain autograd on full logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdtune.losses as L
+from kdtune.errors import ConfigError
+from kdtune.losses import fused as FU
+from kdtune.models.llama import llama
+from kdtune.models.modules.lora import apply_lora
+
+D, DT, V = 16, 24, 50
+
+DIVERGENCES = {
+    "ce_only": None,
+    "forward_kl": lambda T: L.ForwardKLLoss(temperature=T),
+    "reverse_kl": lambda T: L.ReverseKLLoss(temperature=T),
+    "jsd_0.3": lambda T: L.JSDLoss(beta=0.3, temperature=T),
+    "jsd_0.5_unnormalized": lambda T: L.JSDLoss(beta=0.5, normalize=False, temperature=T),
+    "symmetric_kl": lambda T: L.SymmetricKLLoss(temperature=T),
+    "skew_forward_kl": lambda T: L.SkewForwardKLLoss(alpha=0.1, temperature=T),
+    "skew_reverse_kl": lambda T: L.SkewReverseKLLoss(alpha=0.2, temperature=T),
+    "tvd": lambda T: L.TVDLoss(temperature=T),
+}
+
+
+def _inputs(n: int, vocab_t: int = V, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(n, D, generator=g) * 1.5).to(dtype)
+    w = (torch.randn(V, D, generator=g) * 0.7).to(dtype)
+    ht = (torch.randn(n, DT, generator=g) * 1.5).to(dtype)
+    wt = (torch.randn(vocab_t, DT, generator=g) * 0.7).to(dtype)
+    y = torch.randint(0, V, (n,), generator=g)
+    return h, w, ht, wt, y
+
+
+def _reference(h, w, ht, wt, y, kd_loss, kd_ratio):
+    """Plain autograd on the full logits with the existing functional losses (independent log-softmaxes)."""
+    s = h @ w.t()  # [N, V]
+    ce = F.cross_entropy(s, y, reduction="sum")
+    if kd_loss is None:
+        return ce, ce, torch.zeros(())
+    with torch.no_grad():
+        t = (ht @ wt.t())[:, : s.shape[-1]]
+    kd = kd_loss.loss_sum(s, t)
+    return (1 - kd_ratio) * ce + kd_ratio * kd, ce, kd
+
+
+def _fused(h, w, ht, wt, y, kd_loss, kd_ratio, **chunking):
+    if kd_loss is None:
+        chunk_loss = FU.dense_kd_chunk_loss(y, kd_ratio=kd_ratio)
+    else:
+        chunk_loss = FU.dense_kd_chunk_loss(
+            y,
+            kd_ratio=kd_ratio,
+            temperature=kd_loss.temperature,
+            divergence=FU.logprob_divergence(kd_loss),
+            teacher_logits=lambda rows: ht[rows] @ wt.t(),
+            scale_by_temperature_squared=kd_loss.scale_by_temperature_squared,
+        )
+    return FU.fused_linear_loss(h, w, chunk_loss, **chunking)
+
+
+def _run_both(dtype, name, T, kd_ratio, vocab_t=V, n=37, **chunking):
+    kd_loss = DIVERGENCES[name](T) if DIVERGENCES[name] else None
+    h, w, ht, wt, y = _inputs(n, vocab_t, dtype)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, parts = _fused(h1, w1, ht, wt, y, kd_loss, kd_ratio, **chunking)
+    (loss / 7.0).backward()  # a non-unit incoming gradient exercises the scaling in backward
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref, ref_ce, ref_kd = _reference(h2, w2, ht, wt, y, kd_loss, kd_ratio)
+    (ref / 7.0).backward()
+    return (loss, parts, h1.grad, w1.grad), (ref, ref_ce, ref_kd, h2.grad, w2.grad)
+
+
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_matches_autograd_float64(name, T):
+    (loss, parts, gh, gw), (ref, ce, kd, rgh, rgw) = _run_both(torch.float64, name, T, 0.4, rows_per_chunk=8)
+    tol = {"rtol": 1e-11, "atol": 1e-11}
+    torch.testing.assert_close(loss, ref, **tol)
+    torch.testing.assert_close(parts.ce_sum, ce, **tol)
+    torch.testing.assert_close(parts.kd_sum, kd.to(parts.kd_sum.dtype), **tol)
+    torch.testing.assert_close(gh, rgh, **tol)
+    torch.testing.assert_close(gw, rgw, **tol)
+
+
+@pytest.mark.parametrize("name", ["ce_only", "forward_kl", "reverse_kl", "jsd_0.3"])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("vocab_t", [V, V + 6])  # V + 6: teacher vocabulary padded past the student's
+def test_matches_autograd_float32(name, T, vocab_t):
+    (loss, parts, gh, gw), (ref, ce, kd, rgh, rgw) = _run_both(
+        torch.float32, name, T, 0.5, vocab_t=vocab_t, num_output_chunks=3
+    )
+    tol = {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(loss, ref, **tol)
+    torch.testing.assert_close(parts.ce_sum, ce, **tol)
+    torch.testing.assert_close(parts.kd_sum, kd, **tol)
+    torch.testing.assert_close(gh, rgh, **tol)
+    torch.testing.assert_close(gw, rgw, **tol)
+    assert gh.dtype == gw.dtype == torch.float32
+
+
+def test_kd_ratio_zero_logs_kd_without_gradient():
+    (loss, parts, gh, gw), (ref, ce, kd, rgh, rgw) = _run_both(torch.float64, "forward_kl", 2.0, 0.0)
+    torch.testing.assert_close(parts.kd_sum, kd)  # logged
+    assert parts.kd_sum > 0
+    torch.testing.assert_close(loss, ce)
+    torch.testing.assert_close(gh, rgh)  # = the CE-only gradient
+    (_, _, gh_ce, _), _ = _run_both(torch.float64, "ce_only", 1.0, 0.0)
+    torch.testing.assert_close(gh, gh_ce)
+
+
+def test_kd_ratio_one():
+    (loss, parts, gh, gw), (ref, ce, kd, rgh, rgw) = _run_both(torch.float64, "reverse_kl", 1.5, 1.0)
+    torch.testing.assert_close(loss, kd)
+    torch.testing.assert_close(parts.ce_sum, ce)
+    torch.testing.assert_close(gh, rgh)
+    torch.testing.assert_close(gw, rgw)
+
+
+def test_chunking_does_not_change_results():
+    results = [
+        _run_both(torch.float64, "forward_kl", 2.0, 0.5, **kw)[0]
+        for kw in ({"rows_per_chunk": 1}, {"num_output_chunks": 5}, {}, {"memory_budget_bytes": 1})
+    ]
+    for other in results[1:]:
+        for a, b in zip((results[0][0], results[0][2], results[0][3]), (other[0], other[2], other[3])):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_frozen_weight_gets_no_gradient_and_hidden_does():
+    h, w, ht, wt, y = _inputs(20, dtype=torch.float64)
+    h1 = h.clone().requires_grad_()
+    kd_loss = L.ForwardKLLoss()
+    loss, _ = _fused(h1, w, ht, wt, y, kd_loss, 0.5)
+    loss.backward()
+    h2 = h.clone().requires_grad_()
+    _reference(h2, w, ht, wt, y, kd_loss, 0.5)[0].backward()
+    assert w.grad is None
+    torch.testing.assert_close(h1.grad, h2.grad)
+
+
+def test_empty_batch():
+    h, w, ht, wt, y = _inputs(0)
+    h.requires_grad_()
+    w.requires_grad_()
+    loss, parts = _fused(h, w, ht, wt, y, L.ForwardKLLoss(), 0.5)
+    assert loss.item() == 0.0 and parts.ce_sum.item() == 0.0 and parts.kd_sum.item() == 0.0 and parts.num_rows == 0
+    loss.backward()
+    assert h.grad.shape == (0, D)
+    assert w.grad is None or not w.grad.any()
+
+
+def test_no_grad_evaluation_computes_no_gradient():
+    h, w, ht, wt, y = _inputs(30, dtype=torch.float64)
+    h.requires_grad_()
+    w.requires_grad_()
+    calls = []
+
+    def spy(logits, rows):
+        calls.append(logits.requires_grad)
+        return inner(logits, rows)
+
+    inner = FU.dense_kd_chunk_loss(
+        y, divergence=FU.logprob_divergence(L.ForwardKLLoss()), teacher_logits=lambda r: ht[r] @ wt.t()
+    )
+    with torch.no_grad():
+        loss, parts = FU.fused_linear_loss(h, w, spy, rows_per_chunk=8)
+    assert not loss.requires_grad and calls == [False] * 4
+    ref = _reference(h.detach(), w.detach(), ht, wt, y, L.ForwardKLLoss(), 0.5)
+    torch.testing.assert_close(loss, ref[0])
+    torch.testing.assert_close(parts.kd_sum, ref[2])
+
+
+def test_backward_twice_raises():
+    h, w, ht, wt, y = _inputs(10)
+    h.requires_grad_()
+    loss, _ = _fused(h, w, ht, wt, y, None, 0.0)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_bf16_grads_in_param_dtype():
+    h, w, ht, wt, y = _inputs(40)
+    kd_loss = L.ForwardKLLoss(temperature=2.0)
+    hb, wb = h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    loss, parts = _fused(hb, wb, ht.bfloat16(), wt.bfloat16(), y, kd_loss, 0.5, rows_per_chunk=16)
+    loss.backward()
+    assert loss.dtype == torch.float32 and hb.grad.dtype == wb.grad.dtype == torch.bfloat16
+    # Same computation through plain autograd in bf16 (matmul in bf16, loss in fp32).
+    h2, w2 = h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    s = (h2 @ w2.t()).float()
+    with torch.no_grad():
+        t = (ht.bfloat16() @ wt.bfloat16().t()).float()
+    ref = 0.5 * F.cross_entropy(s, y, reduction="sum") + 0.5 * kd_loss.loss_sum(s, t)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(hb.grad.float(), h2.grad.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(wb.grad.float(), w2.grad.float(), rtol=2e-2, atol=5e-2)
+
+
+# ------------------------------------------------------------------------------------------ real models, objective
+def _model(vocab: int, dim: int, tie: bool, seed: int):
+    torch.manual_seed(seed)
+    m = llama(
+        vocab_size=vocab,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        embed_dim=dim,
+        intermediate_dim=32,
+        max_seq_len=32,
+        tie_word_embeddings=tie,
+    )
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return m
+
+
+def _batch(vocab: int):
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, vocab, (3, 11), generator=g)
+    labels = tokens.clone()
+    labels[:, :3] = -100
+    labels[-1, 6:] = -100
+    return tokens, labels
+
+
+def _fused_objective(student, teacher, tokens, labels, kd_loss, kd_ratio):
+    """What the objective does with the fused path: gather trained rows, run the fused loss."""
+    mask = labels[:, 1:] != -100
+    h = student(tokens, return_hidden=True)[:, :-1][mask]  # [N, D]
+    with torch.inference_mode():
+        t_hidden = teacher(tokens, return_hidden=True)
+    ht = t_hidden[:, :-1][mask]  # [N, Dt], an inference tensor: used under no_grad only
+    wt = FU.fused_output_weight(teacher)
+    chunk_loss = FU.dense_kd_chunk_loss(
+        labels[:, 1:][mask],
+        kd_ratio=kd_ratio,
+        temperature=kd_loss.temperature,
+        divergence=FU.logprob_divergence(kd_loss),
+        teacher_logits=lambda rows: ht[rows] @ wt.t(),
+    )
+    return FU.fused_linear_loss(h, FU.fused_output_weight(student), chunk_loss, rows_per_chunk=7)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("kd_cls", [L.ForwardKLLoss, L.ReverseKLLoss])
+def test_equals_distillation_objective(tie, kd_cls):
+    """Values and gradients of every student parameter equal today's objective; tied weights included."""
+    student, teacher = _model(64, 16, tie, 0), _model(70, 24, False, 1).requires_grad_(False).eval()
+    tokens, labels = _batch(64)
+    kd_loss = kd_cls(temperature=2.0)
+    loss, parts = _fused_objective(student, teacher, tokens, labels, kd_loss, 0.5)
+    loss.backward()
+    fused_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        t_hidden = teacher(tokens, return_hidden=True)
+    ref = L.distillation_objective(
+        student(tokens, return_hidden=True), t_hidden, student, teacher, labels, kd_loss, 0.5, num_output_chunks=3
+    )
+    ref.mixed_sum(0.5).backward()
+    tol = {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(loss, ref.mixed_sum(0.5), **tol)
+    torch.testing.assert_close(parts.ce_sum, ref.class_loss_sum, **tol)
+    torch.testing.assert_close(parts.kd_sum, ref.kd_loss_sum, **tol)
+    assert parts.num_rows == int(ref.num_tokens)
+    for n, p in student.named_parameters():
+        torch.testing.assert_close(fused_grads[n], p.grad, **tol, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_lora_output_effective_weight():
+    def lora_student():
+        m = _model(64, 16, False, 0)
+        return apply_lora(m, ["q_proj", "v_proj"], apply_lora_to_output=True, lora_rank=4, lora_alpha=8)
+
+    student, teacher = lora_student(), _model(64, 24, False, 1).requires_grad_(False).eval()
+    torch.manual_seed(5)
+    for n, p in student.named_parameters():
+        if "lora_b" in n:
+            torch.nn.init.normal_(p, std=0.3)  # non-zero update so the effective weight differs from the base
+    twin = lora_student()
+    twin.load_state_dict(student.state_dict())
+    tokens, labels = _batch(64)
+    kd_loss = L.ForwardKLLoss()
+    loss, _ = _fused_objective(student, teacher, tokens, labels, kd_loss, 0.5)
+    loss.backward()
+    with torch.no_grad():
+        t_hidden = teacher(tokens, return_hidden=True)
+    ref = L.distillation_objective(twin(tokens, return_hidden=True), t_hidden, twin, teacher, labels, kd_loss, 0.5)
+    ref.mixed_sum(0.5).backward()
+    torch.testing.assert_close(loss, ref.mixed_sum(0.5), rtol=1e-6, atol=1e-6)
+    trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    assert any("output.lora" in n for n, _ in trained)
+    for (n, p), q in zip(trained, [q for q in twin.parameters() if q.requires_grad]):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_output_weight_falls_back():
+    m = _model(64, 16, False, 0)
+    assert FU.fused_output_weight(m) is m.output.weight
+    assert FU.fused_output_weight(_model(64, 16, True, 0)) is not None
+    drop = apply_lora(_model(64, 16, False, 0), ["q_proj"], apply_lora_to_output=True, lora_dropout=0.1).train()
+    assert FU.fused_output_weight(drop) is None
+    assert FU.fused_output_weight(drop.eval()) is not None
+    biased = _model(64, 16, False, 0)
+    biased.output = torch.nn.Linear(16, 64, bias=True)
+    assert FU.fused_output_weight(biased) is None
+
+
+# ----------------------------------------------------------------------------------------------- sparse support
+def _sparse_reference(s, t_full, y, ids, kd_loss_div, T, kd_ratio, tail):
+    """Full logits -> top-k support (+ tail) -> divergence, straightforwardly."""
+    ce = F.cross_entropy(s, y, reduction="sum")
+    s_p = torch.softmax(s / T, -1).gather(1, ids)  # [N, k]
+    t_p = torch.softmax(t_full / T, -1).gather(1, ids)
+    if tail:
+        s_sup = torch.cat([s_p, 1 - s_p.sum(-1, keepdim=True)], -1).log()
+        t_sup = torch.cat([t_p, 1 - t_p.sum(-1, keepdim=True)], -1).log()
+    else:
+        s_sup = (s_p / s_p.sum(-1, keepdim=True)).log()
+        t_sup = (t_p / t_p.sum(-1, keepdim=True)).log()
+    kd = kd_loss_div(s_sup, t_sup).sum() * T**2
+    return (1 - kd_ratio) * ce + kd_ratio * kd, ce, kd
+
+
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("kd_cls", [L.ForwardKLLoss, L.ReverseKLLoss, lambda: L.JSDLoss(beta=0.3)])
+def test_sparse_support_matches_reference(tail, kd_cls):
+    T, k = 2.0, 5
+    h, w, ht, wt, y = _inputs(23, dtype=torch.float64)
+    t_full = ht @ wt.t()
+    t_logp_all = torch.log_softmax(t_full / T, -1)
+    t_logp, ids = t_logp_all.topk(k, dim=-1)
+    div = FU.logprob_divergence(kd_cls())
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    chunk_loss = FU.sparse_kd_chunk_loss(y, ids, t_logp, kd_ratio=0.5, temperature=T, divergence=div, tail=tail)
+    loss, parts = FU.fused_linear_loss(h1, w1, chunk_loss, rows_per_chunk=6)
+    loss.backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref, ce, kd = _sparse_reference(h2 @ w2.t(), t_full, y, ids, div, T, 0.5, tail)
+    ref.backward()
+    tol = {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(loss, ref, **tol)
+    torch.testing.assert_close(parts.kd_sum, kd, **tol)
+    torch.testing.assert_close(h1.grad, h2.grad, **tol)
+    torch.testing.assert_close(w1.grad, w2.grad, **tol)
+
+
+# ----------------------------------------------------------------------------------------------------- sizing
+def test_rows_per_chunk_for_budget():
+    assert FU.rows_per_chunk_for(128256, 512 * 2**20) == 130
+    assert FU.rows_per_chunk_for(128256, 1) == FU.MIN_ROWS_PER_CHUNK
+    assert FU.rows_per_chunk_for(100, 2**40) == FU.MAX_ROWS_PER_CHUNK
+    with pytest.raises(ConfigError, match="loss_memory_budget"):
+        FU.rows_per_chunk_for(100, 0)
+
+
+def test_chunk_slices():
+    assert FU.chunk_slices(0, 10) == []
+    assert FU.chunk_slices(10, 10, rows_per_chunk=4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert FU.chunk_slices(10, 10, num_output_chunks=3) == [slice(0, 3), slice(3, 6), slice(6, 10)]
+    assert FU.chunk_slices(2, 10, num_output_chunks=8) == [slice(0, 1), slice(1, 2)]
+    assert FU.chunk_slices(5000, 128256) == [slice(s, min(s + 130, 5000)) for s in range(0, 5000, 130)]
+    with pytest.raises(ConfigError, match="num_output_chunks"):
+        FU.chunk_slices(10, 10, num_output_chunks=0)
+    with pytest.raises(ConfigError, match="loss_rows_per_chunk"):
+        FU.chunk_slices(10, 10, rows_per_chunk=-1)
+
+
+def test_unknown_divergence_raises():
+    class Custom(L.KDLoss):
+        def per_token(self, s, t):
+            return (s - t).sum(-1)
+
+    with pytest.raises(TypeError, match="unfused objective"):
+        FU.logprob_divergence(Custom())
