@@ -44,7 +44,9 @@ __all__ = [
     "chunk_slices",
     "dense_kd_chunk_loss",
     "fused_linear_loss",
+    "forward_kl_chunk_loss",
     "fused_output_weight",
+    "kd_chunk_loss",
     "logprob_divergence",
     "rows_per_chunk_for",
     "sparse_kd_chunk_loss",
@@ -399,6 +401,129 @@ def sparse_kd_chunk_loss(
         return _mix(ce, kd, kd_ratio), ce, kd
 
     return chunk_loss
+
+
+class _CEForwardKL(torch.autograd.Function):
+    """CE + forward-KL sums of one chunk with d mixed / d logits written out (few passes over ``[n, V]``, in place).
+
+    ``d mixed / d s = (1 − r) (softmax(s) − onehot(y)) + r · c · (softmax(s / T) − p_t)`` on the KD support, with
+    ``c = T² / T`` (or ``1 / T`` without the T² factor).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        logits: Tensor,
+        t_logits: Tensor | None,
+        targets: Tensor,
+        kd_ratio: float,
+        temperature: float,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n, v = logits.shape
+        rows = torch.arange(n, device=logits.device)
+        s_logp = torch.log_softmax(logits, dim=-1)  # [n, V]
+        ce = -s_logp[rows, targets].sum()
+        kd = torch.zeros_like(ce)
+        vocab, shared, s_kd, p_t = v, True, s_logp, None
+        if t_logits is not None:
+            vocab = min(v, t_logits.shape[-1])
+            t = t_logits[:, :vocab]
+            t_logp = torch.log_softmax(t / temperature if temperature != 1.0 else t, dim=-1)  # [n, vocab]
+            shared = temperature == 1.0 and vocab == v
+            if not shared:
+                s = logits[:, :vocab]
+                s_kd = torch.log_softmax(s / temperature if temperature != 1.0 else s, dim=-1)  # [n, vocab]
+            p_t = t_logp.exp()  # [n, vocab]
+            per_token = t_logp.sub_(s_kd).mul_(p_t).sum(-1)  # [n]; the buffer of t_logp is reused
+            if torch.isnan(per_token).any():  # 0 · (−inf) where the teacher gives a token probability 0
+                t_logp = torch.log_softmax(t / temperature if temperature != 1.0 else t, dim=-1)
+                per_token = KF._kl(t_logp, s_kd)
+            del t_logp
+            kd = per_token.sum() * scale
+        mixed = _mix(ce, kd, kd_ratio).clone()  # a tensor of its own: ce and kd are marked non-differentiable
+        ctx.grad = None
+        if ctx.needs_input_grad[0]:
+            w_ce = 1.0 - kd_ratio
+            c = kd_ratio * scale / temperature if p_t is not None else 0.0
+            g = s_logp.exp_()  # [n, V] softmax(s), in the buffer of s_logp
+            if shared:
+                g.mul_(w_ce + c)
+            else:
+                g.mul_(w_ce)
+                if c:
+                    g[:, :vocab].add_(s_kd.exp_(), alpha=c)
+            if c:
+                g[:, :vocab].sub_(p_t, alpha=c)
+            if w_ce:
+                g[rows, targets] -= w_ce
+            ctx.grad = g
+        ctx.mark_non_differentiable(ce, kd)
+        return mixed, ce, kd
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_mixed: Tensor, *_: Tensor) -> tuple:  # type: ignore[override]
+        g, ctx.grad = ctx.grad, None
+        if g is None:
+            raise RuntimeError("forward_kl_chunk_loss: backward ran twice")
+        return g.mul_(grad_mixed), None, None, None, None, None
+
+
+def forward_kl_chunk_loss(
+    targets: Tensor,
+    *,
+    kd_ratio: float = 0.5,
+    temperature: float = 1.0,
+    teacher_logits: Callable[[slice], Tensor] | None = None,
+    scale_by_temperature_squared: bool = True,
+) -> ChunkLoss:
+    """Chunk loss for cross-entropy + forward KL (or CE only without a teacher) with an analytic gradient.
+
+    Same values and gradients as :func:`dense_kd_chunk_loss` with the forward KL divergence, in about a third of the
+    elementwise passes over ``[n, V]`` (the gradient is written in place into the student's softmax buffer).
+
+    Args:
+        targets, kd_ratio, temperature, teacher_logits, scale_by_temperature_squared: see :func:`dense_kd_chunk_loss`.
+
+    Returns:
+        A :data:`ChunkLoss` for :func:`fused_linear_loss`.
+    """
+    _check_kd_args(kd_ratio, temperature)
+    scale = temperature**2 if scale_by_temperature_squared else 1.0
+    ratio = kd_ratio if teacher_logits is not None else 0.0
+
+    def chunk_loss(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
+        t = None
+        if teacher_logits is not None:
+            with torch.no_grad():
+                t = KF.upcast(teacher_logits(rows))  # [n, V_t] fp32
+        return _CEForwardKL.apply(logits, t, targets[rows], ratio, temperature, scale)
+
+    return chunk_loss
+
+
+def kd_chunk_loss(
+    targets: Tensor,
+    kd_loss: KD.KDLoss | None,
+    teacher_logits: Callable[[slice], Tensor] | None,
+    kd_ratio: float,
+) -> ChunkLoss:
+    """The chunk loss for a :class:`~kdtune.losses.KDLoss` and a live teacher (None, None: fine-tuning, CE only).
+
+    Forward KL and CE only take the analytic :func:`forward_kl_chunk_loss`; every other divergence goes through
+    :func:`dense_kd_chunk_loss` with :func:`logprob_divergence`. Temperature and T² come from ``kd_loss``.
+    """
+    if kd_loss is None or teacher_logits is None:
+        return forward_kl_chunk_loss(targets, kd_ratio=0.0)
+    common = {
+        "kd_ratio": kd_ratio,
+        "temperature": kd_loss.temperature,
+        "teacher_logits": teacher_logits,
+        "scale_by_temperature_squared": kd_loss.scale_by_temperature_squared,
+    }
+    if isinstance(kd_loss, KD.ForwardKLLoss):
+        return forward_kl_chunk_loss(targets, **common)
+    return dense_kd_chunk_loss(targets, divergence=logprob_divergence(kd_loss), **common)
 
 
 def logprob_divergence(kd_loss: KD.KDLoss) -> Divergence:

@@ -379,3 +379,83 @@ def test_unknown_divergence_raises():
 
     with pytest.raises(TypeError, match="unfused objective"):
         FU.logprob_divergence(Custom())
+
+
+# ------------------------------------------------------------------------------- analytic forward KL / CE path
+@pytest.mark.parametrize("kd_ratio", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("vocab_t", [V, V + 6, V - 5])  # padded teacher; a smaller teacher vocabulary
+@pytest.mark.parametrize("t2", [True, False])
+def test_forward_kl_analytic_matches_autograd(kd_ratio, T, vocab_t, t2):
+    kd_loss = L.ForwardKLLoss(temperature=T, scale_by_temperature_squared=t2)
+    h, w, ht, wt, y = _inputs(29, vocab_t, torch.float64)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    chunk_loss = FU.kd_chunk_loss(y, kd_loss, lambda rows: ht[rows] @ wt.t(), kd_ratio)
+    loss, parts = FU.fused_linear_loss(h1, w1, chunk_loss, rows_per_chunk=8)
+    (loss * 0.3).backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    s = h2 @ w2.t()
+    vocab = min(V, vocab_t)
+    ce = F.cross_entropy(s, y, reduction="sum")
+    kd = kd_loss.loss_sum(s[:, :vocab], (ht @ wt.t())[:, :vocab])
+    ref = (1 - kd_ratio) * ce + kd_ratio * kd
+    (ref * 0.3).backward()
+    tol = {"rtol": 1e-11, "atol": 1e-11}
+    torch.testing.assert_close(loss, ref, **tol)
+    torch.testing.assert_close(parts.ce_sum, ce, **tol)
+    torch.testing.assert_close(parts.kd_sum, kd, **tol)
+    torch.testing.assert_close(h1.grad, h2.grad, **tol)
+    torch.testing.assert_close(w1.grad, w2.grad, **tol)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_forward_kl_analytic_float32_and_ce_only(T):
+    (loss, parts, gh, gw), (ref, ce, kd, rgh, rgw) = _run_both(torch.float32, "forward_kl", T, 0.5, num_output_chunks=3)
+    h, w, ht, wt, y = _inputs(37)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    chunk_loss = FU.kd_chunk_loss(y, L.ForwardKLLoss(temperature=T), lambda rows: ht[rows] @ wt.t(), 0.5)
+    fast, fast_parts = FU.fused_linear_loss(h1, w1, chunk_loss, num_output_chunks=3)
+    (fast / 7.0).backward()
+    tol = {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(fast, ref, **tol)
+    torch.testing.assert_close(fast_parts.kd_sum, kd, **tol)
+    torch.testing.assert_close(h1.grad, rgh, **tol)
+    torch.testing.assert_close(w1.grad, rgw, **tol)
+    # CE only (fine-tuning)
+    h2 = h.clone().requires_grad_()
+    ce_only, ce_parts = FU.fused_linear_loss(h2, w, FU.kd_chunk_loss(y, None, None, 0.0))
+    ce_only.backward()
+    h3 = h.clone().requires_grad_()
+    F.cross_entropy(h3 @ w.t(), y, reduction="sum").backward()
+    torch.testing.assert_close(ce_only, ce, **tol)
+    assert ce_parts.kd_sum.item() == 0.0
+    torch.testing.assert_close(h2.grad, h3.grad, **tol)
+
+
+def test_forward_kl_analytic_teacher_zero_probabilities():
+    """A teacher logit of −inf (probability 0) contributes 0, as in the functional forward KL."""
+    h, w, ht, wt, y = _inputs(12, dtype=torch.float64)
+    t_logits = ht @ wt.t()
+    t_logits[:, 3] = float("-inf")
+    h1 = h.clone().requires_grad_()
+    loss, parts = FU.fused_linear_loss(h1, w, FU.kd_chunk_loss(y, L.ForwardKLLoss(), lambda r: t_logits[r], 0.5))
+    loss.backward()
+    h2 = h.clone().requires_grad_()
+    s = h2 @ w.t()
+    ref = 0.5 * F.cross_entropy(s, y, reduction="sum") + 0.5 * L.forward_kl(s, t_logits)
+    ref.backward()
+    assert torch.isfinite(parts.kd_sum)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(h1.grad, h2.grad)
+
+
+def test_kd_chunk_loss_selects_generic_for_other_divergences():
+    (loss, _, gh, _), (ref, _, _, rgh, _) = _run_both(torch.float64, "reverse_kl", 2.0, 0.5)
+    h, w, ht, wt, y = _inputs(37, dtype=torch.float64)
+    h1 = h.clone().requires_grad_()
+    out, _ = FU.fused_linear_loss(
+        h1, w, FU.kd_chunk_loss(y, L.ReverseKLLoss(temperature=2.0), lambda r: ht[r] @ wt.t(), 0.5)
+    )
+    (out / 7.0).backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(h1.grad, rgh)
