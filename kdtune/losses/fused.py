@@ -41,8 +41,10 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "ChunkLoss",
     "FusedLossParts",
+    "FusedObjectiveOutput",
     "chunk_slices",
     "dense_kd_chunk_loss",
+    "fused_distillation_objective",
     "fused_linear_loss",
     "forward_kl_chunk_loss",
     "fused_output_weight",
@@ -561,6 +563,100 @@ def logprob_divergence(kd_loss: KD.KDLoss) -> Divergence:
     if isinstance(kd_loss, KD.TVDLoss):
         return lambda s, t: 0.5 * (t.exp() - s.exp()).abs().sum(-1)
     raise TypeError(f"{type(kd_loss).__name__} has no log-prob form for the fused loss; use the unfused objective")
+
+
+# ---------------------------------------------------------------------------------------- the objective, fused
+class FusedObjectiveOutput(NamedTuple):
+    """Per-micro-batch sums, as the objective contract's ``ObjectiveOutput``.
+
+    Attributes:
+        loss_sum: fp32 scalar ``(1 − kd_ratio) · ce_sum + kd_ratio · kd_sum``, differentiable.
+        class_loss_sum: detached cross-entropy sum.
+        kd_loss_sum: detached KD sum (× T² if the loss scales); 0 without a teacher.
+        num_tokens: int64 scalar, number of trained positions.
+    """
+
+    loss_sum: Tensor
+    class_loss_sum: Tensor
+    kd_loss_sum: Tensor
+    num_tokens: Tensor
+
+
+def fused_distillation_objective(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor | None,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    labels: Tensor,
+    kd_loss: KD.KDLoss | None,
+    kd_ratio: float = 0.5,
+    *,
+    ignore_index: int = -100,
+    rows_per_chunk: int | None = None,
+    num_output_chunks: int | None = None,
+    memory_budget_bytes: int | None = None,
+) -> FusedObjectiveOutput:
+    """``distillation_objective`` through the fused path: same inputs, same sums, no recompute in backward.
+
+    Trained positions are ``labels[:, 1:] != ignore_index`` in row-major order; the student's output weight comes from
+    :func:`fused_output_weight` (when there is none, this falls back to
+    :func:`~kdtune.losses.distillation_objective`); the teacher's logits are ``teacher.output_logits`` of the chunk's
+    rows, computed once under ``no_grad`` (``teacher_hidden`` may be an inference tensor, see
+    :func:`kdtune.perf.teacher_forward`). The chunk loss is :func:`kd_chunk_loss`.
+
+    Args:
+        student_hidden: ``[B, T, D]`` final hidden states of the student.
+        teacher_hidden: ``[B, T, Dt]`` of the teacher, or None (fine-tuning: CE only).
+        student, teacher: modules with ``output_logits``.
+        labels: ``[B, T]`` aligned with the tokens (shifted here).
+        kd_loss: its divergence, temperature and T² switch are used; None without a teacher.
+        kd_ratio: mixing weight; at 0 the KD sum is still computed for logging (without gradient).
+        ignore_index: label value of untrained positions.
+        rows_per_chunk, num_output_chunks, memory_budget_bytes: chunking, see :func:`chunk_slices`.
+
+    Returns:
+        :class:`FusedObjectiveOutput`.
+    """
+    from kdtune.losses.objective import distillation_objective  # noqa: PLC0415  (the fallback only)
+
+    use_teacher = teacher_hidden is not None and teacher is not None and kd_loss is not None
+    targets = labels[:, 1:]  # [B, T-1]
+    mask = targets != ignore_index  # [B, T-1]
+    num_tokens = mask.sum()
+    weight = fused_output_weight(student)
+    if weight is None:
+        out = distillation_objective(
+            student_hidden,
+            teacher_hidden if use_teacher else None,
+            student,
+            teacher if use_teacher else None,
+            labels,
+            kd_loss if use_teacher else None,
+            kd_ratio if use_teacher else 0.0,
+            num_output_chunks or 8,
+            ignore_index=ignore_index,
+        )
+        mixed = out.mixed_sum(kd_ratio if use_teacher else 0.0)
+        return FusedObjectiveOutput(mixed, out.class_loss_sum.detach(), out.kd_loss_sum.detach(), num_tokens)
+    h = student_hidden[:, :-1][mask]  # [N, D]
+    y = targets[mask]  # [N]
+    teacher_logits = None
+    if use_teacher:
+        h_t = teacher_hidden[:, :-1][mask]  # [N, Dt]
+
+        def teacher_logits(rows: slice) -> Tensor:
+            return teacher.output_logits(h_t[rows])  # [n, V_t]
+
+    chunk_loss = kd_chunk_loss(y, kd_loss if use_teacher else None, teacher_logits, kd_ratio if use_teacher else 0.0)
+    loss, parts = fused_linear_loss(
+        h,
+        weight,
+        chunk_loss,
+        rows_per_chunk=rows_per_chunk,
+        num_output_chunks=num_output_chunks,
+        memory_budget_bytes=memory_budget_bytes,
+    )
+    return FusedObjectiveOutput(loss, parts.ce_sum, parts.kd_sum, num_tokens)
 
 
 # ------------------------------------------------------------------------------------------------ the output weight

@@ -459,3 +459,79 @@ def test_kd_chunk_loss_selects_generic_for_other_divergences():
     (out / 7.0).backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(h1.grad, rgh)
+
+
+# ------------------------------------------------------------------------------ fused_distillation_objective
+@pytest.mark.parametrize(
+    "case", ["forward_kl", "reverse_kl_T2", "kd_ratio_0", "no_teacher", "fallback_bias", "tied_padded_teacher"]
+)
+def test_fused_distillation_objective_equals_distillation_objective(case):
+    tie = case == "tied_padded_teacher"
+    student = _model(64, 16, tie, 0)
+    teacher = _model(72 if tie else 64, 24, False, 1).requires_grad_(False).eval()
+    if case == "fallback_bias":
+        student.output = torch.nn.Linear(16, 64, bias=True)
+    kd_loss = L.ReverseKLLoss(temperature=2.0) if case == "reverse_kl_T2" else L.ForwardKLLoss()
+    kd_ratio = 0.0 if case == "kd_ratio_0" else 0.5
+    use_teacher = case != "no_teacher"
+    tokens, labels = _batch(64)
+    with torch.inference_mode():
+        t_hidden = teacher(tokens, return_hidden=True) if use_teacher else None
+    out = FU.fused_distillation_objective(
+        student(tokens, return_hidden=True),
+        t_hidden,
+        student,
+        teacher if use_teacher else None,
+        labels,
+        kd_loss if use_teacher else None,
+        kd_ratio,
+        rows_per_chunk=5,
+    )
+    (out.loss_sum / out.num_tokens).backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        t_plain = teacher(tokens, return_hidden=True) if use_teacher else None
+    ref = L.distillation_objective(
+        student(tokens, return_hidden=True),
+        t_plain,
+        student,
+        teacher if use_teacher else None,
+        labels,
+        kd_loss if use_teacher else None,
+        kd_ratio,
+        num_output_chunks=3,
+    )
+    mixed = ref.mixed_sum(kd_ratio if use_teacher else 0.0)
+    (mixed / ref.num_tokens).backward()
+    tol = {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(out.loss_sum, mixed, **tol)
+    torch.testing.assert_close(out.class_loss_sum, ref.class_loss_sum.detach(), **tol)
+    torch.testing.assert_close(out.kd_loss_sum, ref.kd_loss_sum.detach(), **tol)
+    assert not out.class_loss_sum.requires_grad and not out.kd_loss_sum.requires_grad
+    assert int(out.num_tokens) == int(ref.num_tokens)
+    if case == "kd_ratio_0":
+        assert out.kd_loss_sum > 0  # logged
+    for n, p in student.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, **tol, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_fused_distillation_objective_all_masked_and_eval():
+    student, teacher = _model(64, 16, False, 0), _model(64, 24, False, 1).requires_grad_(False).eval()
+    tokens, labels = _batch(64)
+    hidden = student(tokens, return_hidden=True)
+    with torch.no_grad():
+        t_hidden = teacher(tokens, return_hidden=True)
+    masked = torch.full_like(labels, -100)
+    out = FU.fused_distillation_objective(hidden, t_hidden, student, teacher, masked, L.ForwardKLLoss(), 0.5)
+    assert int(out.num_tokens) == 0 and out.loss_sum.item() == 0.0
+    out.loss_sum.backward()  # an all-masked micro-batch must not break the step
+    with torch.no_grad():
+        ev = FU.fused_distillation_objective(
+            student(tokens, return_hidden=True), t_hidden, student, teacher, labels, L.ForwardKLLoss(), 0.5
+        )
+        ref = L.distillation_objective(
+            student(tokens, return_hidden=True), t_hidden, student, teacher, labels, L.ForwardKLLoss(), 0.5
+        )
+    assert not ev.loss_sum.requires_grad
+    torch.testing.assert_close(ev.loss_sum, ref.mixed_sum(0.5), rtol=1e-6, atol=1e-6)
