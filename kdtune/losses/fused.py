@@ -166,8 +166,9 @@ class _FusedLinearLoss(torch.autograd.Function):
         ce_total, kd_total = loss.clone(), loss.clone()
         for rows in slices:
             h = hidden[rows]  # [n, D]
+            logits = _chunk_logits(h, weight)  # [n, V] fp32, computed without a graph (forward runs under no_grad)
             with torch.enable_grad():
-                logits = _chunk_logits(h, weight).requires_grad_(True)  # [n, V] fp32 leaf
+                logits.requires_grad_(True)  # a leaf: the chunk loss's graph starts here
                 mixed, ce, kd = chunk_loss(logits, rows)
                 g = None
                 if mixed.requires_grad:
