@@ -16,7 +16,8 @@ student's hidden states and output weight).
 
 Every measurement runs in a fresh process (``MALLOC_MMAP_THRESHOLD_=65536``, so freed large blocks go back to the OS
 and peak RSS follows live tensor memory), after a small warm-up; peak RSS is ``ru_maxrss`` minus the RSS just before
-the loss. Implementations alternate (A B C A B C ...) so a change in machine load hits all of them alike.
+the loss (the inputs, both ``[V, D]`` weights included, exist before it and are not counted; the weight gradient
+is). Implementations alternate (A B C A B C ...) so a change in machine load hits all of them alike.
 
 Example::
 
@@ -57,12 +58,12 @@ def _inputs(n: int, d: int, v: int, frozen_weight: bool):
     return h_s, h_t, w_s, w_t, labels
 
 
-def _step(mode: str, n: int, args: argparse.Namespace) -> tuple[float, Any]:
-    """One forward + backward of ``mode`` on ``n`` positions; returns (mixed loss per token, the inputs)."""
+def _step(mode: str, inputs: tuple, n: int, args: argparse.Namespace) -> float:
+    """One forward + backward of ``mode`` on the ``n`` positions of ``inputs``; returns the mixed loss per token."""
     import torch  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: PLC0415
 
-    h_s, h_t, w_s, w_t, labels = _inputs(n, args.hidden, args.vocab, args.frozen_weight)
+    h_s, h_t, w_s, w_t, labels = inputs
     if mode == "objective":
         from kdtune.losses import ForwardKLLoss, distillation_objective  # noqa: PLC0415
 
@@ -109,18 +110,19 @@ def _step(mode: str, n: int, args: argparse.Namespace) -> tuple[float, Any]:
     else:
         raise ValueError(mode)
     loss.backward()
-    return float(loss.item()), (h_s, w_s)
+    return float(loss.item())
 
 
 def probe(mode: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     """In this process: warm up on 64 positions, then measure one forward + backward on ``n``."""
     import torch  # noqa: PLC0415
 
-    _step(mode, 64, args)
+    _step(mode, _inputs(64, args.hidden, args.vocab, args.frozen_weight), 64, args)
+    inputs = _inputs(n, args.hidden, args.vocab, args.frozen_weight)  # both weights and hidden states: not counted
     base = _rss_gib()
-    start = time.perf_counter()
-    value, _ = _step(mode, n, args)
-    elapsed = time.perf_counter() - start
+    start, cpu_start = time.perf_counter(), time.process_time()
+    value = _step(mode, inputs, n, args)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB - base
     return {
         "mode": mode,
@@ -128,6 +130,7 @@ def probe(mode: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
         "loss_per_token": round(value, 6),
         "peak_gib": round(peak, 3),
         "seconds": round(elapsed, 2),
+        "cpu_seconds": round(cpu, 2),
         "threads": torch.get_num_threads(),
     }
 
@@ -178,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                 res["round"] = r
                 rows.append(res)
                 print(json.dumps(res), flush=True)
-    print(f"\nV={args.vocab} D={args.hidden} (medians over {args.repeats} rounds; ratios vs torchtune)")
+    print(
+        f"\nV={args.vocab} D={args.hidden} (medians over {args.repeats} rounds; ratios vs torchtune; cpu = process CPU time, less sensitive to machine load)"
+    )
     summary: dict[str, Any] = {}
     for n in args.positions:
         med = {}
@@ -186,16 +191,21 @@ def main(argv: list[str] | None = None) -> int:
             ok = [x for x in rows if x["mode"] == mode and x["positions"] == n and "error" not in x]
             if ok:
                 med[mode] = {
-                    "seconds": statistics.median(x["seconds"] for x in ok),
-                    "peak_gib": statistics.median(x["peak_gib"] for x in ok),
+                    key: statistics.median(x[key] for x in ok) for key in ("seconds", "cpu_seconds", "peak_gib")
                 }
         summary[n] = med
         for mode, m in med.items():
             ratio = ""
             if "torchtune" in med and mode != "torchtune":
                 tt = med["torchtune"]
-                ratio = f"  time x{m['seconds'] / tt['seconds']:.2f}  memory x{m['peak_gib'] / tt['peak_gib']:.3f}"
-            print(f"N={n:5d} {mode:10s} {m['seconds']:8.2f} s  {m['peak_gib']:7.3f} GiB{ratio}")
+                ratio = (
+                    f"  wall x{m['seconds'] / tt['seconds']:.2f}  cpu x{m['cpu_seconds'] / tt['cpu_seconds']:.2f}"
+                    f"  memory x{m['peak_gib'] / tt['peak_gib']:.3f}"
+                )
+            print(
+                f"N={n:5d} {mode:13s} wall {m['seconds']:7.2f} s  cpu {m['cpu_seconds']:7.2f} s  "
+                f"{m['peak_gib']:6.3f} GiB{ratio}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runs": rows, "medians": summary, "args": vars(args)}, f, indent=2)
