@@ -668,22 +668,34 @@ def fused_output_weight(model: nn.Module) -> Tensor | None:
       adds to the embedding lookup's through autograd);
     * ``nn.Linear`` without bias: its weight;
     * a LoRA output projection (``LoRALinear``): the effective weight ``W + scale · B @ A``, a differentiable
-      ``[V, D]`` tensor built from the adapter (disabled adapters: ``W``); None for an NF4 base, dropout on the
-      adapter while training, or a bias — then use the unfused objective.
+      ``[V, D]`` tensor built from the adapter (disabled adapters: ``W``);
+    * None for an NF4 base, dropout on the adapter while training, a bias, or a sharded (FSDP ``DTensor``) weight,
+      which the fused path does not gather — then use the unfused objective.
     """
     output = getattr(model, "output", None)
     if output is None:
         emb = getattr(model, "tok_embeddings", None)
-        return emb.weight if emb is not None else None
-    if getattr(output, "bias", None) is not None:
+        weight = emb.weight if emb is not None else None
+    elif getattr(output, "bias", None) is not None:
+        weight = None
+    elif hasattr(output, "lora_a") and hasattr(output, "lora_b"):
+        weight = _lora_effective_weight(output)
+    elif isinstance(output, nn.Linear):
+        weight = output.weight
+    else:
+        weight = None
+    if weight is not None and hasattr(weight, "device_mesh"):
         return None
-    if hasattr(output, "lora_a") and hasattr(output, "lora_b"):
-        if getattr(output, "quantize_base", False) or (output.training and output.dropout_p > 0):
-            return None
-        if output.disabled:
-            return output.weight
-        delta = output.lora_b.weight @ output.lora_a.weight  # [V, r] @ [r, D]
-        return output.weight + output.scaling * delta
-    if isinstance(output, nn.Linear):
+    return weight
+
+
+def _lora_effective_weight(output: nn.Module) -> Tensor | None:
+    """``W + scale · B @ A`` of a ``LoRALinear`` (differentiable in A and B), or None when it has no such weight."""
+    if getattr(output, "quantize_base", False) or (output.training and output.dropout_p > 0):
+        return None
+    if output.disabled:
         return output.weight
-    return None
+    if hasattr(output.weight, "device_mesh"):
+        return None
+    delta = output.lora_b.weight @ output.lora_a.weight  # [V, r] @ [r, D]
+    return output.weight + output.scaling * delta

@@ -307,6 +307,9 @@ def test_output_weight_falls_back():
     drop = apply_lora(_model(64, 16, False, 0), ["q_proj"], apply_lora_to_output=True, lora_dropout=0.1).train()
     assert FU.fused_output_weight(drop) is None
     assert FU.fused_output_weight(drop.eval()) is not None
+    sharded = _model(64, 16, False, 0)
+    sharded.output.weight.device_mesh = object()  # what a DTensor (FSDP) weight has
+    assert FU.fused_output_weight(sharded) is None
     biased = _model(64, 16, False, 0)
     biased.output = torch.nn.Linear(16, 64, bias=True)
     assert FU.fused_output_weight(biased) is None
