@@ -345,8 +345,16 @@ def dense_kd_chunk_loss(
 
 
 def _log1mexp(x: Tensor) -> Tensor:
-    """``log(1 − exp(x))`` for ``x ≤ 0``, stable on both ends (Mächler 2012)."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """``log(1 − exp(x))`` for ``x ≤ 0``, stable on both ends (Mächler 2012), with finite gradients everywhere.
+
+    Each branch sees only inputs in its own range (so the branch ``where`` does not pick cannot put 0 · inf = NaN into
+    the gradient), and ``x`` is kept below ``-1e-30`` (at ``x = 0`` the value would be ``-inf``).
+    """
+    cut = -math.log(2.0)
+    near = x > cut
+    x_near = torch.where(near, x, torch.full_like(x, cut)).clamp(max=-1e-30)
+    x_far = torch.where(near, torch.full_like(x, cut), x)
+    return torch.where(near, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
 
 
 def sparse_kd_chunk_loss(

@@ -538,3 +538,19 @@ def test_fused_distillation_objective_all_masked_and_eval():
         )
     assert not ev.loss_sum.requires_grad
     torch.testing.assert_close(ev.loss_sum, ref.mixed_sum(0.5), rtol=1e-6, atol=1e-6)
+
+
+def test_sparse_tail_finite_when_top_k_holds_all_mass():
+    """A student (and teacher) so peaked that the top-k mass rounds to 1: tail floored, gradients finite."""
+    h, w, ht, wt, y = _inputs(8)
+    w = w * 200.0  # huge logits: softmax mass all in the top entry (fp32)
+    t_logp, ids = torch.log_softmax(ht @ wt.t() * 200.0, -1).topk(3, dim=-1)
+    h.requires_grad_()
+    w.requires_grad_()
+    for kd_cls in (L.ForwardKLLoss, L.ReverseKLLoss):
+        div = FU.logprob_divergence(kd_cls())
+        loss, parts = FU.fused_linear_loss(h, w, FU.sparse_kd_chunk_loss(y, ids, t_logp, divergence=div))
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(parts.kd_sum)
+        assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+        h.grad = w.grad = None
