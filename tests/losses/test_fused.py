@@ -554,3 +554,14 @@ def test_sparse_tail_finite_when_top_k_holds_all_mass():
         assert torch.isfinite(loss) and torch.isfinite(parts.kd_sum)
         assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
         h.grad = w.grad = None
+
+
+def test_log1mexp_values_and_finite_gradients():
+    x = torch.tensor([0.0, -1e-12, -1e-6, -0.5, -0.6931, -0.6932, -3.0, -40.0, -200.0], requires_grad=True)
+    out = FU._log1mexp(x)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    ref = torch.log1p(-torch.exp(x.detach().double()))  # float64: accurate enough away from 0
+    torch.testing.assert_close(out[3:].double(), ref[3:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[2].double(), torch.log(torch.tensor(1e-6, dtype=torch.float64)), rtol=1e-5, atol=0)
+    assert out[0] < -60  # log(1 − exp(0)) = −inf, kept finite
