@@ -1,0 +1,132 @@
+"""kdtune.perf: physical core count, thread setup with the oversubscription warning, teacher forward."""
+
+import logging
+import os
+
+import pytest
+import torch
+
+import kdtune.losses as L
+from kdtune import perf
+from kdtune.errors import ConfigError
+from kdtune.models.llama import llama
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _cpuinfo_cores() -> int | None:
+    """Independent count: distinct (physical id, core id) pairs in /proc/cpuinfo."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    pairs, phys = set(), None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            phys = value.strip()
+        elif key == "core id":
+            pairs.add((phys, value.strip()))
+    return len(pairs) or None
+
+
+def test_physical_cores_match_cpuinfo():
+    n = perf.physical_cpu_cores()
+    assert 1 <= n <= os.cpu_count()
+    expected = _cpuinfo_cores()
+    full_affinity = len(os.sched_getaffinity(0)) == os.cpu_count()
+    if expected is not None and full_affinity and perf._cgroup_cpu_limit() is None:
+        assert n == expected
+
+
+def _fake_topology(monkeypatch, files: dict[str, str], cpus: set[int]):
+    monkeypatch.setattr(perf, "_read", lambda path: files.get(path))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
+
+
+def test_hyperthreads_affinity_and_quota(monkeypatch):
+    topo = {}
+    for cpu, core in enumerate([0, 1, 0, 1]):  # 4 logical CPUs, 2 physical cores (2 hyperthreads each)
+        topo[f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id"] = "0"
+        topo[f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id"] = str(core)
+    _fake_topology(monkeypatch, topo, {0, 1, 2, 3})
+    assert perf.physical_cpu_cores() == 2
+    _fake_topology(monkeypatch, topo, {0, 2})  # both hyperthreads of core 0
+    assert perf.physical_cpu_cores() == 1
+    _fake_topology(monkeypatch, {**topo, "/sys/fs/cgroup/cpu.max": "150000 100000"}, {0, 1, 2, 3})
+    assert perf.physical_cpu_cores() == 2  # ceil(1.5)
+    _fake_topology(monkeypatch, {**topo, "/sys/fs/cgroup/cpu.max": "50000 100000"}, {0, 1, 2, 3})
+    assert perf.physical_cpu_cores() == 1
+    _fake_topology(monkeypatch, {}, {0, 1, 2})  # no topology readable: logical CPUs
+    assert perf.physical_cpu_cores() == 3
+
+
+def test_configure_threads_explicit_env_default(monkeypatch):
+    monkeypatch.setattr(perf, "physical_cpu_cores", lambda: 2)
+    assert perf.configure_threads(1, check_load=False) == 1 and torch.get_num_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    assert perf.configure_threads(check_load=False) == 1  # the user's OMP_NUM_THREADS is kept
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert perf.configure_threads(check_load=False) == 2
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="num_threads"):
+            perf.configure_threads(bad, check_load=False)
+
+
+def test_oversubscription_warning(monkeypatch, caplog):
+    monkeypatch.setattr(perf, "physical_cpu_cores", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(perf, "other_busy_cores", lambda interval_s=0.3: 1.8)
+    with caplog.at_level(logging.WARNING, logger="kdtune.perf"):
+        perf.configure_threads(2)
+    assert "oversubscribed" in caplog.text and "num_threads" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(perf, "other_busy_cores", lambda interval_s=0.3: 0.0)
+    with caplog.at_level(logging.WARNING, logger="kdtune.perf"):
+        perf.configure_threads(2)
+    assert caplog.text == ""
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 1.0, 1.0))  # load average above the cores
+    with caplog.at_level(logging.WARNING, logger="kdtune.perf"):
+        perf.configure_threads(1)
+    assert "load average 3.5" in caplog.text
+
+
+def test_other_busy_cores_sane():
+    busy = perf.other_busy_cores(0.05)
+    assert busy is None or 0.0 <= busy <= os.cpu_count() + 0.5
+
+
+def _model(vocab, dim, seed):
+    torch.manual_seed(seed)
+    return llama(
+        vocab_size=vocab, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=dim, intermediate_dim=32, max_seq_len=32
+    )
+
+
+def test_teacher_forward_inference_mode_feeds_the_objective():
+    student, teacher = _model(40, 16, 0), _model(40, 24, 1).requires_grad_(False).eval()
+    tokens = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = tokens.clone()
+    labels[:, :2] = -100
+    t_hidden = perf.teacher_forward(teacher, tokens, return_hidden=True)
+    assert t_hidden.is_inference()
+    with torch.no_grad():
+        torch.testing.assert_close(t_hidden, teacher(tokens, return_hidden=True), rtol=0, atol=0)
+    kd = L.ForwardKLLoss(temperature=2.0)
+    out = L.distillation_objective(student(tokens, return_hidden=True), t_hidden, student, teacher, labels, kd, 0.5)
+    out.mixed_sum(0.5).backward()
+    grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    with torch.no_grad():
+        plain = teacher(tokens, return_hidden=True)
+    ref = L.distillation_objective(student(tokens, return_hidden=True), plain, student, teacher, labels, kd, 0.5)
+    ref.mixed_sum(0.5).backward()
+    for g, p in zip(grads, student.parameters()):
+        torch.testing.assert_close(g, p.grad)
