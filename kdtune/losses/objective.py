@@ -14,10 +14,15 @@ How a micro-batch is computed:
 1. the trained positions are ``labels[:, 1:] != ignore_index`` (position t is compared with label t + 1), taken in
    row-major order; the teacher source is asked for its state on those positions (a live teacher runs its body
    without gradients *before* the student, so the RNG stream the student's dropout sees is the same as without KD);
-2. the student's final hidden states at those positions are split into ``num_output_chunks`` chunks; per chunk the
-   student's logits (fp32) give the cross-entropy, and both models' log-probabilities at temperature T over a shared
-   support give the divergence (× T² when ``scale_by_temperature_squared``);
-3. each chunk's logits are recomputed in backward (activation checkpointing), so no ``[B, T, V]`` tensor is held.
+2. the student's final hidden states at those positions are split into chunks of rows (sized by a memory budget, or
+   ``num_output_chunks`` of them); per chunk the student's logits (fp32) give the cross-entropy, and both models'
+   log-probabilities at temperature T over a shared support give the divergence (× T² when
+   ``scale_by_temperature_squared``);
+3. fused (the default, :mod:`kdtune.losses.fused`): each chunk's gradient with respect to the student's hidden rows
+   (and output weight) is computed right there in the forward pass, so nothing is recomputed in backward and the
+   teacher's output layer runs once; where the model has no single output weight (an FSDP-sharded or NF4 output, LoRA
+   dropout on it) each chunk is instead recomputed in backward (activation checkpointing). No ``[B, T, V]`` tensor is
+   ever held.
 
 A teacher source (:class:`LiveTeacher` here; a cached teacher plugs in the same way) has two methods:
 ``prepare(batch, mask) -> tuple of [N, ...] tensors`` (its per-position state) and
@@ -36,8 +41,9 @@ from torch.utils.checkpoint import checkpoint
 
 from kdtune.data.collate import model_inputs
 from kdtune.errors import ConfigError
-from kdtune.losses.divergences import Divergence
+from kdtune.losses.divergences import Divergence, ForwardKLLoss
 from kdtune.losses.functional import check_fraction, check_temperature, log_probs, upcast
+from kdtune.losses.fused import ce_forward_kl, chunk_slices, fused_linear_loss, fused_output_weight
 
 __all__ = ["DistillationObjective", "LiveTeacher", "ObjectiveOutput", "TeacherSource"]
 
@@ -89,10 +95,14 @@ class LiveTeacher:
             hidden = self.model(batch["tokens"], return_hidden=True, **model_inputs(batch))  # [B, T, Dt]
         return (hidden[:, :-1][mask].detach(),)  # [N, Dt]
 
-    def log_probs(self, state: Sequence[Tensor], student_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    def logits(self, state: Sequence[Tensor]) -> Tensor:
+        """The teacher's fp32 logits ``[n, Vt]`` for one chunk of its state (computed without gradient)."""
         (hidden,) = state
         with torch.no_grad():
-            teacher_logits = upcast(self.model.output_logits(hidden))  # [n, Vt] fp32
+            return upcast(self.model.output_logits(hidden))
+
+    def log_probs(self, state: Sequence[Tensor], student_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        teacher_logits = self.logits(state)  # [n, Vt] fp32
         vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
         return log_probs(student_logits[..., :vocab], temperature), log_probs(teacher_logits[..., :vocab], temperature)
 
@@ -110,9 +120,13 @@ class DistillationObjective:
         temperature: T > 0; both distributions are ``softmax(logits / T)``.
         scale_by_temperature_squared: multiply the divergence by T² (Hinton et al. 2015) so its gradient does not
             shrink as 1/T².
-        num_output_chunks: the trained positions are processed in this many chunks (memory at large vocabularies).
+        num_output_chunks: process the trained positions in this many chunks; None = chunks of as many rows as
+            ``memory_budget_bytes`` allows (efficient GEMMs, bounded memory at large vocabularies).
         ignore_index: label value of positions that are not trained.
-        checkpoint_chunks: recompute each chunk's logits in backward instead of keeping them.
+        checkpoint_chunks: unfused path only: recompute each chunk's logits in backward instead of keeping them.
+        fused: compute each chunk's gradients in the forward pass (see the module docstring); False = the
+            activation-checkpointed path.
+        memory_budget_bytes: bytes a chunk's fp32 vocabulary-sized tensors may take when sizing chunks.
     """
 
     def __init__(
@@ -123,9 +137,11 @@ class DistillationObjective:
         kd_ratio: float = 0.5,
         temperature: float = 1.0,
         scale_by_temperature_squared: bool = True,
-        num_output_chunks: int = 8,
+        num_output_chunks: int | None = None,
         ignore_index: int = -100,
         checkpoint_chunks: bool = True,
+        fused: bool = True,
+        memory_budget_bytes: int | None = None,
     ) -> None:
         if isinstance(teacher, nn.Module):
             teacher = LiveTeacher(teacher)
@@ -134,8 +150,10 @@ class DistillationObjective:
                 f"kd_loss: {type(kd_loss).__name__} is not a divergence; use a kdtune.losses.Divergence subclass "
                 "(ForwardKLLoss, ReverseKLLoss, JSDLoss, ...)"
             )
-        if isinstance(num_output_chunks, bool) or not isinstance(num_output_chunks, int) or num_output_chunks < 1:
-            raise ConfigError(f"num_output_chunks={num_output_chunks!r} is invalid: it must be an integer >= 1")
+        if num_output_chunks is not None and (
+            isinstance(num_output_chunks, bool) or not isinstance(num_output_chunks, int) or num_output_chunks < 1
+        ):
+            raise ConfigError(f"num_output_chunks={num_output_chunks!r} is invalid: it must be an integer >= 1 or null")
         self.kd_loss = kd_loss
         self.teacher = teacher
         self.kd_ratio = check_fraction("kd_ratio", kd_ratio) if teacher is not None else 0.0
@@ -144,6 +162,8 @@ class DistillationObjective:
         self.num_output_chunks = num_output_chunks
         self.ignore_index = int(ignore_index)
         self.checkpoint_chunks = bool(checkpoint_chunks)
+        self.fused = bool(fused)
+        self.memory_budget_bytes = memory_budget_bytes
 
     @property
     def kd_scale(self) -> float:
@@ -182,7 +202,6 @@ class DistillationObjective:
         h_s = hidden[:, :-1][mask]  # [N, D]
         tgt = targets[mask]  # [N]
         use_teacher = teacher_state is not None and self.teacher is not None
-        kd_grad = self.kd_ratio != 0.0
         n = tgt.shape[0]
         # zero sums attached to the student's graph, so backward works even on an all-masked batch
         zero = hidden[..., :0].sum().float()
@@ -190,28 +209,72 @@ class DistillationObjective:
             return ObjectiveOutput(zero, zero.clone(), zero.clone() if use_teacher else None, num_tokens)
 
         def chunk_sums(hs: Tensor, y: Tensor, *t_state: Tensor) -> tuple[Tensor, Tensor]:
-            s_logits = upcast(student.output_logits(hs))  # [n_i, V] fp32
-            ce = F.cross_entropy(s_logits, y, reduction="sum")
-            if not t_state:
-                return ce, torch.zeros((), dtype=ce.dtype, device=ce.device)
-            s_for_kd = s_logits if kd_grad else s_logits.detach()
-            s_logp, t_logp = self.teacher.log_probs(t_state, s_for_kd, self.temperature)
-            kd = self.kd_loss.per_token(s_logp, t_logp).sum()
-            return ce, kd * self.kd_scale if self.kd_scale != 1.0 else kd
+            ce, kd = self._chunk_terms(upcast(student.output_logits(hs)), y, t_state)
+            return ce, kd
+
+        weight = fused_output_weight(student) if self.fused else None
+        if weight is not None and weight.dtype == h_s.dtype:
+            loss, ce_total, kd_total = self._fused(h_s, weight, tgt, teacher_state if use_teacher else None)
+            return ObjectiveOutput(loss, ce_total, kd_total if use_teacher else None, num_tokens)
 
         recompute = self.checkpoint_chunks and torch.is_grad_enabled() and h_s.requires_grad
         ce_total, kd_total = zero, zero.clone()
-        k = min(self.num_output_chunks, n)
-        for i in range(k):
-            start, end = (i * n) // k, ((i + 1) * n) // k
-            t_chunk = tuple(t[start:end] for t in teacher_state) if use_teacher else ()
-            args = (h_s[start:end], tgt[start:end], *t_chunk)
+        for rows in chunk_slices(
+            n,
+            student.vocab_size,
+            num_output_chunks=self.num_output_chunks,
+            memory_budget_bytes=self.memory_budget_bytes,
+        ):
+            t_chunk = tuple(t[rows] for t in teacher_state) if use_teacher else ()
+            args = (h_s[rows], tgt[rows], *t_chunk)
             ce, kd = checkpoint(chunk_sums, *args, use_reentrant=False) if recompute else chunk_sums(*args)
             ce_total = ce_total + ce
             kd_total = kd_total + kd
         if not use_teacher:
             return ObjectiveOutput(ce_total, ce_total, None, num_tokens)
         return ObjectiveOutput(self.mix(ce_total, kd_total), ce_total, kd_total, num_tokens)
+
+    def _chunk_terms(self, s_logits: Tensor, y: Tensor, t_state: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Cross-entropy and KD sums of one chunk from the student's fp32 logits ``[n, V]`` (KD 0 without teacher)."""
+        ce = F.cross_entropy(s_logits, y, reduction="sum")
+        if not t_state:
+            return ce, torch.zeros((), dtype=ce.dtype, device=ce.device)
+        s_for_kd = s_logits if self.kd_ratio != 0.0 else s_logits.detach()
+        s_logp, t_logp = self.teacher.log_probs(t_state, s_for_kd, self.temperature)
+        kd = self.kd_loss.per_token(s_logp, t_logp).sum()
+        return ce, kd * self.kd_scale if self.kd_scale != 1.0 else kd
+
+    def _fused(
+        self, h_s: Tensor, weight: Tensor, tgt: Tensor, teacher_state: Sequence[Tensor] | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The fused path: ``(loss_sum, ce_sum, kd_sum)`` with the chunks' gradients computed in the forward pass."""
+        # CE + forward KL against a live teacher under the objective's own mixing rule: the hand-written gradient
+        fast = (
+            type(self.kd_loss) is ForwardKLLoss
+            and isinstance(self.teacher, LiveTeacher)
+            and type(self).mix is DistillationObjective.mix
+        )
+
+        def chunk_loss(s_logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
+            t_chunk = tuple(t[rows] for t in teacher_state) if teacher_state is not None else ()
+            if teacher_state is None or fast:
+                t_logits = self.teacher.logits(t_chunk) if t_chunk else None
+                ratio = self.kd_ratio if t_chunk else 0.0
+                return ce_forward_kl(
+                    s_logits, t_logits, tgt[rows], kd_ratio=ratio, temperature=self.temperature,
+                    scale=self.kd_scale, mix=self.mix if t_chunk else (lambda ce, kd: ce),
+                )  # fmt: skip
+            ce, kd = self._chunk_terms(s_logits, tgt[rows], t_chunk)
+            return self.mix(ce, kd), ce, kd
+
+        loss, parts = fused_linear_loss(
+            h_s,
+            weight,
+            chunk_loss,
+            num_output_chunks=self.num_output_chunks,
+            memory_budget_bytes=self.memory_budget_bytes,
+        )
+        return loss, parts.ce_sum, parts.kd_sum
 
     def __repr__(self) -> str:
         return (

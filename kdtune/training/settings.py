@@ -68,8 +68,10 @@ class FinetuneSettings:
     lr_scheduler: Any = _f(
         None, help="LR schedule `_component_` (kdtune.training.*_schedule), built with optimizer + total steps."
     )
-    num_output_chunks: int = _f(
-        8, help="Chunks the trained positions are split into for the output projection + loss (memory at large vocab)."
+    num_output_chunks: int | None = _f(
+        None,
+        help="Chunks the trained positions are split into for the output projection + loss; null = chunks sized by a "
+        "memory budget (512 MiB of fp32 vocabulary-sized tensors), which keeps the GEMMs efficient.",
     )
     clip_grad_norm: float | None = _f(None, help="Max gradient L2 norm; null = no clipping (norm still logged).")
     # --- precision and speed

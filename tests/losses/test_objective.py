@@ -215,8 +215,13 @@ def test_kd_ratio_zero_logs_kd_without_gradient():
     V = 64
     student, teacher = _model(V), _frozen(_model(V, dim=48, seed=1))
     batch = _batch(V)
-    at0 = _from_hidden(L.DistillationObjective(L.ForwardKLLoss(), teacher=teacher, kd_ratio=0.0), student, batch)
-    at5 = _from_hidden(L.DistillationObjective(L.ForwardKLLoss(), teacher=teacher, kd_ratio=0.5), student, batch)
+    # the unfused path keeps the parts differentiable, so "no KD gradient" can be checked on kd_loss_sum itself
+    at0 = _from_hidden(
+        L.DistillationObjective(L.ForwardKLLoss(), teacher=teacher, kd_ratio=0.0, fused=False), student, batch
+    )
+    at5 = _from_hidden(
+        L.DistillationObjective(L.ForwardKLLoss(), teacher=teacher, kd_ratio=0.5, fused=False), student, batch
+    )
     torch.testing.assert_close(at0.kd_loss_sum, at5.kd_loss_sum)  # logged value is the same KD
     assert at0.kd_loss_sum.item() > 0
     torch.testing.assert_close(at0.loss_sum, at0.class_loss_sum, rtol=0, atol=0)
@@ -326,6 +331,25 @@ def _saved_shapes(fn):
     return shapes
 
 
+def _saved_alive_after(fn):
+    """Shapes of the tensors saved for backward during ``fn()`` that are still alive once it returned."""
+    import gc
+    import weakref
+
+    refs = []
+
+    def pack(t):
+        refs.append((tuple(t.shape), weakref.ref(t)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    gc.collect()
+    alive = [shape for shape, ref in refs if ref() is not None]
+    del out
+    return alive
+
+
 def test_no_vocab_sized_tensor_is_kept_for_backward():
     V = 500  # larger than every other dim here, so vocab-sized saved tensors are easy to spot
     student = _model(V)
@@ -334,8 +358,10 @@ def test_no_vocab_sized_tensor_is_kept_for_backward():
     mask = batch["labels"][:, 1:] != -100
     h = student(batch["tokens"], return_hidden=True).detach().requires_grad_(True)
 
-    def run(ckpt):
-        obj = L.DistillationObjective(L.ForwardKLLoss(), teacher=teacher, num_output_chunks=4, checkpoint_chunks=ckpt)
+    def run(ckpt, fused=False, kd_loss=None):
+        obj = L.DistillationObjective(
+            kd_loss or L.ForwardKLLoss(), teacher=teacher, num_output_chunks=4, checkpoint_chunks=ckpt, fused=fused
+        )
         state = obj.teacher.prepare(batch, mask)
         return lambda: obj.from_hidden(student, h, batch["labels"], state)
 
@@ -344,6 +370,10 @@ def test_no_vocab_sized_tensor_is_kept_for_backward():
 
     assert vocab_sized(_saved_shapes(run(False)))  # without recompute, per-chunk [n, V] logits are kept
     assert not vocab_sized(_saved_shapes(run(True)))  # with it, only hidden-state chunks are
+    # fused: each chunk's graph lives only inside forward (its gradient is taken there); nothing vocab-sized survives
+    for kd_loss in (L.ForwardKLLoss(), L.JSDLoss(beta=0.3)):
+        alive = _saved_alive_after(run(True, fused=True, kd_loss=kd_loss))
+        assert not vocab_sized(alive), alive
 
 
 def test_call_equals_from_hidden():
@@ -399,3 +429,40 @@ def test_bad_settings_raise_config_error(kwargs):
     kwargs = {"kd_loss": L.ForwardKLLoss(), **kwargs}
     with pytest.raises(ConfigError):
         L.DistillationObjective(teacher=teacher, **kwargs)
+
+
+@pytest.mark.parametrize("kd_loss", [L.ForwardKLLoss(), L.JSDLoss(beta=0.3), L.ReverseKLLoss()])
+@pytest.mark.parametrize("kd_ratio,T", [(0.5, 1.0), (0.3, 2.0), (0.0, 1.0), (1.0, 1.5)])
+@pytest.mark.parametrize("tie", [False, True])
+def test_fused_equals_the_checkpointed_path(kd_loss, kd_ratio: float, T: float, tie: bool) -> None:
+    """The fused path (gradients in forward, teacher logits once) gives the checkpointed path's sums and gradients."""
+    V = 64
+    student = _model(V, tie=tie)
+    teacher = _frozen(_model(V + 16, dim=48, seed=1))  # padded teacher vocabulary
+    batch = _batch(V)
+    outs = []
+    for fused in (False, True):
+        obj = L.DistillationObjective(kd_loss, teacher=teacher, kd_ratio=kd_ratio, temperature=T, fused=fused)
+        out = obj(student, batch)
+        grads = torch.autograd.grad(out.loss_sum, _params(student), allow_unused=True)
+        outs.append((out, grads))
+    (a, ga), (b, gb) = outs
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.detach().double(), y.detach().double(), rtol=1e-6, atol=1e-6)
+    for x, y in zip(ga, gb, strict=True):
+        if x is None or y is None:
+            assert (x is None or x.abs().max() == 0) and (y is None or y.abs().max() == 0)
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_fine_tuning_equals_the_checkpointed_path() -> None:
+    V = 64
+    student, batch = _model(V), _batch(V)
+    results = []
+    for fused in (False, True):
+        out = L.DistillationObjective(fused=fused, num_output_chunks=3)(student, batch)
+        results.append((out.loss_sum.detach(), torch.autograd.grad(out.loss_sum, _params(student))))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for x, y in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
