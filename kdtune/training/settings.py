@@ -74,7 +74,11 @@ class FinetuneSettings:
     clip_grad_norm: float | None = _f(None, help="Max gradient L2 norm; null = no clipping (norm still logged).")
     # --- precision and speed
     device: str = _f("auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
-    dtype: str = _f("fp32", help="fp32 or bf16 (weights and compute); fp16 is refused.")
+    dtype: str = _f(
+        "fp32",
+        help="fp32, bf16 (weights and compute) or fp16 (mixed precision: fp32 weights, fp16 autocast, dynamic loss "
+        "scaling; overflowed steps are skipped and logged as skipped_steps).",
+    )
     enable_activation_checkpointing: bool = _f(False, help="Recompute each decoder layer in backward (less memory).")
     compile: bool = _f(False, help="torch.compile each decoder layer.")
     # --- logging, eval, checkpoints
