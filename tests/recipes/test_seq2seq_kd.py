@@ -224,3 +224,25 @@ def test_seq2seq_model_with_causal_data_is_refused(assets, cfg_for, recipe, tmp_
                   f"dataset.data_files={assets['text_data']}", "~dataset.max_source_len", "~dataset.max_target_len")  # fmt: skip
     with pytest.raises(ConfigError, match="encoder-decoder.*seq2seq_dataset"):
         recipe("knowledge_distillation_single_device").train(cfg)
+
+
+# ------------------------------------------------------------------------------------------- SFT recipes
+@pytest.mark.parametrize("name, family, dtype", [("full_finetune_single_device", "t5", "fp16"),
+                                                 ("lora_finetune_single_device", "bart", "fp32")])  # fmt: skip
+def test_sft_recipes_train_encoder_decoder_models(name, family, dtype, cfg_for, recipe, tmp_path) -> None:
+    """The fine-tuning recipes take the same seq2seq configs without the teacher keys (LoRA: a lora_* student)."""
+    from omegaconf import OmegaConf
+
+    cfg = cfg_for(family, tmp_path / "run", f"dtype={dtype}", "max_steps=4", "optimizer=torch.optim.AdamW",
+                  "optimizer.lr=1e-2", "eval_every_n_steps=null")  # fmt: skip
+    for key in ("teacher_model", "teacher_checkpointer", "teacher_tokenizer", "kd_loss", "kd_ratio", "temperature"):
+        cfg.pop(key)
+    if name.startswith("full"):
+        cfg.pop("save_adapter_weights_only")
+    else:
+        cfg.model = OmegaConf.merge(cfg.model, {"lora_attn_modules": ["q_proj", "v_proj"], "lora_rank": 4})
+    cfg.recipe = name
+    summary = recipe(name).train(cfg)
+    assert len(summary.steps) == 4 and "kd_loss" not in summary.steps[0]
+    assert summary.steps[-1]["loss"] < summary.steps[0]["loss"]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
