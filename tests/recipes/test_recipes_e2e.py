@@ -123,7 +123,7 @@ def test_teacher_frozen_and_bit_identical(tiny, tiny_cfg, recipe, tmp_path: Path
         seen["teacher"], seen["fingerprint"] = model, param_fingerprint(model)
         return model
 
-    monkeypatch.setattr(kd, "setup_teacher", spy)
+    monkeypatch.setattr("kdtune.training.setup.setup_teacher", spy)  # build_teacher freezes the teacher
     summary = kd.train(tiny_cfg("kd", tmp_path / "run", *LORA_STUDENT, "max_steps=3", "val_split_ratio=0.0"))
     assert len(summary.steps) == 3 and summary.evals == []
     assert_frozen(seen["teacher"], seen["fingerprint"])  # eval mode, no grads, weights unchanged bit for bit
