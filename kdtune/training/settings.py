@@ -249,7 +249,9 @@ position, config), written atomically every `save_every_n_steps` and at each epo
 
 `resume_from_checkpoint=true` (same `output_dir`) continues from the newest `step_N` exactly: same weights, \
 optimizer and LR schedule state, RNG and data order (the order depends only on `seed` + epoch). A NaN/inf loss or \
-gradient norm stops the run before the update, naming the step; the last good checkpoint stays on disk.
+gradient norm stops the run before the update, naming the step; the last good checkpoint stays on disk. With \
+`dtype=fp16` (mixed precision) a step whose loss-scaled gradients overflow is skipped instead (no update, the loss \
+scale halves) and counted: the logs then carry `loss_scale` and `skipped_steps`, and the scaler is checkpointed.
 
 ## Common overrides
 
