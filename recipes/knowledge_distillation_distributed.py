@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> RunSummary:
 
 
 def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> RunSummary:
-    rt = setup_runtime(str(env.device), s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg,
+    rt = setup_runtime(str(env.device), s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg, mixed_precision=True,
                          save_config_file=env.is_rank_zero)  # fmt: skip
     set_seed(s.seed, s.deterministic, rank=env.rank)  # dropout masks differ per rank; data order does not
 
@@ -98,15 +98,20 @@ def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> RunSumm
 
     def validate(pos: DataPosition) -> None:
         if data.val_loader is not None and report.last_eval_step != pos.global_step:
-            metrics = evaluate(objective, student, data.val_loader, rt.device, s.max_eval_batches, D.all_reduce_sum)
+            metrics = evaluate(objective, student, data.val_loader, rt.device, s.max_eval_batches, D.all_reduce_sum,
+                               autocast=rt.precision.autocast)  # fmt: skip
             report.eval(pos, metrics)
 
     # ---- the loop: one optimizer step per `gradient_accumulation_steps` micro-batches on every rank
-    acc = StepAccumulator(student, all_reduce=D.all_reduce_sum, grad_average_factor=env.world_size)
+    acc = StepAccumulator(
+        student, all_reduce=D.all_reduce_sum, grad_average_factor=env.world_size, precision=rt.precision
+    )
     for pos, micro_batches in data.steps():
         student.train()
         for batch in micro_batches:
-            acc.backward(objective(student, to_device(batch, rt.device)))  # loss_sum.backward(), sums recorded
+            with rt.precision.autocast():  # fp16: the forward in autocast; fp32/bf16: nothing
+                out = objective(student, to_device(batch, rt.device))
+            acc.backward(out)  # (fp16: scaled) loss_sum.backward(), sums recorded
         result = optimizer_step(acc, student, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
         report.step(pos, result)
         if due(pos.global_step, s.eval_every_n_steps):

@@ -49,7 +49,7 @@ RECIPE_SETTINGS = "kdtune.training.settings.LoRAFinetuneSettings"  # read by `kd
 def train(cfg: DictConfig) -> RunSummary:
     """Fine-tune the LoRA adapters of the model as configured by ``cfg``; returns what the run measured."""
     s = read_settings(LoRAFinetuneSettings, cfg)
-    rt = setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg)
+    rt = setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg, mixed_precision=True)
 
     # ---- model (only the adapters train; the base weights are frozen) and tokenizer
     model, checkpointer = build_model(
@@ -76,14 +76,19 @@ def train(cfg: DictConfig) -> RunSummary:
 
     def validate(pos: DataPosition) -> None:
         if data.val_loader is not None and report.last_eval_step != pos.global_step:
-            report.eval(pos, evaluate(objective, model, data.val_loader, rt.device, s.max_eval_batches))
+            metrics = evaluate(
+                objective, model, data.val_loader, rt.device, s.max_eval_batches, autocast=rt.precision.autocast
+            )
+            report.eval(pos, metrics)
 
     # ---- the loop: one optimizer step per `gradient_accumulation_steps` micro-batches
-    acc = StepAccumulator(model)
+    acc = StepAccumulator(model, precision=rt.precision)
     for pos, micro_batches in data.steps():
         model.train()
         for batch in micro_batches:
-            acc.backward(objective(model, to_device(batch, rt.device)))  # loss_sum.backward(), sums recorded
+            with rt.precision.autocast():  # fp16: the forward in autocast; fp32/bf16: nothing
+                out = objective(model, to_device(batch, rt.device))
+            acc.backward(out)  # (fp16: scaled) loss_sum.backward(), sums recorded
         result = optimizer_step(acc, model, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
         report.step(pos, result)
         if due(pos.global_step, s.eval_every_n_steps):

@@ -275,6 +275,8 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     directory = Path(args.dir or DEFAULT_TINY_DIR).expanduser().absolute()
     paths = make_tiny_assets(directory)
     print(f"wrote {paths['student']}, {paths['teacher']} and {paths['data']}")
+    print(f"wrote {directory}/{{opt,t5,bart}}/{{student,teacher}}, seq2seq.jsonl and text.jsonl (configs tiny/kd_opt, "
+          "tiny/kd_t5, tiny/kd_bart)")  # fmt: skip
     extra = ""
     if directory != Path(DEFAULT_TINY_DIR):
         extra = " " + " ".join(f"{key}={directory / name}" for key, name in TINY_CONFIG_KEYS.items())

@@ -107,6 +107,21 @@ class LiveTeacher:
         return log_probs(student_logits[..., :vocab], temperature), log_probs(teacher_logits[..., :vocab], temperature)
 
 
+def _check_batch_kind(model: nn.Module, batch: dict[str, Any]) -> None:
+    """Refuse, in one line, a seq2seq batch for a decoder-only model or a causal batch for an encoder-decoder."""
+    seq2seq_model, seq2seq_batch = bool(getattr(model, "is_encoder_decoder", False)), "encoder_tokens" in batch
+    if seq2seq_model and not seq2seq_batch:
+        raise ConfigError(
+            "dataset: the model is an encoder-decoder (T5, BART) but the batches have no encoder input; use "
+            "kdtune.data.seq2seq_dataset (source/target pairs) for it"
+        )
+    if seq2seq_batch and not seq2seq_model:
+        raise ConfigError(
+            "dataset: kdtune.data.seq2seq_dataset makes encoder inputs but the model is decoder-only; use an "
+            "encoder-decoder model (T5, BART) or a causal dataset (sft_dataset, text_completion_dataset)"
+        )
+
+
 class DistillationObjective:
     """``(1 − kd_ratio) · cross-entropy + kd_ratio · T² · divergence``, summed over the trained tokens of a batch.
 
@@ -179,7 +194,9 @@ class DistillationObjective:
         return (1.0 - self.kd_ratio) * class_loss + self.kd_ratio * kd_loss
 
     def __call__(self, student: nn.Module, batch: dict[str, Any]) -> ObjectiveOutput:
-        """The objective's sums for one collated micro-batch (``tokens``, ``labels`` [B, T], packed fields)."""
+        """The objective's sums for one collated micro-batch (``tokens``, ``labels`` [B, T], packed fields; for an
+        encoder-decoder student ``encoder_tokens`` [B, S] and ``encoder_padding_mask``: positions are decoder ones)."""
+        _check_batch_kind(student, batch)
         mask = batch["labels"][:, 1:] != self.ignore_index  # [B, T-1]
         teacher_state = self.teacher.prepare(batch, mask) if self.teacher is not None else None
         hidden = student(batch["tokens"], return_hidden=True, **model_inputs(batch))  # [B, T, D]

@@ -24,7 +24,9 @@ def tiny_hf_config(
     **extra: Any,
 ) -> dict[str, Any]:
     """The HF ``config.json`` dict of a tiny model of ``family`` (``llama``, ``mistral``, ``qwen2``, ``qwen3``,
-    ``phi3``, ``gemma``, ``gpt2``); ``extra`` keys override or add HF config fields (e.g. ``rope_scaling``, ``intermediate_size``)."""
+    ``phi3``, ``gemma``, ``gpt2``, ``opt``, ``t5`` (flan-t5 layout), ``bart``); ``extra`` keys override or add HF
+    config fields (e.g. ``rope_scaling``, ``intermediate_size``, ``decoder_start_token_id``). ``kv_heads`` is ignored
+    by gpt2, opt, t5 and bart; ``tie`` by gpt2, opt and bart (always tied)."""
     if family in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"):
         arch = {
             "llama": "LlamaForCausalLM",
@@ -76,8 +78,75 @@ def tiny_hf_config(
             "tie_word_embeddings": True,
             "torch_dtype": "float32",
         }
+    elif family == "opt":
+        cfg = {
+            "architectures": ["OPTForCausalLM"],
+            "model_type": "opt",
+            "vocab_size": vocab_size,
+            "hidden_size": dim,
+            "word_embed_proj_dim": dim,
+            "ffn_dim": 4 * dim,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "max_position_embeddings": 512,
+            "do_layer_norm_before": True,
+            "activation_function": "relu",
+            "enable_bias": True,
+            "layer_norm_elementwise_affine": True,
+            "tie_word_embeddings": True,
+            "torch_dtype": "float32",
+        }
+    elif family == "t5":  # T5 v1.1 / flan-t5 layout: gated-gelu, relative position buckets, untied head
+        cfg = {
+            "architectures": ["T5ForConditionalGeneration"],
+            "model_type": "t5",
+            "vocab_size": vocab_size,
+            "d_model": dim,
+            "d_kv": dim // heads,
+            "d_ff": 2 * dim,
+            "num_layers": layers,
+            "num_decoder_layers": layers,
+            "num_heads": heads,
+            "feed_forward_proj": "gated-gelu",
+            "relative_attention_num_buckets": 8,
+            "relative_attention_max_distance": 32,
+            "layer_norm_epsilon": 1e-6,
+            "is_encoder_decoder": True,
+            "tie_word_embeddings": tie,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "decoder_start_token_id": 0,
+            "torch_dtype": "float32",
+        }
+    elif family == "bart":
+        cfg = {
+            "architectures": ["BartForConditionalGeneration"],
+            "model_type": "bart",
+            "vocab_size": vocab_size,
+            "d_model": dim,
+            "encoder_layers": layers,
+            "decoder_layers": layers,
+            "num_hidden_layers": layers,
+            "encoder_attention_heads": heads,
+            "decoder_attention_heads": heads,
+            "encoder_ffn_dim": 2 * dim,
+            "decoder_ffn_dim": 2 * dim,
+            "max_position_embeddings": 512,
+            "activation_function": "gelu",
+            "scale_embedding": False,
+            "is_encoder_decoder": True,
+            "tie_word_embeddings": True,
+            "bos_token_id": 0,
+            "pad_token_id": 1,
+            "eos_token_id": 2,
+            "decoder_start_token_id": 2,
+            "forced_eos_token_id": None,
+            "torch_dtype": "float32",
+        }
     else:
-        raise ValueError(f"unknown family {family!r}; expected llama, mistral, qwen2, qwen3, phi3, gemma or gpt2")
+        raise ValueError(
+            f"unknown family {family!r}; expected llama, mistral, qwen2, qwen3, phi3, gemma, gpt2, opt, t5 or bart"
+        )
     cfg.update(extra)
     return cfg
 
@@ -102,12 +171,12 @@ def make_tiny_hf_checkpoint(
 
     Args:
         out_dir: directory to create (parents too); existing files of the same names are overwritten.
-        family: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``, ``gemma`` or ``gpt2``.
+        family: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``, ``gemma``, ``gpt2``, ``opt``, ``t5`` or ``bart``.
         vocab_size: V.
         dim: hidden size.
         layers: number of blocks.
         heads: attention heads.
-        kv_heads: key/value heads (ignored for gpt2).
+        kv_heads: key/value heads (ignored for gpt2, opt, t5 and bart).
         tie: tie the output projection to the embedding (gpt2 is always tied).
         seed: RNG seed of the weights.
         **extra: extra/overriding HF config fields (e.g. ``bos_token_id=1``, ``rope_scaling={...}``).

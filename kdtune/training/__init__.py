@@ -1,7 +1,7 @@
 """What every recipe must get right, as small tested helpers shared by all recipes — one module per job:
 
-* ``runtime`` — the :class:`Runtime` (device, dtype, output layout), precision, seeding, clipping, memory, NaN guard,
-  rank queries;
+* ``runtime`` — the :class:`Runtime` (device, dtype, output layout), the :class:`Precision` (fp32 / bf16 / fp16 mixed
+  precision with loss scaling), seeding, clipping, memory, NaN guard, rank queries;
 * ``settings`` — every recipe's typed settings (one declaration read by the recipe, ``kdtune validate`` and the docs);
 * ``setup`` — building components from the config: models (+ LoRA init), tokenizer, optimizer, LR schedule, objective;
 * ``data`` — datasets, validation split, the resumable data order and step arithmetic;
@@ -39,11 +39,13 @@ from kdtune.training.reporting import (
 )
 from kdtune.training.runtime import (
     NonFiniteLossError,
+    Precision,
     Runtime,
     check_finite,
     clip_grad_norm,
     get_device,
     get_dtype,
+    get_precision,
     is_rank_zero,
     peak_memory,
     reset_peak_memory,
@@ -75,6 +77,7 @@ __all__ = [
     "LoadedState",
     "MetricLogger",
     "NonFiniteLossError",
+    "Precision",
     "ProgressBar",
     "Reporter",
     "ResumeCheckpoints",
@@ -107,6 +110,7 @@ __all__ = [
     "get_device",
     "get_dtype",
     "get_linear_schedule_with_warmup",
+    "get_precision",
     "is_lora_model",
     "is_rank_zero",
     "optimizer_step",

@@ -318,10 +318,11 @@ class ResumeCheckpoints:
     """The run's resume checkpoints in ``output_dir/checkpoints/step_N`` (atomic, the newest ``keep_last`` kept).
 
     Each holds the model (only the adapters of a LoRA model: the base comes from the checkpointer again), the
-    optimizer, the LR schedule, the RNG states, the data position and the config — enough to continue exactly.
+    optimizer, the LR schedule, the RNG states, the data position, the config and, with fp16, the loss scaler's state
+    (in ``state.json``'s ``extra.precision``) — enough to continue exactly.
 
     Args:
-        runtime: output layout.
+        runtime: output layout and precision (its loss scaler is saved and restored).
         settings: recipe settings (``keep_last_n_checkpoints``).
         model: the trained model.
         optimizer: its optimizer.
@@ -342,6 +343,7 @@ class ResumeCheckpoints:
     ) -> None:
         self.state = ResumeState(runtime.output_dir, keep_last=settings.keep_last_n_checkpoints, subdir="checkpoints")
         self.model, self.optimizer, self.scheduler, self.data, self.cfg = model, optimizer, scheduler, data, cfg
+        self.precision = runtime.precision  # fp16: its loss scaler's state travels with the checkpoint
         self.trainable_only = is_lora_model(model)
         self.last: str | None = None
 
@@ -357,6 +359,7 @@ class ResumeCheckpoints:
             data_state=nxt.state_dict(),
             config=self.cfg,
             trainable_only=self.trainable_only,
+            extra={"precision": self.precision.state_dict()} if self.precision.scaler is not None else None,
         )
         self.last = str(path)
         log.info("saved resume checkpoint %s", path)
@@ -368,6 +371,7 @@ class ResumeCheckpoints:
         if latest is not None and self.cfg is not None and (latest / "config.yaml").is_file():
             check_same_data_order(self.cfg, OmegaConf.load(latest / "config.yaml"), latest)
         loaded = self.state.load(model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler)
+        self.precision.load_state_dict(loaded.extra.get("precision"))  # fp16 loss scale; no-op otherwise
         self.data.position = DataPosition.from_state_dict(loaded.data_state)
         self.last = str(loaded.path)
         log.info("resumed from %s (step %d)", loaded.path, loaded.step)

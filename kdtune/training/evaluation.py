@@ -8,6 +8,7 @@ its share of the data and an ``all_reduce`` that sums over ranks; the division h
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -27,6 +28,8 @@ def evaluate(
     device: torch.device,
     max_batches: int | None = None,
     all_reduce: Callable[[Tensor], Tensor] | None = None,
+    *,
+    autocast: Callable[[], AbstractContextManager] | None = None,
 ) -> dict[str, float]:
     """Validation losses per trained token over ``loader`` (at most ``max_batches`` batches).
 
@@ -37,6 +40,7 @@ def evaluate(
         device: where batches go.
         max_batches: cap on batches; None = all.
         all_reduce: sums a float64 tensor over data-parallel ranks (distributed runs); None on one device.
+        autocast: the context the objective runs in (the run's ``Precision.autocast``, as in training); None = none.
 
     Returns:
         ``{"val_loss", "val_class_loss", "val_tokens"}`` plus ``"val_kd_loss"`` when the objective has a teacher.
@@ -49,7 +53,8 @@ def evaluate(
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        out = objective(model, to_device(batch, device))
+        with (autocast or nullcontext)():
+            out = objective(model, to_device(batch, device))
         class_sum += float(out.class_loss_sum)
         if out.kd_loss_sum is not None:
             has_kd = True

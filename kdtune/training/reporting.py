@@ -316,7 +316,7 @@ class RunSummary:
 
     Attributes:
         steps: per optimizer step: ``step``, ``epoch``, ``loss``, ``class_loss``, ``kd_loss``, ``lr``, ``grad_norm``,
-            ``num_tokens``, ``tokens_per_second`` (+ ``peak_memory_gib``).
+            ``num_tokens``, ``tokens_per_second`` (+ ``peak_memory_gib``; + ``loss_scale``, ``skipped_steps`` with fp16).
         evals: per validation pass: ``step`` + the :func:`evaluate` metrics.
         output_dir: the run's output directory.
     """
@@ -368,6 +368,8 @@ class Reporter:
         m.update(
             lr=result.lr, grad_norm=result.grad_norm, num_tokens=result.num_tokens, tokens_per_second=tokens_per_second
         )
+        if result.loss_scale is not None:  # fp16 loss scaling: the scale used and the overflowed steps so far
+            m.update(loss_scale=result.loss_scale, skipped_steps=result.skipped_steps)
         if self.log_memory:
             m.update(peak_memory(self.runtime.device))
         self.steps.append(m)

@@ -1,6 +1,6 @@
-"""Where and how a recipe computes: the :class:`Runtime` (device, dtype, output layout), precision, device, seeding,
-gradient clipping, memory and NaN/inf guards, and which process this is (rank queries that work with or without a
-process group)."""
+"""Where and how a recipe computes: the :class:`Runtime` (device, dtype, output layout), the :class:`Precision` (weights
+dtype, autocast, fp16 loss scaling), device, seeding, gradient clipping, memory and NaN/inf guards, and which process
+this is (rank queries that work with or without a process group)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import random
 import resource
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,7 @@ from kdtune.errors import ConfigError, KDTuneError
 
 __all__ = [
     "NonFiniteLossError",
+    "Precision",
     "Runtime",
     "get_rank",
     "get_world_size",
@@ -33,6 +36,7 @@ __all__ = [
     "clip_grad_norm",
     "get_device",
     "get_dtype",
+    "get_precision",
     "peak_memory",
     "reset_peak_memory",
     "set_seed",
@@ -49,33 +53,117 @@ _FP16 = {"fp16", "float16", "half"}
 
 
 def get_dtype(dtype: str | torch.dtype | None = "fp32", device: torch.device | str | None = None) -> torch.dtype:
-    """Map a config ``dtype`` (``fp32``/``float32``, ``bf16``/``bfloat16``; None → fp32) to a ``torch.dtype``.
+    """Map a config ``dtype`` (``fp32``/``float32``, ``bf16``/``bfloat16``; None → fp32) to a weights ``torch.dtype``.
 
-    fp16 is refused: training in fp16 needs dynamic loss scaling, which kdtune does not implement; bf16 has fp32's
-    range and needs none. bf16 on a CUDA device without bf16 support is refused too.
+    fp16 is not a weights dtype in kdtune: the training recipes read ``dtype=fp16`` as mixed precision (fp32 weights,
+    fp16 autocast, loss scaling; see :func:`get_precision`), so here it is refused. bf16 on a CUDA device without bf16
+    support is refused too.
 
     Raises:
         ConfigError: unknown or unsupported dtype.
     """
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, torch.dtype):
-        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
-    else:
-        name = str(dtype).lower().removeprefix("torch.")
+    name = _dtype_name(dtype)
     if name in _FP16:
         raise ConfigError(
-            f"dtype={dtype} is not supported: fp16 training needs loss scaling, which kdtune does not do; "
-            "use dtype=bf16 (or dtype=fp32)"
+            f"dtype={dtype} is not supported here: fp16 is mixed precision (fp32 weights, fp16 autocast, loss "
+            "scaling) of the training recipes only; use dtype=bf16 (or dtype=fp32)"
         )
     if name not in _DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not recognised: use dtype=fp32 or dtype=bf16")
+        raise ConfigError(f"dtype={dtype!r} is not recognised: use dtype=fp32, dtype=bf16 or (training) dtype=fp16")
     out = _DTYPES[name]
     dev = torch.device(device) if device is not None else None
     if out is torch.bfloat16 and dev is not None and dev.type == "cuda" and torch.cuda.is_available():
         if not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"dtype={dtype}: this GPU does not support bf16; use dtype=fp32")
+            raise ConfigError(f"dtype={dtype}: this GPU does not support bf16; use dtype=fp16 (mixed precision)")
     return out
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    return str(dtype).lower().removeprefix("torch.")
+
+
+@dataclass
+class Precision:
+    """How a recipe computes in its ``dtype`` — the one place precision is decided, used by the step and the recipes.
+
+    * ``fp32``: fp32 weights and compute;
+    * ``bf16``: bf16 weights and compute (bf16 has fp32's range: no scaling);
+    * ``fp16``: mixed precision — fp32 master weights (and optimizer state), the forward under
+      ``torch.autocast(dtype=float16)`` (matmuls in fp16; the objective upcasts logits, so softmaxes and losses stay
+      fp32), and dynamic loss scaling with a ``torch.amp.GradScaler``: each micro-batch's loss is multiplied by the
+      scale before backward, the gradients are unscaled before clipping, and a step whose gradients overflowed is
+      skipped (no update, the scale halves) instead of stopping the run.
+
+    Attributes:
+        name: ``fp32``, ``bf16`` or ``fp16``.
+        param_dtype: the dtype models are built and trained in (fp32 for ``fp16``).
+        device_type: ``cpu`` or ``cuda`` (autocast's and the scaler's device).
+        autocast_dtype: the autocast compute dtype (fp16), or None for no autocast.
+        scaler: the loss scaler (``fp16`` only), or None.
+        min_scale: a gradient overflow at a loss scale at or below this is not an fp16 overflow any more (the gradients
+            are non-finite unscaled): the step's NaN/inf guard stops the run.
+        skipped_steps: optimizer steps skipped because their scaled gradients overflowed (counted by
+            :func:`kdtune.training.optimizer_step`, saved with the scaler in resume checkpoints).
+    """
+
+    name: str
+    param_dtype: torch.dtype
+    device_type: str = "cpu"
+    autocast_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
+    min_scale: float = 1.0
+    skipped_steps: int = 0
+
+    @classmethod
+    def from_config(cls, dtype: str | torch.dtype | None, device: torch.device | str | None = None) -> Precision:
+        """The precision of a config ``dtype`` (``fp32``, ``bf16`` or ``fp16``) on ``device``.
+
+        Raises:
+            ConfigError: unknown dtype, or bf16 on a GPU without bf16 support.
+        """
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dtype is not None and _dtype_name(dtype) in _FP16:
+            return cls(
+                "fp16",
+                torch.float32,
+                dev.type,
+                autocast_dtype=torch.float16,
+                scaler=torch.amp.GradScaler(dev.type),
+            )
+        param = get_dtype(dtype, dev)
+        return cls("bf16" if param is torch.bfloat16 else "fp32", param, dev.type)
+
+    def autocast(self) -> AbstractContextManager:
+        """The context the forward (and the objective) runs in: fp16 autocast, or nothing."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def scale(self, loss: Tensor) -> Tensor:
+        """``loss`` × the current loss scale (``loss`` itself without a scaler), to call ``backward`` on."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loss scaler's state (scale, growth tracker, factors) and ``skipped_steps``, for resume checkpoints;
+        empty without a scaler. Plain floats and ints (JSON-safe)."""
+        if self.scaler is None:
+            return {}
+        return {"grad_scaler": dict(self.scaler.state_dict()), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`state_dict` (a no-op without a scaler or without a saved state: the scaler starts fresh)."""
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(dict(state["grad_scaler"]))
+            self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+def get_precision(dtype: str | torch.dtype | None, device: torch.device | str | None = None) -> Precision:
+    """The :class:`Precision` of a config ``dtype`` on ``device`` (see :meth:`Precision.from_config`)."""
+    return Precision.from_config(dtype, device)
 
 
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -225,13 +313,19 @@ class Runtime:
 
     Attributes:
         device: the torch device models and batches live on.
-        dtype: parameter and compute dtype (fp32 or bf16).
+        dtype: parameter dtype (fp32 or bf16; fp32 for fp16 mixed precision).
         output_dir: the run's output directory (created).
+        precision: autocast and loss scaling (:class:`Precision`); default: plain ``dtype`` compute.
     """
 
     device: torch.device
     dtype: torch.dtype
     output_dir: Path
+    precision: Precision | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision is None:
+            self.precision = Precision.from_config(self.dtype, self.device)
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -263,17 +357,21 @@ def setup_runtime(
     *,
     cfg: DictConfig | None = None,
     save_config_file: bool = True,
+    mixed_precision: bool = False,
 ) -> Runtime:
     """Seed everything, resolve device and dtype, create the output directory and save the resolved config there.
 
     Args:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        dtype: ``fp32`` or ``bf16`` (fp16 is refused by :func:`kdtune.training.get_dtype`).
+        dtype: ``fp32`` or ``bf16``; with ``mixed_precision`` also ``fp16`` (fp32 weights, fp16 autocast, loss scaling).
         output_dir: the run's output directory.
         seed: the global seed.
         deterministic: whether to force deterministic algorithms.
         cfg: the run's config, saved (resolved) as ``output_dir/config.yaml``.
         save_config_file: set False on non-zero ranks.
+        mixed_precision: accept ``dtype=fp16`` as mixed precision — for the training recipes, which run the forward in
+            ``runtime.precision.autocast()`` and step through :func:`kdtune.training.optimizer_step`; other recipes
+            refuse it.
 
     Returns:
         The :class:`Runtime`.
@@ -284,7 +382,8 @@ def setup_runtime(
     out.mkdir(parents=True, exist_ok=True)
     if cfg is not None and save_config_file:
         save_config(cfg, out / "config.yaml")
-    return Runtime(device=dev, dtype=get_dtype(dtype, dev), output_dir=out)
+    precision = get_precision(dtype, dev) if mixed_precision else Precision.from_config(get_dtype(dtype, dev), dev)
+    return Runtime(device=dev, dtype=precision.param_dtype, output_dir=out, precision=precision)
 
 
 def is_distributed() -> bool:

@@ -76,7 +76,11 @@ class FinetuneSettings:
     clip_grad_norm: float | None = _f(None, help="Max gradient L2 norm; null = no clipping (norm still logged).")
     # --- precision and speed
     device: str = _f("auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
-    dtype: str = _f("fp32", help="fp32 or bf16 (weights and compute); fp16 is refused.")
+    dtype: str = _f(
+        "fp32",
+        help="fp32, bf16 (weights and compute) or fp16 (mixed precision: fp32 weights, fp16 autocast, dynamic loss "
+        "scaling; overflowed steps are skipped and logged as skipped_steps).",
+    )
     enable_activation_checkpointing: bool = _f(False, help="Recompute each decoder layer in backward (less memory).")
     compile: bool = _f(False, help="torch.compile each decoder layer.")
     # --- logging, eval, checkpoints
@@ -247,7 +251,9 @@ position, config), written atomically every `save_every_n_steps` and at each epo
 
 `resume_from_checkpoint=true` (same `output_dir`) continues from the newest `step_N` exactly: same weights, \
 optimizer and LR schedule state, RNG and data order (the order depends only on `seed` + epoch). A NaN/inf loss or \
-gradient norm stops the run before the update, naming the step; the last good checkpoint stays on disk.
+gradient norm stops the run before the update, naming the step; the last good checkpoint stays on disk. With \
+`dtype=fp16` (mixed precision) a step whose loss-scaled gradients overflow is skipped instead (no update, the loss \
+scale halves) and counted: the logs then carry `loss_scale` and `skipped_steps`, and the scaler is checkpointed.
 
 ## Common overrides
 

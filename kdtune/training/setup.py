@@ -37,6 +37,7 @@ __all__ = [
     "init_lora_parameters",
     "is_lora_model",
     "trainable_parameters",
+    "transformer_layers",
 ]
 
 
@@ -97,9 +98,28 @@ def build_model(
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     if compile:
-        for layer in model.layers:
+        for layer in transformer_layers(model, key):
             layer.compile()
     return model, checkpointer
+
+
+def transformer_layers(model: nn.Module, key: str = "model") -> list[nn.Module]:
+    """The transformer blocks of a kdtune model in forward order — ``model.layers`` of a decoder-only model, the
+    encoder's then the decoder's blocks of an encoder-decoder (``is_encoder_decoder``): what ``compile`` compiles and
+    FSDP shards one by one.
+
+    Raises:
+        ConfigError: the model has no blocks where kdtune models keep them.
+    """
+    if getattr(model, "is_encoder_decoder", False):
+        return [*model.encoder.layers, *model.decoder.layers]
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise ConfigError(
+            f"{key}: {type(model).__name__} has no `layers` (nor encoder/decoder stacks); kdtune expects a kdtune "
+            "model (kdtune.models builders or kdtune.models.hf_model)"
+        )
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
 
 
 def is_lora_model(model: nn.Module) -> bool:
@@ -214,6 +234,13 @@ def build_teacher(
             "cached teacher (teacher_logits: {_component_: kdtune.losses.CachedTeacher, path: <cache dir>})"
         )
     teacher = setup_teacher(load_model())
+    kinds = {True: "an encoder-decoder (seq2seq)", False: "a decoder-only (causal)"}
+    seq2seq = bool(getattr(student, "is_encoder_decoder", False)), bool(getattr(teacher, "is_encoder_decoder", False))
+    if seq2seq[0] != seq2seq[1]:
+        raise ConfigError(
+            f"teacher_model is {kinds[seq2seq[1]]} model but the student (model) is {kinds[seq2seq[0]]} one: KD "
+            "compares them position by position, so both must be causal or both seq2seq; pick a teacher of that kind"
+        )
     teacher_tokenizer = build_tokenizer(settings.teacher_tokenizer) if settings.teacher_tokenizer is not None else None
     check_vocab_compatibility(student.vocab_size, teacher.vocab_size, tokenizer, teacher_tokenizer)
     return LiveTeacher(teacher)

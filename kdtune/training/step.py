@@ -7,11 +7,18 @@ only after the last micro-batch, each micro-batch back-propagates its *sum* (the
 gradients are divided by ``N_step`` once at the end (:meth:`StepAccumulator.finish`). Nothing here knows how the sum
 was mixed: that is the objective's business.
 
+With fp16 mixed precision (a :class:`~kdtune.training.runtime.Precision` with a loss scaler) each micro-batch's sum is
+multiplied by the loss scale before backward, the gradients are unscaled before clipping, and a step whose gradients
+overflowed is skipped (no update, no LR-schedule step, the scale backs off) and counted, instead of tripping the
+NaN/inf guard.
+
 Typical use::
 
-    acc = StepAccumulator(model)
+    acc = StepAccumulator(model, precision=runtime.precision)
     for batch in micro_batches:
-        acc.backward(objective(model, batch))
+        with runtime.precision.autocast():
+            out = objective(model, batch)
+        acc.backward(out)
     result = optimizer_step(acc, model, optimizer, scheduler, clip_grad_norm, step)
 """
 
@@ -26,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from kdtune.losses import ObjectiveOutput
-from kdtune.training.runtime import check_finite
+from kdtune.training.runtime import Precision, check_finite
 from kdtune.training.runtime import clip_grad_norm as clip
 
 __all__ = ["StepAccumulator", "StepMetrics", "StepResult", "due", "optimizer_step", "scale_grads"]
@@ -76,6 +83,8 @@ class StepAccumulator:
         grad_average_factor: multiply gradients by this after dividing by the global token count. Use the
             data-parallel world size when the wrapper (DDP / FSDP) *averages* gradients over ranks, so the result is
             the exact per-token mean over all ranks; 1 on a single device.
+        precision: the run's precision; with a loss scaler (fp16) every backward is of the scaled loss and
+            :func:`optimizer_step` unscales, skips overflowed steps and updates the scale. None = plain backward.
     """
 
     def __init__(
@@ -83,10 +92,13 @@ class StepAccumulator:
         model: nn.Module | Iterable[Tensor],
         all_reduce: Callable[[Tensor], Tensor] | None = None,
         grad_average_factor: float = 1.0,
+        *,
+        precision: Precision | None = None,
     ) -> None:
         self._params = _params(model)
         self._all_reduce = all_reduce
         self._grad_average_factor = float(grad_average_factor)
+        self.precision = precision
         self.reset()
 
     def reset(self) -> None:
@@ -97,9 +109,11 @@ class StepAccumulator:
         self.num_micro_batches = 0
 
     def backward(self, out: ObjectiveOutput, *, retain_graph: bool = False) -> None:
-        """Back-propagate one micro-batch's summed loss (``out.loss_sum``) and record its sums and token count."""
+        """Back-propagate one micro-batch's summed loss (``out.loss_sum``, × the loss scale under fp16) and record its
+        sums and token count."""
         if out.loss_sum.requires_grad:
-            out.loss_sum.backward(retain_graph=retain_graph)
+            loss = self.precision.scale(out.loss_sum) if self.precision is not None else out.loss_sum
+            loss.backward(retain_graph=retain_graph)
         self.add(out)
 
     def add(self, out: ObjectiveOutput) -> None:
@@ -161,8 +175,11 @@ class StepResult:
         class_loss: cross-entropy per valid token.
         kd_loss: KD loss per valid token (nan without KD).
         num_tokens: valid tokens of the step.
-        grad_norm: total gradient L2 norm before clipping.
+        grad_norm: total gradient L2 norm before clipping (inf/nan on a skipped fp16 step).
         lr: learning rate used by this step.
+        skipped: fp16: the gradients overflowed, so the update (and the LR-schedule step) was skipped.
+        skipped_steps: fp16: skipped steps of the whole run so far (resumed runs included); None without loss scaling.
+        loss_scale: fp16: the loss scale this step's backward used; None without loss scaling.
     """
 
     loss: float
@@ -171,6 +188,9 @@ class StepResult:
     num_tokens: int
     grad_norm: float
     lr: float
+    skipped: bool = False
+    skipped_steps: int | None = None
+    loss_scale: float | None = None
 
 
 def optimizer_step(
@@ -185,7 +205,10 @@ def optimizer_step(
     """Finish a step: normalise gradients by the step's tokens, stop on NaN/inf, clip, update, advance the schedule.
 
     The NaN/inf check runs *before* the update, so the weights (and the last resume checkpoint on disk) stay those of
-    the last good step.
+    the last good step. With fp16 loss scaling (the accumulator's precision has a scaler) the gradients are unscaled
+    before clipping; a non-finite gradient is then an overflow of the scaled backward: the update and the LR-schedule
+    step are skipped, the scale backs off and the step is counted in ``skipped_steps``. Only an overflow at a scale
+    at or below ``Precision.min_scale`` (the gradients are non-finite unscaled) trips the guard.
 
     Args:
         accumulator: the :class:`kdtune.training.StepAccumulator` holding this step's micro-batches.
@@ -201,11 +224,39 @@ def optimizer_step(
     """
     metrics = accumulator.finish()
     check_finite(metrics.loss, step, "loss", last_checkpoint)
+    precision = accumulator.precision
+    scaler = precision.scaler if precision is not None else None
+    if scaler is None:
+        grad_norm = float(clip(model, clip_grad_norm))
+        check_finite(grad_norm, step, "grad_norm", last_checkpoint)
+        lr = float(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        return StepResult(metrics.loss, metrics.class_loss, metrics.kd_loss, metrics.num_tokens, grad_norm, lr)
+    scaler.unscale_(optimizer)  # true gradients; records whether any is inf/nan (over all ranks for DTensors)
     grad_norm = float(clip(model, clip_grad_norm))
-    check_finite(grad_norm, step, "grad_norm", last_checkpoint)
+    scale = float(scaler.get_scale())
     lr = float(optimizer.param_groups[0]["lr"])
-    optimizer.step()
+    scaler.step(optimizer)  # no update when a gradient overflowed
+    scaler.update()  # overflow: scale × backoff_factor; else it grows every growth_interval clean steps
+    skipped = float(scaler.get_scale()) < scale
+    if skipped and scale <= precision.min_scale:
+        check_finite(grad_norm if not math.isfinite(grad_norm) else math.inf, step, "grad_norm", last_checkpoint)
     optimizer.zero_grad(set_to_none=True)
-    if scheduler is not None:
+    if skipped:
+        precision.skipped_steps += 1
+    elif scheduler is not None:
         scheduler.step()
-    return StepResult(metrics.loss, metrics.class_loss, metrics.kd_loss, metrics.num_tokens, grad_norm, lr)
+    return StepResult(
+        metrics.loss,
+        metrics.class_loss,
+        metrics.kd_loss,
+        metrics.num_tokens,
+        grad_norm,
+        lr,
+        skipped=skipped,
+        skipped_steps=precision.skipped_steps,
+        loss_scale=scale,
+    )

@@ -123,7 +123,7 @@ def test_teacher_frozen_and_bit_identical(tiny, tiny_cfg, recipe, tmp_path: Path
         seen["teacher"], seen["fingerprint"] = model, param_fingerprint(model)
         return model
 
-    monkeypatch.setattr(kd, "setup_teacher", spy)
+    monkeypatch.setattr("kdtune.training.setup.setup_teacher", spy)  # build_teacher freezes the teacher
     summary = kd.train(tiny_cfg("kd", tmp_path / "run", *LORA_STUDENT, "max_steps=3", "val_split_ratio=0.0"))
     assert len(summary.steps) == 3 and summary.evals == []
     assert_frozen(seen["teacher"], seen["fingerprint"])  # eval mode, no grads, weights unchanged bit for bit
@@ -242,9 +242,24 @@ def test_bf16_run(tiny_cfg, recipe, tmp_path: Path) -> None:
     assert config["torch_dtype"] == "bfloat16"
 
 
-def test_fp16_is_refused(tiny_cfg, recipe, tmp_path: Path) -> None:
-    with pytest.raises(KDTuneError, match="fp16"):
-        recipe("full_finetune_single_device").train(tiny_cfg("full", tmp_path / "run", "dtype=fp16"))
+@pytest.mark.parametrize(
+    "name, kind", [("full_finetune_single_device", "full"), ("lora_finetune_single_device", "lora"),
+                   ("knowledge_distillation_single_device", "kd")],
+)  # fmt: skip
+def test_fp16_mixed_precision_in_every_recipe(name: str, kind: str, tiny_cfg, recipe, tmp_path: Path) -> None:
+    """dtype=fp16: step 1 (same weights) matches the fp32 run to fp16 precision, overflowed steps are skipped and
+    logged (loss_scale, skipped_steps) without tripping the NaN guard, the model trains and is written in fp32."""
+    common = ["max_steps=8", "val_split_ratio=0.0", "save_every_n_steps=null", "optimizer.lr=1e-2"]
+    fp32 = recipe(name).train(tiny_cfg(kind, tmp_path / "fp32", *common))
+    fp16 = recipe(name).train(tiny_cfg(kind, tmp_path / "fp16", *common, "dtype=fp16"))
+    assert fp16.steps[0]["loss"] == pytest.approx(fp32.steps[0]["loss"], rel=2e-3)
+    assert fp16.steps[0]["skipped_steps"] >= 1  # the summed loss x 2^16 overflows fp16 at first: the scale backs off
+    assert fp16.steps[-1]["skipped_steps"] < 6 and fp16.steps[-1]["loss"] < fp16.steps[0]["loss"]
+    scales = [s["loss_scale"] for s in fp16.steps]
+    assert scales[0] == 2.0**16 and scales == sorted(scales, reverse=True)
+    assert "loss_scale" not in fp32.steps[0]
+    config = json.loads((tmp_path / "fp16" / "final" / "config.json").read_text())
+    assert config["torch_dtype"] == "float32"
 
 
 def test_qlora_finetune(tiny, tiny_cfg, recipe, tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ def test_progress_bar_reports_tokens_per_second():
 def test_get_dtype():
     assert get_dtype("fp32") is torch.float32 and get_dtype(None) is torch.float32
     assert get_dtype("bf16") is torch.bfloat16 and get_dtype(torch.bfloat16) is torch.bfloat16
-    with pytest.raises(ConfigError, match="fp16 training needs loss scaling.*dtype=bf16"):
+    with pytest.raises(ConfigError, match="fp16 is mixed precision.*dtype=bf16"):
         get_dtype("fp16")
     with pytest.raises(ConfigError, match="not recognised"):
         get_dtype("int8")

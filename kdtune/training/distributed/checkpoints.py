@@ -164,7 +164,7 @@ class DistributedResumeCheckpoints:
     (``save(pos)``, ``resume()``, ``last``) on sharded ``torch.distributed.checkpoint`` directories.
 
     ``output_dir/checkpoints/step_N/`` holds the DCP shards of the model (only the adapters of a LoRA model) and the
-    optimizer, one RNG file per rank, ``extra_state.pt`` (LR schedule, data position), ``config.yaml`` and
+    optimizer, one RNG file per rank, ``extra_state.pt`` (LR schedule, data position, fp16 loss scaler), ``config.yaml`` and
     ``state.json`` (written last). The newest ``keep_last_n_checkpoints`` are kept.
 
     Args:
@@ -198,6 +198,7 @@ class DistributedResumeCheckpoints:
         extra = {
             "data_state": nxt.state_dict(),
             "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "precision": self.runtime.precision.state_dict(),  # fp16 loss scale (the same on every rank); {} otherwise
         }
         path = save_sharded_checkpoint(
             self.runtime.checkpoints_dir,
@@ -227,6 +228,7 @@ class DistributedResumeCheckpoints:
         state = load_sharded_checkpoint(path, self.model, self.optimizer)
         if self.scheduler is not None and state.get("lr_scheduler") is not None:
             self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.runtime.precision.load_state_dict(state.get("precision"))
         self.data.position = DataPosition.from_state_dict(state["data_state"])
         self.last = str(path)
         return self.data.position

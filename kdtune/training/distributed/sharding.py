@@ -21,7 +21,7 @@ from kdtune.models.checkpointer import read_hf_config
 from kdtune.models.modules.lora import get_lora_modules
 from kdtune.training.distributed.env import _comm_device, get_world_size, is_distributed
 from kdtune.training.runtime import is_rank_zero
-from kdtune.training.setup import _copy_full_into, init_lora_parameters
+from kdtune.training.setup import _copy_full_into, init_lora_parameters, transformer_layers
 
 __all__ = [
     "build_sharded_model",
@@ -33,13 +33,7 @@ __all__ = [
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    layers = getattr(model, "layers", None)
-    if layers is None:
-        raise ConfigError(
-            f"{type(model).__name__} has no `layers` attribute; shard_model expects a kdtune TransformerDecoder "
-            "(decoder layers in model.layers)."
-        )
-    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+    return transformer_layers(model)
 
 
 def shard_model(
@@ -50,7 +44,8 @@ def shard_model(
     mp_policy: Any | None = None,
     device: torch.device | str | None = None,
 ) -> nn.Module:
-    """Shard ``model`` with FSDP2: ``fully_shard`` each decoder layer, then the root (embeddings, norm, output).
+    """Shard ``model`` with FSDP2: ``fully_shard`` each transformer block (decoder-only: ``model.layers``; encoder-decoder:
+    every encoder and decoder block), then the root (embeddings, positions, norms, output).
 
     Works on a model whose parameters are on the ``meta`` device (build with ``torch.device("meta")``, shard, then
     :func:`materialize_meta_model` + :func:`load_hf_into_sharded_model`), which is how the recipes avoid a full copy
@@ -58,7 +53,8 @@ def shard_model(
     *before* sharding.
 
     Args:
-        model: a kdtune ``TransformerDecoder`` (decoder layers in ``model.layers``).
+        model: a kdtune ``TransformerDecoder`` (blocks in ``model.layers``) or ``EncoderDecoder`` (``encoder.layers``,
+            ``decoder.layers``).
         reshard_after_forward: free the gathered parameters after each layer's forward (ZeRO-3, less memory) instead of
             keeping them until backward (ZeRO-2-like, less communication). The root is never resharded after forward.
         cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory (CUDA only).
