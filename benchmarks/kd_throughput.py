@@ -148,6 +148,7 @@ def loss_probe(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         def __init__(self) -> None:
             super().__init__()
             self.w = torch.nn.Parameter(torch.randn(v, d, device=device, dtype=dtype) * d**-0.5)
+            self.vocab_size = v
 
         def output_logits(self, h: torch.Tensor) -> torch.Tensor:
             return h @ self.w.t()  # [..., V]
