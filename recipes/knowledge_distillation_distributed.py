@@ -40,6 +40,7 @@ from kdtune.training import (
     evaluate,
     is_lora_model,
     optimizer_step,
+    run_card,
     set_seed,
     setup_runtime,
     to_device,
@@ -116,7 +117,9 @@ def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> RunSumm
 
     # ---- the end: validation, HF model (+ PEFT adapter for a LoRA student), gathered and written by rank 0
     validate(data.position)
-    D.save_final_distributed(rt, checkpointer, student, s.model, adapter_only=s.save_adapter_weights_only)
+    card = run_card(s, report, data.position)  # README.md of final/: student, teacher, data, loss, metrics, command
+    D.save_final_distributed(rt, checkpointer, student, s.model, adapter_only=s.save_adapter_weights_only,
+                             tokenizer=tokenizer, card=card)  # fmt: skip
     return report.close()
 
 

@@ -39,6 +39,7 @@ from kdtune.training import (
     evaluate,
     is_lora_model,
     optimizer_step,
+    run_card,
     save_final,
     setup_runtime,
     to_device,
@@ -103,7 +104,8 @@ def train(cfg: DictConfig) -> RunSummary:
 
     # ---- the end: validation, HF model (+ PEFT adapter for a LoRA student)
     validate(data.position)
-    save_final(rt, checkpointer, student, adapter_only=s.save_adapter_weights_only)
+    card = run_card(s, report, data.position)  # README.md of final/: student, teacher, data, loss, metrics, command
+    save_final(rt, checkpointer, student, adapter_only=s.save_adapter_weights_only, tokenizer=tokenizer, card=card)
     return report.close()
 
 

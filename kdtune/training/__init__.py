@@ -7,7 +7,7 @@
 * ``data`` — datasets, validation split, the resumable data order and step arithmetic;
 * ``step`` — token-normalised gradient accumulation and the optimizer step with its NaN/inf guard;
 * ``evaluation`` — validation losses from the objective's sums;
-* ``checkpoints`` — resume checkpoints (atomic, exact) and the final HF / PEFT outputs;
+* ``checkpoints`` — resume checkpoints (atomic, exact) and the final HF / PEFT outputs with their model card;
 * ``reporting`` — metric loggers, progress bar, the per-step :class:`Reporter` and the :class:`RunSummary`;
 * ``teacher`` — freezing the teacher, vocabulary compatibility;
 * ``schedules`` — LR schedules;
@@ -23,6 +23,7 @@ from kdtune.training.checkpoints import (
     ResumeState,
     capture_rng_state,
     restore_rng_state,
+    run_card,
     save_final,
 )
 from kdtune.training.data import DataPosition, TrainData, build_data, to_device
@@ -115,6 +116,7 @@ __all__ = [
     "reset_peak_memory",
     "resolve_warmup_steps",
     "restore_rng_state",
+    "run_card",
     "save_final",
     "scale_grads",
     "set_seed",

@@ -19,6 +19,7 @@ from torch import nn
 
 from kdtune.config import instantiate, save_config
 from kdtune.errors import CheckpointError, ConfigError
+from kdtune.handoff import RunCard
 from kdtune.training.checkpoints import _STEP_DIR, capture_rng_state, restore_rng_state, save_final
 from kdtune.training.data import DataPosition
 from kdtune.training.distributed.env import barrier, get_rank, get_world_size, is_distributed, is_rank_zero
@@ -239,6 +240,8 @@ def save_final_distributed(
     model_cfg: Any,
     *,
     adapter_only: bool = False,
+    tokenizer: Any | None = None,
+    card: RunCard | None = None,
 ) -> list[Path]:
     """Gather the trained model on rank 0 and write ``final/`` (HF) and, for LoRA, ``final_adapter/`` (PEFT).
 
@@ -253,6 +256,8 @@ def save_final_distributed(
         model: the sharded trained model.
         model_cfg: the model ``_component_`` node (to rebuild the unsharded module on rank 0).
         adapter_only: LoRA only: write only the adapter.
+        tokenizer: the run's tokenizer (its chat template goes into ``final/``).
+        card: the model card facts (:func:`kdtune.training.checkpoints.run_card`).
 
     Returns:
         The directories written (on rank 0; ``[]`` elsewhere).
@@ -272,7 +277,7 @@ def save_final_distributed(
         finally:
             torch.set_default_dtype(prev)
         plain.load_state_dict(full, strict=not adapter_only, assign=True)
-        written = save_final(runtime, checkpointer, plain, adapter_only=adapter_only)
+        written = save_final(runtime, checkpointer, plain, adapter_only=adapter_only, tokenizer=tokenizer, card=card)
         del plain
     del full
     barrier()
