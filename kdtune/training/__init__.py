@@ -8,6 +8,7 @@
 * ``step`` — token-normalised gradient accumulation and the optimizer step with its NaN/inf guard;
 * ``evaluation`` — validation losses from the objective's sums;
 * ``checkpoints`` — resume checkpoints (atomic, exact) and the final HF / PEFT outputs with their model card;
+* ``export`` — any resume checkpoint written as the run's ``final/`` would be (``kdtune export``);
 * ``reporting`` — metric loggers, progress bar, the per-step :class:`Reporter` and the :class:`RunSummary`;
 * ``teacher`` — freezing the teacher, vocabulary compatibility;
 * ``schedules`` — LR schedules;

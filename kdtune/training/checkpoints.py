@@ -362,6 +362,7 @@ class ResumeCheckpoints:
             data_state=nxt.state_dict(),
             config=self.cfg,
             trainable_only=self.trainable_only,
+            extra={"command": command_line()},  # for the model card of an export of this checkpoint
         )
         self.last = str(path)
         log.info("saved resume checkpoint %s", path)
@@ -473,13 +474,18 @@ def _dataset_names(dataset_cfg: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def run_card(settings: Any, report: Any, position: DataPosition) -> RunCard:
+_THIS_PROCESS = object()
+
+
+def run_card(settings: Any, report: Any, position: DataPosition, *, command: Any = _THIS_PROCESS) -> RunCard:
     """The model card facts of a finished run, from its settings and what it measured.
 
     Args:
         settings: the recipe's settings (fine-tuning or KD).
         report: the run's :class:`~kdtune.training.reporting.Reporter` (its ``evals`` and ``steps``).
         position: where training ended (``global_step`` = optimizer steps taken).
+        command: the command that trained it; default: this process's (:func:`kdtune.handoff.command_line`), None =
+            unknown.
 
     Returns:
         The :class:`~kdtune.handoff.RunCard` (teacher: the teacher checkpoint, or the cache dir of a cached teacher).
@@ -505,5 +511,5 @@ def run_card(settings: Any, report: Any, position: DataPosition) -> RunCard:
         temperature=float(settings.temperature) if kd else None,
         steps=int(position.global_step),
         metrics=metrics,
-        command=command_line(),
+        command=command_line() if command is _THIS_PROCESS else command,
     )

@@ -19,7 +19,7 @@ from torch import nn
 
 from kdtune.config import instantiate, save_config
 from kdtune.errors import CheckpointError, ConfigError
-from kdtune.handoff import RunCard
+from kdtune.handoff import RunCard, command_line
 from kdtune.training.checkpoints import _STEP_DIR, capture_rng_state, restore_rng_state, save_final
 from kdtune.training.data import DataPosition
 from kdtune.training.distributed.env import barrier, get_rank, get_world_size, is_distributed, is_rank_zero
@@ -199,6 +199,7 @@ class DistributedResumeCheckpoints:
         extra = {
             "data_state": nxt.state_dict(),
             "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "command": command_line(),  # for the model card of an export of this checkpoint
         }
         path = save_sharded_checkpoint(
             self.runtime.checkpoints_dir,
