@@ -35,6 +35,7 @@ from kdtune.training import (
     build_optimizer,
     build_teacher,
     build_tokenizer,
+    check_teacher,
     due,
     evaluate,
     is_lora_model,
@@ -76,6 +77,8 @@ def train(cfg: DictConfig) -> RunSummary:
 
     teacher = build_teacher(s, student, tokenizer, data, load_teacher)
     objective = build_objective(s, teacher)  # divergence, kd_ratio, temperature, chunking: validated here, once
+    # the teacher check: teacher vs student on the transfer set, a warning when the teacher is not better
+    teacher_metrics = check_teacher(s, student, teacher, data, rt.device)
 
     # ---- optimizer, LR schedule, checkpoints (resume), metrics
     optimizer = build_optimizer(s.optimizer, trainable_parameters(student))
@@ -84,6 +87,7 @@ def train(cfg: DictConfig) -> RunSummary:
     if s.resume_from_checkpoint:
         ckpt.resume()
     report = Reporter(rt, s, data)
+    report.log(teacher_metrics, step=data.position.global_step)
 
     def validate(pos: DataPosition) -> None:
         if data.val_loader is not None and report.last_eval_step != pos.global_step:

@@ -6,7 +6,7 @@
 * ``setup`` — building components from the config: models (+ LoRA init), tokenizer, optimizer, LR schedule, objective;
 * ``data`` — datasets, validation split, the resumable data order and step arithmetic;
 * ``step`` — token-normalised gradient accumulation and the optimizer step with its NaN/inf guard;
-* ``evaluation`` — validation losses from the objective's sums;
+* ``evaluation`` — validation losses from the objective's sums; the teacher check before KD;
 * ``checkpoints`` — resume checkpoints (atomic, exact) and the final HF / PEFT outputs with their model card;
 * ``export`` — any resume checkpoint written as the run's ``final/`` would be (``kdtune export``);
 * ``reporting`` — metric loggers, progress bar, the per-step :class:`Reporter` and the :class:`RunSummary`;
@@ -28,7 +28,7 @@ from kdtune.training.checkpoints import (
     save_final,
 )
 from kdtune.training.data import DataPosition, TrainData, build_data, to_device
-from kdtune.training.evaluation import evaluate
+from kdtune.training.evaluation import check_teacher, evaluate
 from kdtune.training.reporting import (
     DiskLogger,
     MetricLogger,
@@ -100,6 +100,7 @@ __all__ = [
     "build_tokenizer",
     "capture_rng_state",
     "check_finite",
+    "check_teacher",
     "check_vocab_compatibility",
     "clip_grad_norm",
     "due",

@@ -60,7 +60,7 @@ class ExportResult:
 
 
 def list_steps(checkpoints_dir: Path) -> list[Path]:
-    """The complete checkpoints (``step_N`` with ``state.json``, either format) under ``checkpoints_dir``, oldest first."""
+    """The complete ``step_N`` checkpoints (with ``state.json``, either format) in ``checkpoints_dir``, oldest first."""
     return ResumeState.list_checkpoints(checkpoints_dir)
 
 

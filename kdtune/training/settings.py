@@ -129,6 +129,11 @@ class KDSettings(LoRAFinetuneSettings):
     scale_by_temperature_squared: bool = _f(
         True, help="Multiply the KD term by temperature^2 so its gradient does not shrink as 1/T^2 (Hinton et al.)."
     )
+    teacher_check: bool = _f(
+        True,
+        help="Before training, compare the live teacher's and the student's loss and next-token accuracy on the "
+        "validation data (max_eval_batches; else a few training batches); warn when the teacher is not better.",
+    )
 
 
 def settings_markdown_table(settings_cls: type) -> str:
