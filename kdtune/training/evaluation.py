@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 
 from kdtune.data.collate import model_inputs
@@ -117,6 +118,9 @@ def loss_and_accuracy(
             sums[1] += float((logits.argmax(-1) == tgt[start:end]).sum())
         sums[2] += n
     model.train(was_training)
+    for module in model.modules():  # a sharded (FSDP2) model: free what the forward gathered, as before it
+        if isinstance(module, FSDPModule):
+            module.reshard()
     return sums
 
 

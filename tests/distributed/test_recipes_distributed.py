@@ -182,6 +182,18 @@ def test_kd_final_checkpoint_loads_in_transformers(runs: dict) -> None:
     assert diff < 1e-4
 
 
+def test_teacher_check_2proc_equals_single_device(runs: dict) -> None:
+    """The teacher check of the sharded run sees every validation token once: the single-device figures."""
+    root = runs["root"]
+    checks = [
+        next(r for r in _h.read_metrics(root / name) if "teacher_check/teacher_loss" in r)
+        for name in ("kd", "kd_single")
+    ]
+    assert checks[0]["step"] == 0 and checks[0]["teacher_check/tokens"] == checks[1]["teacher_check/tokens"] > 0
+    for key in ("teacher_loss", "teacher_accuracy", "student_loss", "student_accuracy"):
+        assert abs(checks[0][f"teacher_check/{key}"] - checks[1][f"teacher_check/{key}"]) < TOL, key
+
+
 def test_export_of_sharded_checkpoints_equals_final(runs: dict, tmp_path: Path) -> None:
     """`kdtune export` of the 2-process DCP checkpoints of the last step: final/ (and final_adapter/) bit for bit."""
     import yaml
