@@ -7,20 +7,42 @@
   the base model's licence) and a body describing the run; it replaces the base model's README. Licence files
   (``LICENSE*``, ``USE_POLICY*``) are left as they are.
 - :func:`base_model_id`: the Hub id a checkpoint dir was downloaded from (``kdtune_source.json``).
+- :class:`RunCard` + :func:`write_handoff`: what a training recipe's final save writes next to the weights (the card's
+  facts in one object; the chat template skipped with a warning when it has no jinja form).
+- :func:`command_line`: the command that started this process (``kdtune run ...`` as typed, or ``python ...``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shlex
+import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kdtune.errors import DataError
 
-__all__ = ["BUILTIN_TEMPLATES", "base_model_id", "chat_template_of", "write_chat_template", "write_model_card"]
+__all__ = [
+    "BUILTIN_TEMPLATES",
+    "COMMAND_ENV",
+    "RunCard",
+    "base_model_id",
+    "chat_template_of",
+    "command_line",
+    "write_chat_template",
+    "write_handoff",
+    "write_model_card",
+]
+
+log = logging.getLogger("kdtune")
+
+#: set by ``kdtune run`` to the command as typed, so the recipe process (and every torchrun worker) can record it
+COMMAND_ENV = "KDTUNE_COMMAND"
 
 _CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
@@ -155,6 +177,14 @@ def _front_matter(readme: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub repo id (``org/name``) rather than a local path."""
+    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -178,6 +208,10 @@ def write_model_card(
     license: str | None = None,
 ) -> Path:
     """Write ``out_dir/README.md``: YAML metadata the Hub reads, then a description of the run.
+
+    The metadata holds the Hub's own keys (``base_model`` and ``datasets`` only where they are repo ids, not local
+    paths, which the Hub would refuse) and a ``kdtune`` block with every fact of the run (base model, teacher,
+    datasets, loss, kd_ratio, temperature, steps, metrics, kdtune version, command).
 
     Replaces a README copied from the base model (its ``license`` / ``license_name`` / ``license_link`` metadata is
     carried over unless ``license`` is given); licence files in ``out_dir`` are not touched.
@@ -208,10 +242,11 @@ def write_model_card(
     out.mkdir(parents=True, exist_ok=True)
     old = _front_matter(out / "README.md")
     meta: dict[str, Any] = {}
-    if base_model:
+    if base_model and _is_hub_id(base_model):  # the Hub refuses a README whose base_model is no repo id
         meta["base_model"] = base_model
-    if datasets:
-        meta["datasets"] = [str(d) for d in datasets]
+    hub_datasets = [str(d) for d in datasets if _is_hub_id(str(d))]
+    if hub_datasets:
+        meta["datasets"] = hub_datasets
     meta["library_name"] = "kdtune"
     if license is not None:
         meta["license"] = license
@@ -220,11 +255,24 @@ def write_model_card(
             if key in old:
                 meta[key] = old[key]
     meta["pipeline_tag"] = "text-generation"
+    if isinstance(command, Sequence) and not isinstance(command, str):
+        command = shlex.join(str(c) for c in command)
+    run = {
+        "version": __version__,
+        "base_model": base_model,
+        "teacher": teacher,
+        "datasets": [str(d) for d in datasets] or None,
+        "loss": loss,
+        "kd_ratio": kd_ratio,
+        "temperature": temperature,
+        "steps": steps,
+        "metrics": {str(k): float(v) for k, v in metrics.items()} if metrics else None,
+        "command": command,
+    }
+    meta["kdtune"] = {k: v for k, v in run.items() if v is not None}  # the run's facts, machine-readable
     all_tags = ["kdtune", "knowledge-distillation" if teacher else "fine-tuned", *tags]
     meta["tags"] = list(dict.fromkeys(all_tags))
     title = model_name or (out.parent.name if out.name == "final" else out.name)
-    if isinstance(command, Sequence) and not isinstance(command, str):
-        command = shlex.join(str(c) for c in command)
     lines = [f"# {title}", ""]
     if teacher:
         lines.append(f"Distilled with kdtune from teacher `{teacher}` into "
@@ -262,3 +310,71 @@ def write_model_card(
     path = out / "README.md"
     _write_text(path, text)
     return path
+
+
+def command_line() -> str:
+    """The command that started this run: ``kdtune run ...`` as typed (``KDTUNE_COMMAND``), else ``python <argv>``."""
+    typed = os.environ.get(COMMAND_ENV)
+    if typed:
+        return typed
+    return shlex.join(["python", *sys.argv])
+
+
+@dataclass(frozen=True)
+class RunCard:
+    """The facts of a finished run that its model card records (see :func:`write_model_card` for their meaning).
+
+    Attributes:
+        base_model: Hub id (``kdtune_source.json``) or path of the student's starting checkpoint.
+        teacher: Hub id or path of the teacher checkpoint, or the cache dir of a cached teacher; None without KD.
+        datasets: the training data (Hub ids or local files).
+        loss: the divergence's name (``ForwardKLLoss``) or ``cross_entropy``.
+        kd_ratio: weight of the KD term (KD runs).
+        temperature: KD temperature (KD runs).
+        steps: optimizer steps taken.
+        metrics: the final metrics (last validation pass, last training loss).
+        command: the exact command line.
+    """
+
+    base_model: str | None
+    teacher: str | None = None
+    datasets: tuple[str, ...] = ()
+    loss: str | None = None
+    kd_ratio: float | None = None
+    temperature: float | None = None
+    steps: int | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    command: str | None = None
+
+
+def write_handoff(out_dir: str | Path, tokenizer: Any | None, card: RunCard | None) -> list[Path]:
+    """Write the hand-off files of an HF dir (``final/``): the chat template of ``tokenizer`` and ``card``'s README.
+
+    A tokenizer whose chat format has no jinja equivalent (Meta's Llama 2 format) gets no template: a warning is
+    logged and the rest is written. Either argument may be None (nothing of that kind is written).
+
+    Returns:
+        The files written.
+    """
+    written: list[Path] = []
+    if tokenizer is not None:
+        try:
+            written.append(write_chat_template(tokenizer, out_dir))
+        except DataError as e:
+            log.warning("%s: no chat template written: %s", out_dir, e)
+    if card is not None:
+        written.append(
+            write_model_card(
+                out_dir,
+                base_model=card.base_model,
+                teacher=card.teacher,
+                datasets=card.datasets,
+                loss=card.loss,
+                kd_ratio=card.kd_ratio,
+                temperature=card.temperature,
+                steps=card.steps,
+                metrics=card.metrics,
+                command=card.command,
+            )
+        )
+    return written

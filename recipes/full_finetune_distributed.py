@@ -36,6 +36,7 @@ from kdtune.training import (
     evaluate,
     is_lora_model,
     optimizer_step,
+    run_card,
     set_seed,
     setup_runtime,
     to_device,
@@ -112,7 +113,8 @@ def _train(cfg: DictConfig, s: FinetuneDistributedSettings, env: D.DistEnv) -> R
 
     # ---- the end: validation and the HF-format model in output_dir/final, gathered and written by rank 0
     validate(data.position)
-    D.save_final_distributed(rt, checkpointer, model, s.model)
+    card = run_card(s, report, data.position)  # README.md of final/: base model, data, loss, metrics, command
+    D.save_final_distributed(rt, checkpointer, model, s.model, tokenizer=tokenizer, card=card)
     return report.close()
 
 

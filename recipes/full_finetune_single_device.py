@@ -31,6 +31,7 @@ from kdtune.training import (
     evaluate,
     is_lora_model,
     optimizer_step,
+    run_card,
     save_final,
     setup_runtime,
     to_device,
@@ -96,7 +97,8 @@ def train(cfg: DictConfig) -> RunSummary:
 
     # ---- the end: validation and the HF-format model in output_dir/final
     validate(data.position)
-    save_final(rt, checkpointer, model)
+    card = run_card(s, report, data.position)  # README.md of final/: base model, data, loss, metrics, command
+    save_final(rt, checkpointer, model, tokenizer=tokenizer, card=card)
     return report.close()
 
 

@@ -36,10 +36,12 @@ from kdtune.training import (
     build_optimizer,
     build_teacher,
     build_tokenizer,
+    check_teacher,
     due,
     evaluate,
     is_lora_model,
     optimizer_step,
+    run_card,
     set_seed,
     setup_runtime,
     to_device,
@@ -87,6 +89,8 @@ def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> RunSumm
 
     teacher = build_teacher(s, student, tokenizer, data, load_teacher)
     objective = build_objective(s, teacher)  # divergence, kd_ratio, temperature, chunking: validated here, once
+    # the teacher check: teacher vs student on the transfer set, a warning when the teacher is not better
+    teacher_metrics = check_teacher(s, student, teacher, data, rt.device, D.all_reduce_sum)
 
     # ---- optimizer, LR schedule, sharded checkpoints, metrics
     optimizer = build_optimizer(s.optimizer, trainable_parameters(student))
@@ -95,6 +99,7 @@ def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> RunSumm
     if s.resume_from_checkpoint:
         ckpt.resume()
     report = Reporter(rt, s, data, enabled=env.is_rank_zero)
+    report.log(teacher_metrics, step=data.position.global_step)
 
     def validate(pos: DataPosition) -> None:
         if data.val_loader is not None and report.last_eval_step != pos.global_step:
@@ -121,7 +126,9 @@ def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> RunSumm
 
     # ---- the end: validation, HF model (+ PEFT adapter for a LoRA student), gathered and written by rank 0
     validate(data.position)
-    D.save_final_distributed(rt, checkpointer, student, s.model, adapter_only=s.save_adapter_weights_only)
+    card = run_card(s, report, data.position)  # README.md of final/: student, teacher, data, loss, metrics, command
+    D.save_final_distributed(rt, checkpointer, student, s.model, adapter_only=s.save_adapter_weights_only,
+                             tokenizer=tokenizer, card=card)  # fmt: skip
     return report.close()
 
 

@@ -35,10 +35,12 @@ from kdtune.training import (
     build_optimizer,
     build_teacher,
     build_tokenizer,
+    check_teacher,
     due,
     evaluate,
     is_lora_model,
     optimizer_step,
+    run_card,
     save_final,
     setup_runtime,
     to_device,
@@ -75,6 +77,8 @@ def train(cfg: DictConfig) -> RunSummary:
 
     teacher = build_teacher(s, student, tokenizer, data, load_teacher)
     objective = build_objective(s, teacher)  # divergence, kd_ratio, temperature, chunking: validated here, once
+    # the teacher check: teacher vs student on the transfer set, a warning when the teacher is not better
+    teacher_metrics = check_teacher(s, student, teacher, data, rt.device)
 
     # ---- optimizer, LR schedule, checkpoints (resume), metrics
     optimizer = build_optimizer(s.optimizer, trainable_parameters(student))
@@ -83,6 +87,7 @@ def train(cfg: DictConfig) -> RunSummary:
     if s.resume_from_checkpoint:
         ckpt.resume()
     report = Reporter(rt, s, data)
+    report.log(teacher_metrics, step=data.position.global_step)
 
     def validate(pos: DataPosition) -> None:
         if data.val_loader is not None and report.last_eval_step != pos.global_step:
@@ -108,7 +113,8 @@ def train(cfg: DictConfig) -> RunSummary:
 
     # ---- the end: validation, HF model (+ PEFT adapter for a LoRA student)
     validate(data.position)
-    save_final(rt, checkpointer, student, adapter_only=s.save_adapter_weights_only)
+    card = run_card(s, report, data.position)  # README.md of final/: student, teacher, data, loss, metrics, command
+    save_final(rt, checkpointer, student, adapter_only=s.save_adapter_weights_only, tokenizer=tokenizer, card=card)
     return report.close()
 
 

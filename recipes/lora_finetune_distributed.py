@@ -38,6 +38,7 @@ from kdtune.training import (
     evaluate,
     is_lora_model,
     optimizer_step,
+    run_card,
     set_seed,
     setup_runtime,
     to_device,
@@ -112,7 +113,9 @@ def _train(cfg: DictConfig, s: LoRAFinetuneDistributedSettings, env: D.DistEnv) 
 
     # ---- the end: validation, the PEFT adapter (final_adapter/) and the merged HF model (final/), written by rank 0
     validate(data.position)
-    D.save_final_distributed(rt, checkpointer, model, s.model, adapter_only=s.save_adapter_weights_only)
+    card = run_card(s, report, data.position)  # README.md of final/: base model, data, loss, metrics, command
+    D.save_final_distributed(rt, checkpointer, model, s.model, adapter_only=s.save_adapter_weights_only,
+                             tokenizer=tokenizer, card=card)  # fmt: skip
     return report.close()
 
 

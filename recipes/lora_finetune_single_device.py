@@ -35,6 +35,7 @@ from kdtune.training import (
     evaluate,
     is_lora_model,
     optimizer_step,
+    run_card,
     save_final,
     setup_runtime,
     to_device,
@@ -98,7 +99,8 @@ def train(cfg: DictConfig) -> RunSummary:
 
     # ---- the end: validation, the PEFT adapter (final_adapter/) and the merged HF model (final/)
     validate(data.position)
-    save_final(rt, checkpointer, model, adapter_only=s.save_adapter_weights_only)
+    card = run_card(s, report, data.position)  # README.md of final/: base model, data, loss, metrics, command
+    save_final(rt, checkpointer, model, adapter_only=s.save_adapter_weights_only, tokenizer=tokenizer, card=card)
     return report.close()
 
 

@@ -12,6 +12,7 @@ import difflib
 import logging
 import os
 import runpy
+import shlex
 import sys
 import textwrap
 from pathlib import Path
@@ -249,6 +250,22 @@ def run_command(argv: list[str]) -> int:
             file=sys.stderr,
         )
     recipe_argv = ["--config", str(config_path), *overrides]
+    # the command as typed, for the model card of final/ (inherited by torchrun workers; restored after the run)
+    from kdtune.handoff import COMMAND_ENV
+
+    previous = os.environ.get(COMMAND_ENV)
+    os.environ[COMMAND_ENV] = shlex.join(["kdtune", "run", *argv])
+    try:
+        return _launch(recipe, torchrun, recipe_argv)
+    finally:
+        if previous is None:
+            os.environ.pop(COMMAND_ENV, None)
+        else:
+            os.environ[COMMAND_ENV] = previous
+
+
+def _launch(recipe: Any, torchrun: list[str], recipe_argv: list[str]) -> int:
+    """Run ``recipe`` in this process, or through torchrun when it is distributed or torchrun options were given."""
     if recipe.distributed or torchrun:
         if not recipe.distributed:
             print(

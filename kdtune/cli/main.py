@@ -1,4 +1,4 @@
-"""The ``kdtune`` command: ls, cp, cat, validate, run, download, upload, make-tiny, quickstart.
+"""The ``kdtune`` command: ls, cp, cat, validate, run, download, export, upload, make-tiny, quickstart.
 
 Every user error (a :class:`kdtune.errors.KDTuneError`) is printed as one line, ``kdtune: error: ...``, with exit
 code 1; ``--debug`` or ``KDTUNE_DEBUG=1`` adds the traceback.
@@ -31,6 +31,7 @@ examples:
   kdtune make-tiny && kdtune run knowledge_distillation_single_device --config tiny/kd   # offline, CPU, seconds
   kdtune run knowledge_distillation_single_device --config ./my_kd.yaml kd_ratio=0.25 optimizer.lr=1e-4
   kdtune run --nproc_per_node 4 knowledge_distillation_distributed --config llama3_2/kd_distributed
+  kdtune export /tmp/kdtune/llama3_2_1B/kd/checkpoints/step_00000400 --output-dir /tmp/kd-step400
 
 Set KDTUNE_DEBUG=1 (or pass --debug) to see tracebacks of user errors."""
 
@@ -108,6 +109,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-patterns", nargs="+", default=None, metavar="P", help="only download files matching")
     p.add_argument("--hf-token", default=None, help="Hugging Face token (default: HF_TOKEN or the saved login)")
     p.add_argument("--repo-type", default="model", choices=["model", "dataset"], help="repository type")
+
+    p = sub.add_parser(
+        "export",
+        help="write a run's resume checkpoint as HF model (+ PEFT adapter), like its final/",
+        description="Rebuild the model of a resume checkpoint (<run_dir>/checkpoints/step_N, single-device or "
+        "distributed) from its config.yaml and write <output-dir>/final (HF format, LoRA merged, chat template, "
+        "model card) and, for a LoRA model, <output-dir>/final_adapter (PEFT), exactly as a final/ written at that "
+        "step. The base weights of a LoRA model come from the run's checkpointer.checkpoint_dir.",
+    )
+    p.add_argument("checkpoint", help="e.g. /tmp/run/checkpoints/step_00000400 (or .../checkpoints/400)")
+    p.add_argument("--output-dir", required=True, help="where final/ (and final_adapter/) are written")
 
     p = sub.add_parser(
         "make-tiny",
@@ -285,6 +297,14 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from kdtune.training.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.output_dir)
+    print(f"exported step {result.step} of {result.checkpoint}: " + ", ".join(str(d) for d in result.written))
+    return 0
+
+
 def _cmd_quickstart(argv: list[str]) -> int:
     from kdtune import quickstart
 
@@ -335,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             "cat": _cmd_cat,
             "validate": _cmd_validate,
             "make-tiny": _cmd_make_tiny,
+            "export": _cmd_export,
         }
         return commands[args.command](args)
     except KDTuneError as e:

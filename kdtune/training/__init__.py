@@ -6,8 +6,9 @@
 * ``setup`` — building components from the config: models (+ LoRA init), tokenizer, optimizer, LR schedule, objective;
 * ``data`` — datasets, validation split, the resumable data order and step arithmetic;
 * ``step`` — token-normalised gradient accumulation and the optimizer step with its NaN/inf guard;
-* ``evaluation`` — validation losses from the objective's sums;
-* ``checkpoints`` — resume checkpoints (atomic, exact) and the final HF / PEFT outputs;
+* ``evaluation`` — validation losses from the objective's sums; the teacher check before KD;
+* ``checkpoints`` — resume checkpoints (atomic, exact) and the final HF / PEFT outputs with their model card;
+* ``export`` — any resume checkpoint written as the run's ``final/`` would be (``kdtune export``);
 * ``reporting`` — metric loggers, progress bar, the per-step :class:`Reporter` and the :class:`RunSummary`;
 * ``teacher`` — freezing the teacher, vocabulary compatibility;
 * ``schedules`` — LR schedules;
@@ -23,10 +24,11 @@ from kdtune.training.checkpoints import (
     ResumeState,
     capture_rng_state,
     restore_rng_state,
+    run_card,
     save_final,
 )
 from kdtune.training.data import DataPosition, TrainData, build_data, to_device
-from kdtune.training.evaluation import evaluate
+from kdtune.training.evaluation import check_teacher, evaluate
 from kdtune.training.reporting import (
     DiskLogger,
     MetricLogger,
@@ -101,6 +103,7 @@ __all__ = [
     "build_tokenizer",
     "capture_rng_state",
     "check_finite",
+    "check_teacher",
     "check_vocab_compatibility",
     "clip_grad_norm",
     "due",
@@ -119,6 +122,7 @@ __all__ = [
     "reset_peak_memory",
     "resolve_warmup_steps",
     "restore_rng_state",
+    "run_card",
     "save_final",
     "scale_grads",
     "set_seed",

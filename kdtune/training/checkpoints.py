@@ -1,6 +1,6 @@
 """Checkpoints of a run: resume checkpoints (everything needed to continue exactly, one directory per saved step),
 the recipe-level :class:`ResumeCheckpoints` that saves/restores model, optimizer, schedule, RNG and data position, and
-the final outputs (``final/`` HF model, ``final_adapter/`` PEFT adapter).
+the final outputs (``final/`` HF model with the run's chat template and model card, ``final_adapter/`` PEFT adapter).
 
 Layout (``<output_dir>/resume/step_00000120/``):
 
@@ -17,6 +17,7 @@ checkpoints are kept.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -24,15 +25,18 @@ import random
 import re
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from kdtune.config import import_component
 from kdtune.errors import CheckpointError, ConfigError
+from kdtune.handoff import RunCard, base_model_id, command_line, write_handoff
 from kdtune.training.data import DataPosition, TrainData
 from kdtune.training.runtime import Runtime
 from kdtune.training.setup import is_lora_model
@@ -47,6 +51,7 @@ __all__ = [
     "capture_rng_state",
     "check_same_data_order",
     "restore_rng_state",
+    "run_card",
     "save_final",
 ]
 
@@ -359,7 +364,10 @@ class ResumeCheckpoints:
             data_state=nxt.state_dict(),
             config=self.cfg,
             trainable_only=self.trainable_only,
-            extra={"precision": self.precision.state_dict()} if self.precision.scaler is not None else None,
+            extra={
+                "command": command_line(),  # for the model card of an export of this checkpoint
+                **({"precision": self.precision.state_dict()} if self.precision.scaler is not None else {}),
+            },
         )
         self.last = str(path)
         log.info("saved resume checkpoint %s", path)
@@ -393,14 +401,28 @@ def check_same_data_order(cfg: DictConfig, saved: DictConfig, where: Path) -> No
             )
 
 
-def save_final(runtime: Runtime, checkpointer: Any, model: nn.Module, *, adapter_only: bool = False) -> list[Path]:
+def save_final(
+    runtime: Runtime,
+    checkpointer: Any,
+    model: nn.Module,
+    *,
+    adapter_only: bool = False,
+    tokenizer: Any | None = None,
+    card: RunCard | None = None,
+) -> list[Path]:
     """Write the final outputs: ``final/`` (HF dir, LoRA merged) and, for a LoRA model, ``final_adapter/`` (PEFT).
+
+    ``final/`` also gets the hand-off files (:func:`kdtune.handoff.write_handoff`): the chat template ``tokenizer``
+    trained with (``tokenizer_config.json`` + ``chat_template.jinja``) and the model card of ``card`` as README.md
+    (replacing the one copied from the base model; licence files are kept).
 
     Args:
         runtime: output layout.
         checkpointer: the model's ``HFCheckpointer`` (copies config/tokenizer files from its checkpoint_dir).
         model: the trained model.
         adapter_only: LoRA only: write only the adapter.
+        tokenizer: the run's tokenizer (its chat template is recorded); None = none.
+        card: what the model card says (see :func:`run_card`); None = keep the base model's README.
 
     Returns:
         The directories written.
@@ -414,7 +436,86 @@ def save_final(runtime: Runtime, checkpointer: Any, model: nn.Module, *, adapter
         written.append(runtime.final_adapter_dir)
     if not adapter_only:
         checkpointer.save_hf(model, runtime.final_dir)
+        write_handoff(runtime.final_dir, tokenizer, card)
         written.append(runtime.final_dir)
     for d in written:
         log.info("saved %s", d)
     return written
+
+
+def _node_value(node: Any, key: str) -> Any:
+    """``node[key]`` of a config node (DictConfig or dict), else None."""
+    if node is None or not isinstance(node, Mapping | DictConfig):
+        return None
+    return node.get(key)
+
+
+def _checkpoint_name(checkpointer_cfg: Any) -> str | None:
+    """The Hub id a checkpointer's ``checkpoint_dir`` was downloaded from, else the directory itself."""
+    directory = _node_value(checkpointer_cfg, "checkpoint_dir")
+    if directory is None:
+        return None
+    return base_model_id(directory) or str(directory)
+
+
+def _dataset_names(dataset_cfg: Any) -> tuple[str, ...]:
+    """What a ``dataset`` node trains on: its ``data_files``, else its ``source`` (or the builder's default source)."""
+    nodes = list(dataset_cfg) if isinstance(dataset_cfg, list | ListConfig) else [dataset_cfg]
+    names: list[str] = []
+    for node in nodes:
+        files = _node_value(node, "data_files")
+        source = _node_value(node, "source")
+        if files is not None:
+            names += [str(f) for f in files] if isinstance(files, list | ListConfig) else [str(files)]
+        elif source is not None:
+            names.append(str(source))
+        elif _node_value(node, "_component_"):
+            component = str(node["_component_"])
+            try:
+                default = inspect.signature(import_component(component)).parameters.get("source")
+            except (ConfigError, TypeError, ValueError):
+                default = None
+            has_default = default is not None and default.default is not inspect.Parameter.empty
+            names.append(str(default.default) if has_default else component)
+    return tuple(dict.fromkeys(names))
+
+
+_THIS_PROCESS = object()
+
+
+def run_card(settings: Any, report: Any, position: DataPosition, *, command: Any = _THIS_PROCESS) -> RunCard:
+    """The model card facts of a finished run, from its settings and what it measured.
+
+    Args:
+        settings: the recipe's settings (fine-tuning or KD).
+        report: the run's :class:`~kdtune.training.reporting.Reporter` (its ``evals`` and ``steps``).
+        position: where training ended (``global_step`` = optimizer steps taken).
+        command: the command that trained it; default: this process's (:func:`kdtune.handoff.command_line`), None =
+            unknown.
+
+    Returns:
+        The :class:`~kdtune.handoff.RunCard` (teacher: the teacher checkpoint, or the cache dir of a cached teacher).
+    """
+    kd_loss = getattr(settings, "kd_loss", None)
+    teacher = None
+    if getattr(settings, "teacher_logits", None) is not None:
+        teacher = str(_node_value(settings.teacher_logits, "path") or settings.teacher_logits.get("_component_"))
+    elif getattr(settings, "teacher_checkpointer", None) is not None:
+        teacher = _checkpoint_name(settings.teacher_checkpointer)
+    metrics: dict[str, float] = {}
+    if report.evals:
+        metrics.update({k: float(v) for k, v in report.evals[-1].items() if k not in ("step", "val_tokens")})
+    if report.steps:
+        metrics["train_loss"] = float(report.steps[-1]["loss"])
+    kd = kd_loss is not None
+    return RunCard(
+        base_model=_checkpoint_name(settings.checkpointer),
+        teacher=teacher,
+        datasets=_dataset_names(settings.dataset),
+        loss=str(_node_value(kd_loss, "_component_")).rpartition(".")[2] if kd else "cross_entropy",
+        kd_ratio=float(settings.kd_ratio) if kd else None,
+        temperature=float(settings.temperature) if kd else None,
+        steps=int(position.global_step),
+        metrics=metrics,
+        command=command_line() if command is _THIS_PROCESS else command,
+    )

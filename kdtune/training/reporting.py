@@ -386,6 +386,11 @@ class Reporter:
             tqdm.write(f"step {pos.global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         self.bar.reset_timer()  # evaluation time is not training throughput
 
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log one-off metrics (e.g. the teacher check before training) at ``step``; nothing when empty."""
+        if self.enabled and metrics:
+            self.logger.log_dict(metrics, step=step)
+
     def close(self) -> RunSummary:
         """Close the bar and the logger; return the :class:`RunSummary`."""
         self.bar.close()

@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdtune.eval.settings import EvalSettings
+
 __all__ = [
     "RECIPES",
     "FinetuneDistributedSettings",
@@ -135,6 +137,11 @@ class KDSettings(LoRAFinetuneSettings):
     scale_by_temperature_squared: bool = _f(
         True, help="Multiply the KD term by temperature^2 so its gradient does not shrink as 1/T^2 (Hinton et al.)."
     )
+    teacher_check: bool = _f(
+        True,
+        help="Before training, compare the live teacher's and the student's loss and next-token accuracy on the "
+        "validation data (max_eval_batches; else a few training batches); warn when the teacher is not better.",
+    )
 
 
 def settings_markdown_table(settings_cls: type) -> str:
@@ -234,6 +241,15 @@ RECIPES: dict[str, tuple[type, str]] = {
         "Full-parameter supervised fine-tuning (e.g. the teacher SFT of the Model Optimizer example, or a plain SFT "
         "baseline for a KD student). Cross-entropy summed over trained tokens and normalised by the step's tokens.",
     ),
+    "eleuther_eval": (
+        EvalSettings,
+        "Evaluate a model with EleutherAI's lm-evaluation-harness (`pip install 'kdtune[eval]'`): a run's `final/`, "
+        "any HF directory, or a base model plus a PEFT adapter (`adapter_dir`, e.g. a run's `final_adapter/`), of "
+        "any kdtune family. The model is wrapped as an lm-eval model (log-likelihood, rolling log-likelihood, "
+        "generate-until with the KV cache and stop sequences) that scores like lm-eval's own `hf` model. Compare "
+        "teacher, SFT student and KD student by running the same config with `checkpointer.checkpoint_dir` pointing "
+        "at each (see docs/tutorial_distillation.md).",
+    ),
 }
 
 _OUTPUTS = """## Outputs
@@ -246,14 +262,18 @@ tokens_per_second, peak memory, val_*) |
 | `output_dir/checkpoints/step_N/` | resume checkpoints (model or LoRA adapter, optimizer, LR schedule, RNG, data \
 position, config), written atomically every `save_every_n_steps` and at each epoch end; the newest \
 `keep_last_n_checkpoints` are kept |
-| `output_dir/final/` | the trained model in Hugging Face format (LoRA merged), loadable by `transformers` |
+| `output_dir/final/` | the trained model in Hugging Face format (LoRA merged), loadable by `transformers`, with the \
+chat template it trained with (`tokenizer_config.json`, `chat_template.jinja`) and a generated model card (`README.md`: \
+base model, teacher, data, loss, metrics, command; licence files of the base model kept) |
 | `output_dir/final_adapter/` | LoRA models only: the PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`) |
 
 `resume_from_checkpoint=true` (same `output_dir`) continues from the newest `step_N` exactly: same weights, \
 optimizer and LR schedule state, RNG and data order (the order depends only on `seed` + epoch). A NaN/inf loss or \
 gradient norm stops the run before the update, naming the step; the last good checkpoint stays on disk. With \
 `dtype=fp16` (mixed precision) a step whose loss-scaled gradients overflow is skipped instead (no update, the loss \
-scale halves) and counted: the logs then carry `loss_scale` and `skipped_steps`, and the scaler is checkpointed.
+scale halves) and counted: the logs then carry `loss_scale` and `skipped_steps`, and the scaler is checkpointed. \
+`kdtune export output_dir/checkpoints/step_N --output-dir DIR` writes any resume checkpoint as `DIR/final` (and \
+`DIR/final_adapter`), exactly as the run's final save would have at that step.
 
 ## Common overrides
 
@@ -279,9 +299,37 @@ scale_by_temperature_squared=false num_output_chunks=16
 """
 
 
+_EVAL_OUTPUTS = """## Outputs
+
+| path | what |
+|---|---|
+| `output_dir/config.yaml` | the resolved config of the run |
+| `output_dir/results.json` | lm-eval's results (per task and metric, with stderrs unless `bootstrap_iters=0`) plus a \
+`kdtune` entry naming the checkpoint, adapter, max_seq_len and dtype |
+| `output_dir/samples_<task>.jsonl` | with `log_samples=true`: every request's prompt, target and output |
+
+lm-eval's table is printed at the end. A task, group or tag lm-eval does not know is an error naming the closest \
+ones, before the model is loaded.
+
+## Common overrides
+
+```bash
+tasks=[arc_easy,hellaswag] limit=100 num_fewshot=0       # a quick check on a subset
+checkpointer.checkpoint_dir=/tmp/teacher/final            # the same tasks on another model
+adapter_dir=/tmp/run/final_adapter                        # base model + PEFT adapter
+apply_chat_template=true dtype=fp32 batch_size=16
+include_path=[/my/tasks] include_default_tasks=false      # local task YAMLs only
+```
+"""
+
+
 def recipe_doc(name: str) -> str:
     """The Markdown page of recipe ``name`` (intro, run command, every config key, outputs)."""
     cls, intro = RECIPES[name]
+    if issubclass(cls, FinetuneSettings):
+        outputs = _OUTPUTS + (_KD_OVERRIDES if issubclass(cls, KDSettings) else "")
+    else:
+        outputs = _EVAL_OUTPUTS
     return (
         f"# `{name}`\n\n<!-- generated by `python -m kdtune.training.settings docs/recipes`; edit the settings "
         f"dataclass in kdtune/training/settings.py instead -->\n\n{intro}\n\n"
@@ -289,7 +337,7 @@ def recipe_doc(name: str) -> str:
         f"   # a standalone copy to edit\n```\n\n## Config keys\n\nEvery top-level key the recipe reads "
         "(plus `recipe:`); any other key is an error naming the closest one. `_component_` nodes are built with "
         "`kdtune.config.instantiate`.\n\n"
-        f"{settings_markdown_table(cls)}\n\n{_OUTPUTS}{_KD_OVERRIDES if issubclass(cls, KDSettings) else ''}"
+        f"{settings_markdown_table(cls)}\n\n{outputs}"
     )
 
 

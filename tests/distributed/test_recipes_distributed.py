@@ -94,7 +94,8 @@ def runs(dist_tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
         _job(kd, "kd_distributed", dist_tiny, root / "kd", *KD_STEPS),
         _job(kd, "kd_distributed", dist_tiny, root / "kd_resumed", *KD_STEPS, "resume_from_checkpoint=true",
              copy=[str(root / "kd" / "checkpoints" / "step_2"), str(root / "kd_resumed" / "checkpoints" / "step_2")]),
-        _job("lora_finetune_distributed", "lora_distributed", dist_tiny, root / "lora", *SHORT, *LORA_EXTRA),
+        _job("lora_finetune_distributed", "lora_distributed", dist_tiny, root / "lora", *SHORT, *LORA_EXTRA,
+             "save_every_n_steps=2"),  # a sharded adapter checkpoint for `kdtune export`
         _job("full_finetune_distributed", "full_distributed", dist_tiny, root / "full", *SHORT),
     ]  # fmt: skip
     (root / "jobs.json").write_text(json.dumps(jobs))
@@ -179,6 +180,39 @@ def test_kd_final_checkpoint_loads_in_transformers(runs: dict) -> None:
     with torch.no_grad():
         diff = (hf(tokens).logits - ours(tokens)).abs().max().item()
     assert diff < 1e-4
+
+
+def test_teacher_check_2proc_equals_single_device(runs: dict) -> None:
+    """The teacher check of the sharded run sees every validation token once: the single-device figures."""
+    root = runs["root"]
+    checks = [
+        next(r for r in _h.read_metrics(root / name) if "teacher_check/teacher_loss" in r)
+        for name in ("kd", "kd_single")
+    ]
+    assert checks[0]["step"] == 0 and checks[0]["teacher_check/tokens"] == checks[1]["teacher_check/tokens"] > 0
+    for key in ("teacher_loss", "teacher_accuracy", "student_loss", "student_accuracy"):
+        assert abs(checks[0][f"teacher_check/{key}"] - checks[1][f"teacher_check/{key}"]) < TOL, key
+
+
+def test_export_of_sharded_checkpoints_equals_final(runs: dict, tmp_path: Path) -> None:
+    """`kdtune export` of the 2-process DCP checkpoints of the last step: final/ (and final_adapter/) bit for bit."""
+    import yaml
+
+    from kdtune.training.export import export_checkpoint
+
+    root = runs["root"]
+    for run, step, dirs in (("kd", 4, ["final"]), ("lora", 2, ["final", "final_adapter"])):
+        result = export_checkpoint(root / run / "checkpoints" / str(step), tmp_path / run)
+        assert result.step == step and sorted(p.name for p in result.written) == dirs
+        for d in dirs:
+            a, b = root / run / d, tmp_path / run / d
+            assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+            for f in a.iterdir():
+                if f.name == "README.md":  # same facts; the title is the directory's name
+                    meta = [yaml.safe_load((x / f.name).read_text().split("---\n")[1]) for x in (a, b)]
+                    assert meta[0] == meta[1]
+                else:
+                    assert f.read_bytes() == (b / f.name).read_bytes(), (run, d, f.name)
 
 
 def test_kd_vocab_mismatch_is_a_clear_error(dist_tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from kdtune.config import instantiate, save_config
 from kdtune.errors import CheckpointError, ConfigError
+from kdtune.handoff import RunCard, command_line
 from kdtune.training.checkpoints import _STEP_DIR, capture_rng_state, restore_rng_state, save_final
 from kdtune.training.data import DataPosition
 from kdtune.training.distributed.env import barrier, get_rank, get_world_size, is_distributed, is_rank_zero
@@ -199,6 +200,7 @@ class DistributedResumeCheckpoints:
             "data_state": nxt.state_dict(),
             "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "precision": self.runtime.precision.state_dict(),  # fp16 loss scale (the same on every rank); {} otherwise
+            "command": command_line(),  # for the model card of an export of this checkpoint
         }
         path = save_sharded_checkpoint(
             self.runtime.checkpoints_dir,
@@ -241,6 +243,8 @@ def save_final_distributed(
     model_cfg: Any,
     *,
     adapter_only: bool = False,
+    tokenizer: Any | None = None,
+    card: RunCard | None = None,
 ) -> list[Path]:
     """Gather the trained model on rank 0 and write ``final/`` (HF) and, for LoRA, ``final_adapter/`` (PEFT).
 
@@ -255,6 +259,8 @@ def save_final_distributed(
         model: the sharded trained model.
         model_cfg: the model ``_component_`` node (to rebuild the unsharded module on rank 0).
         adapter_only: LoRA only: write only the adapter.
+        tokenizer: the run's tokenizer (its chat template goes into ``final/``).
+        card: the model card facts (:func:`kdtune.training.checkpoints.run_card`).
 
     Returns:
         The directories written (on rank 0; ``[]`` elsewhere).
@@ -274,7 +280,7 @@ def save_final_distributed(
         finally:
             torch.set_default_dtype(prev)
         plain.load_state_dict(full, strict=not adapter_only, assign=True)
-        written = save_final(runtime, checkpointer, plain, adapter_only=adapter_only)
+        written = save_final(runtime, checkpointer, plain, adapter_only=adapter_only, tokenizer=tokenizer, card=card)
         del plain
     del full
     barrier()
