@@ -45,7 +45,7 @@ from kdtune.losses.divergences import Divergence, ForwardKLLoss
 from kdtune.losses.functional import check_fraction, check_temperature, log_probs, upcast
 from kdtune.losses.fused import ce_forward_kl, chunk_slices, fused_linear_loss, fused_output_weight
 
-__all__ = ["DistillationObjective", "LiveTeacher", "ObjectiveOutput", "TeacherSource"]
+__all__ = ["DistillationObjective", "LiveTeacher", "ObjectiveOutput", "TeacherSource", "check_batch_kind"]
 
 
 class ObjectiveOutput(NamedTuple):
@@ -91,9 +91,12 @@ class LiveTeacher:
         self.model = model
 
     def prepare(self, batch: dict[str, Any], mask: Tensor) -> tuple[Tensor, ...]:
-        with torch.no_grad():
+        # inference mode: no autograd bookkeeping at all for the teacher's body (FSDP-sharded teachers use no_grad,
+        # as FSDP's hooks keep state that inference tensors cannot carry)
+        sharded = any(hasattr(p, "device_mesh") for p in self.model.parameters())
+        with torch.no_grad() if sharded else torch.inference_mode():
             hidden = self.model(batch["tokens"], return_hidden=True, **model_inputs(batch))  # [B, T, Dt]
-        return (hidden[:, :-1][mask].detach(),)  # [N, Dt]
+        return (hidden[:, :-1][mask].clone(),)  # [N, Dt]; a normal tensor again (the clone leaves inference mode)
 
     def logits(self, state: Sequence[Tensor]) -> Tensor:
         """The teacher's fp32 logits ``[n, Vt]`` for one chunk of its state (computed without gradient)."""
@@ -107,7 +110,7 @@ class LiveTeacher:
         return log_probs(student_logits[..., :vocab], temperature), log_probs(teacher_logits[..., :vocab], temperature)
 
 
-def _check_batch_kind(model: nn.Module, batch: dict[str, Any]) -> None:
+def check_batch_kind(model: nn.Module, batch: dict[str, Any]) -> None:
     """Refuse, in one line, a seq2seq batch for a decoder-only model or a causal batch for an encoder-decoder."""
     seq2seq_model, seq2seq_batch = bool(getattr(model, "is_encoder_decoder", False)), "encoder_tokens" in batch
     if seq2seq_model and not seq2seq_batch:
@@ -196,7 +199,7 @@ class DistillationObjective:
     def __call__(self, student: nn.Module, batch: dict[str, Any]) -> ObjectiveOutput:
         """The objective's sums for one collated micro-batch (``tokens``, ``labels`` [B, T], packed fields; for an
         encoder-decoder student ``encoder_tokens`` [B, S] and ``encoder_padding_mask``: positions are decoder ones)."""
-        _check_batch_kind(student, batch)
+        check_batch_kind(student, batch)
         mask = batch["labels"][:, 1:] != self.ignore_index  # [B, T-1]
         teacher_state = self.teacher.prepare(batch, mask) if self.teacher is not None else None
         hidden = student(batch["tokens"], return_hidden=True, **model_inputs(batch))  # [B, T, D]

@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader
 
 from kdtune.data.collate import model_inputs
 from kdtune.losses import DistillationObjective, LiveTeacher, TeacherSource
+from kdtune.losses.fused import chunk_slices
+from kdtune.losses.objective import check_batch_kind
 from kdtune.training.data import IGNORE_INDEX, ResumableSampler, TrainData, to_device
 from kdtune.training.runtime import is_rank_zero
 
@@ -93,7 +95,7 @@ def loss_and_accuracy(
     model: nn.Module,
     batches: Iterable[dict[str, Any]],
     device: torch.device,
-    num_output_chunks: int = 8,
+    num_output_chunks: int | None = None,
 ) -> Tensor:
     """Summed next-token cross-entropy, correct argmax predictions and trained tokens of ``model`` over ``batches``.
 
@@ -108,19 +110,16 @@ def loss_and_accuracy(
     sums = torch.zeros(3, dtype=torch.float64)
     for batch in batches:
         batch = to_device(batch, device)
+        check_batch_kind(model, batch)
         targets = batch["labels"][:, 1:]  # [B, T-1]
         mask = targets != IGNORE_INDEX
         hidden = model(batch["tokens"], return_hidden=True, **model_inputs(batch))[:, :-1][mask]  # [N, D]
         tgt = targets[mask]  # [N]
         n = tgt.shape[0]
-        k = max(min(num_output_chunks, n), 1)
-        for i in range(k):
-            start, end = (i * n) // k, ((i + 1) * n) // k
-            if end == start:
-                continue
-            logits = model.output_logits(hidden[start:end]).float()  # [n_i, V]
-            sums[0] += float(F.cross_entropy(logits, tgt[start:end], reduction="sum"))
-            sums[1] += float((logits.argmax(-1) == tgt[start:end]).sum())
+        for rows in chunk_slices(n, getattr(model, "vocab_size", 0), num_output_chunks=num_output_chunks):
+            logits = model.output_logits(hidden[rows]).float()  # [n_i, V]
+            sums[0] += float(F.cross_entropy(logits, tgt[rows], reduction="sum"))
+            sums[1] += float((logits.argmax(-1) == tgt[rows]).sum())
         sums[2] += n
     model.train(was_training)
     for module in model.modules():  # a sharded (FSDP2) model: free what the forward gathered, as before it

@@ -119,14 +119,13 @@ def test_teacher_forward_inference_mode_feeds_the_objective():
     assert t_hidden.is_inference()
     with torch.no_grad():
         torch.testing.assert_close(t_hidden, teacher(tokens, return_hidden=True), rtol=0, atol=0)
-    kd = L.ForwardKLLoss(temperature=2.0)
-    out = L.distillation_objective(student(tokens, return_hidden=True), t_hidden, student, teacher, labels, kd, 0.5)
-    out.mixed_sum(0.5).backward()
+    mask = labels[:, 1:] != -100
+    objective = L.DistillationObjective(L.ForwardKLLoss(), teacher=teacher, kd_ratio=0.5, temperature=2.0)
+    out = objective.from_hidden(student, student(tokens, return_hidden=True), labels, (t_hidden[:, :-1][mask],))
+    out.loss_sum.backward()
     grads = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
-    with torch.no_grad():
-        plain = teacher(tokens, return_hidden=True)
-    ref = L.distillation_objective(student(tokens, return_hidden=True), plain, student, teacher, labels, kd, 0.5)
-    ref.mixed_sum(0.5).backward()
+    ref = objective(student, {"tokens": tokens, "labels": labels})  # LiveTeacher.prepare: its own inference mode
+    ref.loss_sum.backward()
     for g, p in zip(grads, student.parameters()):
         torch.testing.assert_close(g, p.grad)

@@ -169,7 +169,9 @@ def test_kd_recipe_trains_from_the_cache_without_a_teacher(built, tiny, tiny_cfg
     assert all(s["kd_loss"] > 0 for s in straight.steps)
     import shutil
 
-    shutil.copytree(tmp_path / "top16" / "checkpoints" / "step_00000002", tmp_path / "resumed" / "checkpoints" / "step_00000002")
+    shutil.copytree(
+        tmp_path / "top16" / "checkpoints" / "step_00000002", tmp_path / "resumed" / "checkpoints" / "step_00000002"
+    )
     resumed = kd.train(tiny_cfg("kd", tmp_path / "resumed", *top16, "resume_from_checkpoint=true"))
     assert [s["loss"] for s in resumed.steps] == pytest.approx([s["loss"] for s in straight.steps[2:]], rel=1e-6)
     from kdtune.errors import KDTuneError
