@@ -98,7 +98,7 @@ def _train(cfg: DictConfig, s: FinetuneDistributedSettings, env: D.DistEnv) -> R
         model.train()
         for batch in micro_batches:
             acc.backward(objective(model, to_device(batch, rt.device)))  # loss_sum.backward(), sums recorded
-        result = optimizer_step(acc, model, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
+        result = optimizer_step(acc, model, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt)
         report.step(pos, result)
         if due(pos.global_step, s.eval_every_n_steps):
             validate(pos)

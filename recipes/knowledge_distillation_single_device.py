@@ -94,7 +94,7 @@ def train(cfg: DictConfig) -> RunSummary:
         student.train()
         for batch in micro_batches:
             acc.backward(objective(student, to_device(batch, rt.device)))  # loss_sum.backward(), sums recorded
-        result = optimizer_step(acc, student, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
+        result = optimizer_step(acc, student, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt)
         report.step(pos, result)
         if due(pos.global_step, s.eval_every_n_steps):
             validate(pos)

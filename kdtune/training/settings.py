@@ -13,6 +13,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdtune.config import setting
+from kdtune.training.runtime import device_problem, dtype_problem
+
 __all__ = [
     "RECIPES",
     "FinetuneDistributedSettings",
@@ -41,53 +44,66 @@ class FinetuneSettings:
     """Settings shared by every training recipe (full fine-tuning reads exactly these)."""
 
     # --- where things come from and go to
-    output_dir: str = _f(help="Directory for checkpoints/, final/, logs/ and the resolved config.yaml.")
+    output_dir: str = setting(
+        help="Directory for checkpoints/, final/, logs/ and the resolved config.yaml.", non_empty=True
+    )
     model: Any = _f(help="Model `_component_` (e.g. kdtune.models.llama3_2.llama3_2_1b or kdtune.models.hf_model).")
     tokenizer: Any = _f(help="Tokenizer `_component_`, usually kdtune.data.load_hf_tokenizer with checkpoint_dir.")
     checkpointer: Any = _f(help="kdtune.models.HFCheckpointer `_component_` the model's weights are loaded from.")
     dataset: Any = _f(help="Training dataset `_component_` (or a list of them, concatenated).")
     val_dataset: Any = _f(None, help="Validation dataset `_component_`; null = none (see val_split_ratio).")
-    val_split_ratio: float = _f(
-        0.0, help="Fraction of the training dataset held out (seeded) for validation when val_dataset is null."
+    val_split_ratio: float = setting(
+        0.0,
+        help="Fraction of the training dataset held out (seeded) for validation when val_dataset is null.",
+        ge=0.0,
+        lt=1.0,
     )
     # --- data order
-    seed: int = _f(42, help="Seed for weights init (LoRA), data order and dropout; saved for exact resume.")
+    seed: int = setting(42, help="Seed for weights init (LoRA), data order and dropout; saved for exact resume.", ge=0)
     deterministic: bool = _f(False, help="torch.use_deterministic_algorithms(True) (slower, bit-reproducible).")
     shuffle: bool = _f(True, help="Shuffle the training data each epoch (seed + epoch).")
-    num_workers: int = _f(0, help="DataLoader worker processes.")
+    num_workers: int = setting(0, help="DataLoader worker processes.", ge=0)
     # --- steps
-    batch_size: int = _f(2, help="Micro-batch size (sequences per forward pass).")
-    gradient_accumulation_steps: int = _f(
-        1, help="Micro-batches per optimizer step; the loss is normalised by the step's total valid tokens."
+    batch_size: int = setting(2, help="Micro-batch size (sequences per forward pass).", ge=1)
+    gradient_accumulation_steps: int = setting(
+        1, help="Micro-batches per optimizer step; the loss is normalised by the step's total valid tokens.", ge=1
     )
-    epochs: int = _f(1, help="Passes over the training data.")
-    max_steps_per_epoch: int | None = _f(None, help="Cap on optimizer steps per epoch; null = the whole epoch.")
-    max_steps: int | None = _f(None, help="Cap on total optimizer steps over all epochs; null = no cap.")
+    epochs: int = setting(1, help="Passes over the training data.", ge=1)
+    max_steps_per_epoch: int | None = setting(
+        None, help="Cap on optimizer steps per epoch; null = the whole epoch.", ge=1
+    )
+    max_steps: int | None = setting(None, help="Cap on total optimizer steps over all epochs; null = no cap.", ge=1)
     # --- optimisation
     optimizer: Any = _f(help="Optimizer `_component_`, built with the trainable parameters (e.g. torch.optim.AdamW).")
     lr_scheduler: Any = _f(
         None, help="LR schedule `_component_` (kdtune.training.*_schedule), built with optimizer + total steps."
     )
-    num_output_chunks: int = _f(
-        8, help="Chunks the trained positions are split into for the output projection + loss (memory at large vocab)."
+    num_output_chunks: int = setting(
+        8,
+        help="Chunks the trained positions are split into for the output projection + loss (memory at large vocab).",
+        ge=1,
     )
-    clip_grad_norm: float | None = _f(None, help="Max gradient L2 norm; null = no clipping (norm still logged).")
+    clip_grad_norm: float | None = setting(
+        None, help="Max gradient L2 norm; null = no clipping (norm still logged).", gt=0
+    )
     # --- precision and speed
-    device: str = _f("auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
-    dtype: str = _f("fp32", help="fp32 or bf16 (weights and compute); fp16 is refused.")
+    device: str = setting("auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N.", check=device_problem)
+    dtype: str = setting("fp32", help="fp32 or bf16 (weights and compute); fp16 is refused.", check=dtype_problem)
     enable_activation_checkpointing: bool = _f(False, help="Recompute each decoder layer in backward (less memory).")
     compile: bool = _f(False, help="torch.compile each decoder layer.")
     # --- logging, eval, checkpoints
     metric_logger: Any = _f(None, help="Metric logger `_component_`; null = kdtune.training.DiskLogger in logs/.")
-    log_every_n_steps: int = _f(1, help="Log metrics every N optimizer steps.")
+    log_every_n_steps: int = setting(1, help="Log metrics every N optimizer steps.", ge=1)
     log_peak_memory_stats: bool = _f(True, help="Log peak memory (CUDA allocator on GPU, RSS on CPU).")
     progress_bar: bool = _f(True, help="Show a tqdm progress bar (step/total, loss, lr, tokens/s, ETA).")
-    eval_every_n_steps: int | None = _f(
-        None, help="Validation loss every N optimizer steps (and always at the end when there is a val split)."
+    eval_every_n_steps: int | None = setting(
+        None, help="Validation loss every N optimizer steps (and always at the end when there is a val split).", ge=1
     )
-    max_eval_batches: int | None = _f(None, help="Cap on validation batches per evaluation; null = all.")
-    save_every_n_steps: int | None = _f(None, help="Resume checkpoint every N steps (also at each epoch end).")
-    keep_last_n_checkpoints: int = _f(1, help="Resume checkpoints kept under output_dir/checkpoints/.")
+    max_eval_batches: int | None = setting(None, help="Cap on validation batches per evaluation; null = all.", ge=1)
+    save_every_n_steps: int | None = setting(
+        None, help="Resume checkpoint every N steps (also at each epoch end).", ge=1
+    )
+    keep_last_n_checkpoints: int = setting(1, help="Resume checkpoints kept under output_dir/checkpoints/.", ge=1)
     resume_from_checkpoint: bool = _f(
         False, help="Continue exactly from the latest output_dir/checkpoints/step_N (model, optimizer, LR, RNG, data)."
     )
@@ -124,8 +140,10 @@ class KDSettings(LoRAFinetuneSettings):
     kd_loss: Any = _f(
         help="The divergence `_component_`, a kdtune.losses.Divergence (ForwardKLLoss, ReverseKLLoss, JSDLoss, ...)."
     )
-    kd_ratio: float = _f(0.5, help="loss = (1 - kd_ratio) * cross-entropy + kd_ratio * KD, in [0, 1].")
-    temperature: float = _f(1.0, help="Both models' distributions are softmax(logits / temperature); > 0.")
+    kd_ratio: float = setting(
+        0.5, help="loss = (1 - kd_ratio) * cross-entropy + kd_ratio * KD, in [0, 1].", ge=0.0, le=1.0
+    )
+    temperature: float = setting(1.0, help="Both models' distributions are softmax(logits / temperature); > 0.", gt=0.0)
     scale_by_temperature_squared: bool = _f(
         True, help="Multiply the KD term by temperature^2 so its gradient does not shrink as 1/T^2 (Hinton et al.)."
     )
@@ -168,14 +186,14 @@ class PromptSource:
     column_map: Any = field(
         default=None, metadata={"help": "Canonical column -> your column, e.g. {source: question}."}
     )
-    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts; null = all."})
+    max_prompts: int | None = setting(None, help="Use only the first N prompts; null = all.", ge=1)
 
 
 @dataclass(kw_only=True)
 class GenerateSettings:
     """Every key ``generate_distillation_data`` reads."""
 
-    output_dir: str = field(metadata={"help": "Directory for the generated file and the resolved config.yaml."})
+    output_dir: str = setting(help="Directory for the generated file and the resolved config.yaml.", non_empty=True)
     output_file: str | None = field(
         default=None, metadata={"help": "JSON-lines output; null = output_dir/generated.jsonl."}
     )
@@ -184,16 +202,16 @@ class GenerateSettings:
     tokenizer: Any = field(metadata={"help": "The teacher's tokenizer `_component_` (its chat template is used)."})
     prompts: PromptSource = field(metadata={"help": "The prompt dataset (see PromptSource)."})
     system_prompt: str | None = field(default=None, metadata={"help": "Replace/insert a system turn in every prompt."})
-    num_generations: int = field(default=1, metadata={"help": "Completions per prompt (use temperature > 0 for >1)."})
-    max_prompt_tokens: int = field(default=512, metadata={"help": "Skip prompts longer than this many tokens."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Longest completion, in tokens."})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 samples from logits / temperature."})
-    top_k: int | None = field(default=None, metadata={"help": "Sample among the top-k tokens only; null = all."})
-    batch_size: int = field(default=8, metadata={"help": "Prompts generated together (left-padded)."})
+    num_generations: int = setting(1, help="Completions per prompt (use temperature > 0 for >1).", ge=1)
+    max_prompt_tokens: int = setting(512, help="Skip prompts longer than this many tokens.", ge=1)
+    max_new_tokens: int = setting(512, help="Longest completion, in tokens.", ge=1)
+    temperature: float = setting(0.0, help="0 = greedy; > 0 samples from logits / temperature.", ge=0.0)
+    top_k: int | None = setting(None, help="Sample among the top-k tokens only; null = all.", ge=1)
+    batch_size: int = setting(8, help="Prompts generated together (left-padded).", ge=1)
     keep_unfinished: bool = field(default=False, metadata={"help": "Keep completions that hit max_new_tokens."})
-    seed: int = field(default=42, metadata={"help": "Sampling seed (same seed -> same file)."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
-    dtype: str = field(default="fp32", metadata={"help": "fp32 or bf16."})
+    seed: int = setting(42, help="Sampling seed (same seed -> same file).", ge=0)
+    device: str = setting("auto", help="auto, cpu, cuda, cuda:N.", check=device_problem)
+    dtype: str = setting("fp32", help="fp32 or bf16.", check=dtype_problem)
     resume_from_checkpoint: bool = field(default=False, metadata={"help": "Continue an interrupted .partial file."})
     push_to_hub: str | None = field(
         default=None,

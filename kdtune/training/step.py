@@ -180,7 +180,7 @@ def optimizer_step(
     scheduler: Any,
     clip_grad_norm: float | None,
     step: int,
-    last_checkpoint: str | None = None,
+    last_checkpoint: str | Any | None = None,
 ) -> StepResult:
     """Finish a step: normalise gradients by the step's tokens, stop on NaN/inf, clip, update, advance the schedule.
 
@@ -194,15 +194,19 @@ def optimizer_step(
         scheduler: LR schedule or None.
         clip_grad_norm: max gradient norm, or None to only measure it.
         step: this step's number (1-based), named in the NaN error.
-        last_checkpoint: the last resume checkpoint written, named in the NaN error.
+        last_checkpoint: the run's checkpoints (:class:`kdtune.training.ResumeCheckpoints` or its distributed twin):
+            on a NaN/inf their ``diverged(step)`` sets aside those that would repeat it and names the one to resume
+            from; or the path to name, or None.
 
     Returns:
         The :class:`StepResult`.
     """
     metrics = accumulator.finish()
-    check_finite(metrics.loss, step, "loss", last_checkpoint)
-    grad_norm = float(clip(model, clip_grad_norm))
-    check_finite(grad_norm, step, "grad_norm", last_checkpoint)
+    grad_norm = float(clip(model, clip_grad_norm)) if math.isfinite(metrics.loss) else math.nan
+    if not (math.isfinite(metrics.loss) and math.isfinite(grad_norm)):
+        where = last_checkpoint.diverged(step) if hasattr(last_checkpoint, "diverged") else last_checkpoint
+        check_finite(metrics.loss, step, "loss", where)
+        check_finite(grad_norm, step, "grad_norm", where)
     lr = float(optimizer.param_groups[0]["lr"])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
