@@ -10,6 +10,7 @@ import random
 import re
 import resource
 import sys
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,8 +338,9 @@ class Runtime:
         return self.output_dir / "logs"
 
 
-#: run locks this process holds, by output directory (see :func:`_lock_output_dir`)
-_HELD_LOCKS: dict[Path, RunLock] = {}
+#: run locks this process holds, by output directory (see :func:`_lock_output_dir`); weak, so the lock of a run that
+#: ended with an exception is released as soon as nothing refers to its Runtime any more
+_HELD_LOCKS: weakref.WeakValueDictionary[Path, RunLock] = weakref.WeakValueDictionary()
 
 
 def _lock_output_dir(out: Path, run_id: str) -> RunLock:
