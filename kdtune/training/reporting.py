@@ -326,12 +326,12 @@ def build_metric_logger(logger_cfg: DictConfig | None, runtime: Runtime) -> Any:
 
 def logged_steps(log_dir: str | os.PathLike, *, exclude: Path | None = None) -> dict[int, dict[str, Any]]:
     """Step -> the last training row (one with a ``loss``) logged for it in the ``*.jsonl`` files of ``log_dir``
-    (files in name order, i.e. run start order; unreadable lines skipped)."""
+    (files in the order they were last written; unreadable lines skipped)."""
     rows: dict[int, dict[str, Any]] = {}
     d = Path(log_dir)
     if not d.is_dir():
         return rows
-    for path in sorted(d.glob("*.jsonl")):
+    for path in sorted(d.glob("*.jsonl"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
         if exclude is not None and path.resolve() == exclude.resolve():
             continue
         try:

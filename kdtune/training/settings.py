@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdtune.config import setting
+from kdtune.config import describe_settings, setting
 from kdtune.training.runtime import device_problem, dtype_problem
 
 __all__ = [
@@ -150,7 +150,7 @@ class KDSettings(LoRAFinetuneSettings):
 
 
 def settings_markdown_table(settings_cls: type) -> str:
-    """A Markdown table of every key of ``settings_cls``: name, type, default, meaning.
+    """A Markdown table of every key of ``settings_cls``: name, type, default, meaning (and the values allowed).
 
     Args:
         settings_cls: one of the settings dataclasses above.
@@ -159,6 +159,7 @@ def settings_markdown_table(settings_cls: type) -> str:
         The table as a string (used to generate ``docs/recipes/*.md``).
     """
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    allowed = {info.name: info.allowed for info in describe_settings(settings_cls)}
     for f in dataclasses.fields(settings_cls):
         if f.default is dataclasses.MISSING:
             default = "**required**"
@@ -169,7 +170,8 @@ def settings_markdown_table(settings_cls: type) -> str:
         else:
             default = f"`{f.default}`"
         typ = str(f.type).replace(" | ", " or ").replace("Any", "component")
-        rows.append(f"| `{f.name}` | {typ} | {default} | {f.metadata.get('help', '')} |")
+        limits = f" Allowed: {allowed[f.name]}." if allowed.get(f.name) else ""
+        rows.append(f"| `{f.name}` | {typ} | {default} | {f.metadata.get('help', '')}{limits} |")
     return "\n".join(rows)
 
 
@@ -252,18 +254,32 @@ _OUTPUTS = """## Outputs
 
 | path | what |
 |---|---|
-| `output_dir/config.yaml` | the resolved config of the run |
-| `output_dir/logs/*.jsonl` | one JSON line per logged step / evaluation (loss, class_loss, kd_loss, lr, grad_norm, \
-tokens_per_second, peak memory, val_*) |
+| `output_dir/config.yaml` | the resolved config of the last run started there (written once setup succeeded) |
+| `output_dir/logs/log_<run id>.jsonl` | one file per run, one JSON line per logged step / evaluation (run_id, loss, \
+class_loss, kd_loss, lr, grad_norm, tokens_per_second, peak memory, val_*); after a resume, the rows of steps an \
+earlier run had logged carry `"resumed": true` |
 | `output_dir/checkpoints/step_N/` | resume checkpoints (model or LoRA adapter, optimizer, LR schedule, RNG, data \
 position, config), written atomically every `save_every_n_steps` and at each epoch end; the newest \
 `keep_last_n_checkpoints` are kept |
 | `output_dir/final/` | the trained model in Hugging Face format (LoRA merged), loadable by `transformers` |
 | `output_dir/final_adapter/` | LoRA models only: the PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`) |
 
-`resume_from_checkpoint=true` (same `output_dir`) continues from the newest `step_N` exactly: same weights, \
-optimizer and LR schedule state, RNG and data order (the order depends only on `seed` + epoch). A NaN/inf loss or \
-gradient norm stops the run before the update, naming the step; the last good checkpoint stays on disk.
+One run per `output_dir`: a second live run there is refused (naming its pid; a killed run leaves no lock), and a \
+fresh run (`resume_from_checkpoint=false`) in a directory that holds an earlier run's checkpoints is refused. \
+`resume_from_checkpoint=true` continues from the newest `step_N` exactly: same weights, optimizer and LR schedule \
+state, RNG and data order (the order depends only on `seed` + epoch). Every key that differs from the checkpoint's \
+config is either applied, with a printed line (`optimizer.*` such as a new lr, in the parameter groups and the \
+schedule; `max_steps`/`epochs`/`lr_scheduler.*`, re-planning the schedule; logging/eval/save cadence, \
+`keep_last_n_checkpoints`, `clip_grad_norm`, precision and speed settings), or refused in one line naming the key \
+(the data order: `seed`, `shuffle`, `batch_size`, `gradient_accumulation_steps`, `max_steps_per_epoch`; \
+`dataset`/`val_dataset`/`val_split_ratio`, `tokenizer`, `model`, `checkpointer`; the KD objective: `teacher_*`, \
+`kd_loss`, `kd_ratio`, `temperature`, `scale_by_temperature_squared`; any key kdtune does not know). \
+`kdtune runs <output_dir>` lists the checkpoints, their loss and config differences and which one resume picks.
+
+A NaN/inf loss or gradient norm stops the run before the update, naming the step. The checkpoint of the step before \
+holds the weights that produced it (resuming from it would repeat it), so it is set aside as `step_N.diverged` and \
+the message names the newest older one (only finite, sane weights and optimizer state are ever saved): resume from \
+it with a lower `optimizer.lr`, `clip_grad_norm=1.0` or `dtype=fp32` (`keep_last_n_checkpoints` >= 2 keeps one).
 
 ## Common overrides
 

@@ -106,7 +106,9 @@ def test_bad_input_is_one_line_and_changes_nothing(used: dict, capsys, monkeypat
     fill = {"root": used["root"], "out": used["out"]}
     before = snapshot(used["out"])
     capsys.readouterr()
-    line = one_line(capsys, main(["run", RECIPE, "--config", CONFIG, *used["base"], *(e.format(**fill) for e in extra)]))
+    line = one_line(
+        capsys, main(["run", RECIPE, "--config", CONFIG, *used["base"], *(e.format(**fill) for e in extra)])
+    )
     assert expected.format(**fill) in line, line
     assert snapshot(used["out"]) == before
 
@@ -133,7 +135,9 @@ def test_a_second_live_run_is_refused_naming_the_pid(used: dict, capsys) -> None
         """
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", holder, str(used["out"])], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder, str(used["out"])], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert proc.stdout.readline().startswith("LOCKED")
         before = snapshot(used["out"])
@@ -159,3 +163,33 @@ def test_kdtune_runs_lists_checkpoints_losses_and_what_resume_picks(used: dict, 
     losses = {r["step"]: r["loss"] for r in rows_logged if "loss" in r}
     assert f"{losses[1]:.4f}" in rows[0] and f"{losses[2]:.4f}" in rows[1]
     assert out.count(" " * 28 + "same config") == 2
+
+
+def test_resume_applies_a_new_lr_and_length_and_marks_repeated_log_rows(tiny_cfg, recipe, tmp_path: Path, capsys):
+    """A 4-step run resumed from step 2 with optimizer.lr=1e-3 max_steps=6: the resumed steps use exactly the LRs of a
+    straight 6-step run at 1e-3 (param groups and schedule both changed); each run logs to its own file with its run
+    id, and the rows of steps 3-4 (logged before by the first run) are marked resumed."""
+    import json
+    import shutil
+
+    kd = recipe(RECIPE)
+    common = ["save_every_n_steps=2", "keep_last_n_checkpoints=5", "eval_every_n_steps=null", "val_split_ratio=0.0"]
+    straight = kd.train(tiny_cfg("kd", tmp_path / "straight", *common, "optimizer.lr=1e-3", "max_steps=6"))
+    out = tmp_path / "run"
+    kd.train(tiny_cfg("kd", out, *common, "max_steps=4"))  # the config's lr 3e-3
+    shutil.rmtree(out / "checkpoints" / "step_00000004")
+    config_before = (out / "config.yaml").read_text()
+    capsys.readouterr()
+    resumed = kd.train(tiny_cfg("kd", out, *common, "optimizer.lr=1e-3", "max_steps=6", "resume_from_checkpoint=true"))
+    printed = capsys.readouterr().out
+    assert "resume: max_steps: 4 -> 6 (the run's length changes; the LR schedule is re-planned for it)" in printed
+    assert "resume: optimizer.lr: 0.003 -> 0.001" in printed
+    assert [s["step"] for s in resumed.steps] == [3, 4, 5, 6]
+    assert [s["lr"] for s in resumed.steps] == pytest.approx([s["lr"] for s in straight.steps[2:]], rel=1e-12)
+    assert (out / "config.yaml").read_text() != config_before and "lr: 0.001" in (out / "config.yaml").read_text()
+    logs = sorted((out / "logs").glob("log_*.jsonl"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(logs) == 2
+    first, second = ([json.loads(line) for line in p.read_text().splitlines()] for p in logs)
+    assert len({r["run_id"] for r in first}) == 1 and len({r["run_id"] for r in second}) == 1
+    assert first[0]["run_id"] != second[0]["run_id"]
+    assert [(r["step"], r.get("resumed", False)) for r in second] == [(3, True), (4, True), (5, False), (6, False)]

@@ -22,8 +22,12 @@ def test_shipped_kd_config_names_the_download_and_the_teacher_fine_tune(tmp_path
     with pytest.raises(CheckpointError) as info:
         setup_runtime("cpu", "fp32", cfg.output_dir, 0, cfg=cfg)
     msg = str(info.value)
-    assert msg.startswith("missing model weights: checkpointer.checkpoint_dir '/tmp/Llama-3.2-1B-Instruct' does not exist")
-    assert "(get it with `kdtune download meta-llama/Llama-3.2-1B-Instruct --output-dir /tmp/Llama-3.2-1B-Instruct" in msg
+    assert msg.startswith(
+        "missing model weights: checkpointer.checkpoint_dir '/tmp/Llama-3.2-1B-Instruct' does not exist"
+    )
+    assert (
+        "(get it with `kdtune download meta-llama/Llama-3.2-1B-Instruct --output-dir /tmp/Llama-3.2-1B-Instruct" in msg
+    )
     assert (
         f"teacher_checkpointer.checkpoint_dir '{teacher}' does not exist (get it with "
         "`kdtune run lora_finetune_single_device --config llama3_1/8B_lora_single_device`)"
@@ -37,7 +41,10 @@ def test_tiny_files_come_from_make_tiny_and_present_dirs_pass(tmp_path: Path, mo
     cfg = OmegaConf.create(
         {
             "checkpointer": {"_component_": "kdtune.models.HFCheckpointer", "checkpoint_dir": str(tmp_path / "tiny/s")},
-            "teacher_checkpointer": {"_component_": "kdtune.models.HFCheckpointer", "checkpoint_dir": str(tmp_path / "empty")},
+            "teacher_checkpointer": {
+                "_component_": "kdtune.models.HFCheckpointer",
+                "checkpoint_dir": str(tmp_path / "empty"),
+            },
             "other": {"_component_": "x.Y", "checkpoint_dir": "/nowhere"},  # not a checkpointer
         }
     )

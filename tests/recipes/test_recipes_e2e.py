@@ -234,7 +234,9 @@ def test_nan_stop_names_a_usable_checkpoint_and_a_lower_lr_on_resume_takes_effec
     state = torch.load(named / "optimizer.pt", weights_only=True)["state"]
     assert all(torch.isfinite(t).all() for s in state.values() for t in s.values() if torch.is_tensor(t))
     # the advice: resume from it with a lower learning rate
-    resumed = full.train(tiny_cfg("full", out, *common, "optimizer.lr=0.01", "max_steps=9", "resume_from_checkpoint=true"))
+    resumed = full.train(
+        tiny_cfg("full", out, *common, "optimizer.lr=0.01", "max_steps=9", "resume_from_checkpoint=true")
+    )
     assert "resume: optimizer.lr: 1000.0 -> 0.01" in capsys.readouterr().out
     first = bad_step - 1
     assert [s["step"] for s in resumed.steps] == list(range(first, 10))
@@ -367,7 +369,9 @@ def test_resume_with_a_different_data_order_is_refused(tiny_cfg, recipe, tmp_pat
     out = tmp_path / "run"
     full.train(tiny_cfg("full", out, "max_steps=2", "save_every_n_steps=1", "val_split_ratio=0.0"))
     with pytest.raises(KDTuneError, match="batch_size is 2 but the checkpoint .* was trained with 4"):
-        full.train(tiny_cfg("full", out, "max_steps=4", "batch_size=2", "resume_from_checkpoint=true"))
+        full.train(
+            tiny_cfg("full", out, "max_steps=4", "batch_size=2", "val_split_ratio=0.0", "resume_from_checkpoint=true")
+        )
 
 
 def test_adapter_only_outputs(tiny_cfg, recipe, tmp_path: Path) -> None:

@@ -87,7 +87,9 @@ def test_generate_settings_refuse_bad_values(key: str, value, allowed: str) -> N
 
 def test_null_switches_features_off_and_defaults_pass() -> None:
     nulls = {k: None for k in ("max_steps", "max_steps_per_epoch", "eval_every_n_steps", "save_every_n_steps")}
-    s = read_settings(KDSettings, OmegaConf.create({**KD_BASE, **nulls, "clip_grad_norm": None, "max_eval_batches": None}))
+    s = read_settings(
+        KDSettings, OmegaConf.create({**KD_BASE, **nulls, "clip_grad_norm": None, "max_eval_batches": None})
+    )
     assert s.max_steps is None and s.clip_grad_norm is None
     assert read_settings(KDSettings, OmegaConf.create({**KD_BASE, "kd_ratio": 1, "temperature": 0.5})).kd_ratio == 1.0
     for device in ("auto", "cpu", "cuda", "cuda:1"):  # a syntax check only: availability is the run's business

@@ -89,7 +89,9 @@ def test_applied_keys_and_a_moved_run_dir() -> None:
         "clip_grad_norm",
     ]
     assert all(c.apply for c in changes)
-    assert changes[1].line() == "optimizer.lr: 0.003 -> 0.001 (set in the optimizer's parameter groups from the next step)"
+    assert (
+        changes[1].line() == "optimizer.lr: 0.003 -> 0.001 (set in the optimizer's parameter groups from the next step)"
+    )
 
 
 def test_a_run_length_that_ends_before_the_checkpoint_names_the_key() -> None:

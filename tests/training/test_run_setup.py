@@ -82,7 +82,9 @@ def test_a_fresh_run_in_a_directory_with_checkpoints_is_refused(tmp_path: Path) 
     step.mkdir(parents=True)
     (step / "state.json").write_text("{}")
     cfg = OmegaConf.create({"resume_from_checkpoint": False})
-    with pytest.raises(ConfigError, match=r"already holds resume checkpoints of an earlier run \(newest: step_00000004"):
+    with pytest.raises(
+        ConfigError, match=r"already holds resume checkpoints of an earlier run \(newest: step_00000004"
+    ):
         setup_runtime("cpu", "fp32", str(tmp_path), 0, cfg=cfg)
     setup_runtime("cpu", "fp32", str(tmp_path), 0, cfg=OmegaConf.create({"resume_from_checkpoint": True})).close()
 
