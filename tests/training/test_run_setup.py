@@ -95,3 +95,24 @@ def test_bad_output_dirs(tmp_path: Path, bad: str) -> None:
     (tmp_path / "f").write_text("x")
     with pytest.raises(ConfigError, match="output_dir"):
         setup_runtime("cpu", "fp32", path, 0)
+
+
+def test_a_disk_full_save_is_one_line_and_leaves_the_older_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import torch
+
+    from kdtune.errors import CheckpointError
+    from kdtune.training import ResumeState
+
+    model = torch.nn.Linear(2, 2)
+    state = ResumeState(tmp_path, keep_last=1)
+    state.save(1, model=model)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"cannot write .*step_00000002: no space left on the device"):
+        state.save(2, model=model)
+    assert [p.name for p in (tmp_path / "resume").iterdir()] == ["step_00000001"]  # partial removed, older intact
