@@ -54,7 +54,6 @@ __all__ = [
     "PlannedHyperparameters",
     "apply_resume_changes",
     "capture_rng_state",
-    "check_same_data_order",
     "plan_resume",
     "restore_rng_state",
     "resume_changes",
@@ -732,17 +731,6 @@ def set_aside_diverged(root: str | os.PathLike, step: int, *, move: bool = True)
                 shutil.rmtree(target)
             os.replace(path, target)
     return None if usable is None else str(usable)
-
-
-def check_same_data_order(cfg: DictConfig, saved: DictConfig, where: Path) -> None:
-    """Raise ConfigError when a resumed run changes a setting that defines the data order (see ``DATA_ORDER_KEYS``)."""
-    for key in DATA_ORDER_KEYS:
-        now, before = cfg.get(key), saved.get(key)
-        if now != before:
-            raise ConfigError(
-                f"resume_from_checkpoint: {key} is {now!r} but the checkpoint {where} was trained with {before!r}; "
-                f"resume with {key}={before} (or start a new run in another output_dir)"
-            )
 
 
 def save_final(runtime: Runtime, checkpointer: Any, model: nn.Module, *, adapter_only: bool = False) -> list[Path]:

@@ -428,14 +428,15 @@ def setup_runtime(
     if get_rank() == 0:
         try:
             out, run_id, lock = _start_run(output_dir, cfg)
-        except KDTuneError as e:
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank
             error = e
     if is_distributed() and get_world_size() > 1:  # every rank learns the run id, or rank 0's refusal
         box: list[object] = [(run_id, None if error is None else (type(error), str(error)))]
         dist.broadcast_object_list(box, src=0)
         run_id, failed = box[0]  # type: ignore[misc]
         if failed is not None and error is None:
-            error = failed[0](failed[1])
+            kind, text = failed
+            error = kind(text) if issubclass(kind, KDTuneError) else RuntimeError(f"on rank 0: {text}")
     if error is not None:
         raise error
     return Runtime(
