@@ -105,6 +105,7 @@ def _build(cfg: DictConfig, s: CacheTeacherLogitsSettings, env: D.DistEnv) -> di
     )
     D.barrier()  # every rank has checked the existing manifest before rank 0 (re)writes it
     writer.write_manifest()
+    rt.save_config()  # everything built and checked: this run's config.yaml replaces the previous one
     pending = writer.pending_shards()
     if env.is_rank_zero:
         print(

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_eval_model(s.model, s.checkpointer, rt, adapter_dir=s.adapter_dir)
     lm = KDTuneLM(model, tokenizer, batch_size=s.batch_size, max_length=s.max_seq_len, max_gen_toks=s.max_gen_toks,
                   seed=s.seed)  # fmt: skip
+    rt.save_config()  # everything built and checked: this run's config.yaml replaces the previous one
     print(f"evaluating on {', '.join(tasks)} (max_seq_len {lm.max_length}, batch size {s.batch_size})")
     results = evaluate(
         lm, tasks, task_manager, num_fewshot=s.num_fewshot, limit=s.limit, apply_chat_template=s.apply_chat_template,

@@ -104,7 +104,7 @@ def _train(cfg: DictConfig, s: FinetuneDistributedSettings, env: D.DistEnv) -> R
             with rt.precision.autocast():  # fp16: the forward in autocast; fp32/bf16: nothing
                 out = objective(model, to_device(batch, rt.device))
             acc.backward(out)  # (fp16: scaled) loss_sum.backward(), sums recorded
-        result = optimizer_step(acc, model, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt.last)
+        result = optimizer_step(acc, model, optimizer, scheduler, s.clip_grad_norm, pos.global_step, ckpt)
         report.step(pos, result)
         if due(pos.global_step, s.eval_every_n_steps):
             validate(pos)

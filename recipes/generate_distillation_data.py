@@ -97,6 +97,7 @@ def generate_data(cfg: DictConfig) -> dict[str, Any]:
         print(f"resuming after {done_batches} finished batches of {partial}")
     elif partial.exists():
         partial.unlink()
+    rt.save_config()  # everything built and checked: this run's config.yaml replaces the previous one
     generator = torch.Generator(device=rt.device).manual_seed(s.seed)
     stop_ids = list(tokenizer.stop_ids)
     started = time.monotonic()

@@ -1,4 +1,4 @@
-"""The ``kdtune`` command: ls, cp, cat, validate, run, download, export, upload, make-tiny, quickstart.
+"""The ``kdtune`` command: ls, cp, cat, validate, run, runs, download, export, upload, make-tiny, quickstart.
 
 Every user error (a :class:`kdtune.errors.KDTuneError`) is printed as one line, ``kdtune: error: ...``, with exit
 code 1; ``--debug`` or ``KDTUNE_DEBUG=1`` adds the traceback.
@@ -120,6 +120,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="e.g. /tmp/run/checkpoints/step_00000400 (or .../checkpoints/400)")
     p.add_argument("--output-dir", required=True, help="where final/ (and final_adapter/) are written")
+    p = sub.add_parser(
+        "runs",
+        help="list a run directory's resume checkpoints (step, loss, config differences) and what resume picks",
+        description="For each complete resume checkpoint of <output_dir>: step, epoch, the logged loss and how its "
+        "config differs from <output_dir>/config.yaml (each key marked applied or refused on resume); the newest is "
+        "the one resume_from_checkpoint=true continues from.",
+    )
+    p.add_argument("output_dir", help="the output_dir of a run")
 
     p = sub.add_parser(
         "make-tiny",
@@ -345,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
             from kdtune.cli._download import download_command
 
             return download_command(args)
+        if args.command == "runs":
+            from kdtune.cli._runs import runs_command
+
+            return runs_command(args)
         if args.command == "upload":
             from kdtune.cli._upload import upload_command
 

@@ -1,7 +1,8 @@
 """What every recipe must get right, as small tested helpers shared by all recipes — one module per job:
 
-* ``runtime`` — the :class:`Runtime` (device, dtype, output layout), the :class:`Precision` (fp32 / bf16 / fp16 mixed
-  precision with loss scaling), seeding, clipping, memory, NaN guard, rank queries;
+* ``runtime`` — the :class:`Runtime` (device, dtype, output layout, run id and lock), the :class:`Precision` (fp32 /
+  bf16 / fp16 mixed precision with loss scaling), seeding, clipping, memory, NaN guard, rank queries;
+* ``preflight`` — checks of the inputs before any model loads (every missing checkpoint, with the command making it);
 * ``settings`` — every recipe's typed settings (one declaration read by the recipe, ``kdtune validate`` and the docs);
 * ``setup`` — building components from the config: models (+ LoRA init), tokenizer, optimizer, LR schedule, objective;
 * ``data`` — datasets, validation split, the resumable data order and step arithmetic;

@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import sys
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,25 +35,36 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from kdtune.config import import_component
+from kdtune.config import ConfigChange, config_diff, import_component
+from kdtune.config._diff import MISSING_VALUE
 from kdtune.errors import CheckpointError, ConfigError
+from kdtune.fsio import output_error
 from kdtune.handoff import RunCard, base_model_id, command_line, write_handoff
 from kdtune.training.data import DataPosition, TrainData
-from kdtune.training.runtime import Runtime
+from kdtune.training.runtime import NonFiniteLossError, Runtime, complete_checkpoints, nonfinite_advice
 from kdtune.training.setup import is_lora_model
 
 log = logging.getLogger("kdtune")
 
 __all__ = [
     "DATA_ORDER_KEYS",
+    "RESUME_RULES",
+    "WEIGHT_SANITY_BOUND",
     "LoadedState",
+    "ResumeChange",
     "ResumeCheckpoints",
     "ResumeState",
+    "PlannedHyperparameters",
+    "apply_resume_changes",
     "capture_rng_state",
-    "check_same_data_order",
+    "plan_resume",
     "restore_rng_state",
+    "resume_changes",
     "run_card",
     "save_final",
+    "set_aside_diverged",
+    "snapshot_hyperparameters",
+    "unusable_state",
 ]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -209,8 +221,11 @@ class ResumeState:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            translated = output_error(e, final)
+            if translated is not None:
+                raise translated from e
             raise
         self._prune()
         return final
@@ -224,15 +239,7 @@ class ResumeState:
     @staticmethod
     def list_checkpoints(root: str | os.PathLike) -> list[Path]:
         """Complete checkpoint directories under ``root``, oldest first (temporary / partial ones skipped)."""
-        root = Path(root)
-        if not root.is_dir():
-            return []
-        found = []
-        for child in root.iterdir():
-            m = _STEP_DIR.match(child.name)
-            if m and child.is_dir() and (child / "state.json").is_file():
-                found.append((int(m.group(1)), child))
-        return [p for _, p in sorted(found)]
+        return complete_checkpoints(root)
 
     def find_latest(self) -> Path | None:
         """The newest complete checkpoint directory, or None."""
@@ -324,7 +331,9 @@ class ResumeCheckpoints:
 
     Each holds the model (only the adapters of a LoRA model: the base comes from the checkpointer again), the
     optimizer, the LR schedule, the RNG states, the data position, the config and, with fp16, the loss scaler's state
-    (in ``state.json``'s ``extra.precision``) — enough to continue exactly.
+    (in ``state.json``'s ``extra.precision``) — enough to continue exactly. Only usable states are written (finite,
+    sane weights and optimizer state), and after a NaN/inf stop the checkpoints that would repeat it are set aside
+    (:meth:`diverged`), so resume always picks one the stop's advice works from.
 
     Args:
         runtime: output layout and precision (its loss scaler is saved and restored).
@@ -353,7 +362,15 @@ class ResumeCheckpoints:
         self.last: str | None = None
 
     def save(self, pos: DataPosition) -> Path:
-        """Write the checkpoint of the step that ended at ``pos``."""
+        """Write the checkpoint of the step that ended at ``pos``.
+
+        Raises:
+            NonFiniteLossError: the weights or optimizer state are not usable (:func:`unusable_state`): nothing is
+                written, so the older checkpoints (and :attr:`last`, a usable one) stay.
+        """
+        problem = unusable_state(self.model, self.optimizer)
+        if problem is not None:
+            raise NonFiniteLossError(f"after step {pos.global_step} {problem}; {nonfinite_advice(self.last)}")
         nxt = pos if not self.data.is_epoch_end(pos) else DataPosition(pos.epoch + 1, 0, pos.global_step)
         path = self.state.save(
             pos.global_step,
@@ -373,12 +390,37 @@ class ResumeCheckpoints:
         log.info("saved resume checkpoint %s", path)
         return path
 
+    def diverged(self, step: int) -> str | None:
+        """The loss or gradient norm of ``step`` is NaN/inf: set aside the checkpoints holding the weights that produced
+        it (:func:`set_aside_diverged`) and return the one to resume from (None when none is left)."""
+        self.last = set_aside_diverged(self.state.root, step)
+        return self.last
+
     def resume(self) -> DataPosition:
-        """Restore the newest checkpoint into the model, optimizer, schedule, RNG and data position."""
+        """Restore the newest checkpoint into the model, optimizer, schedule, RNG and data position.
+
+        The new config is compared with the checkpoint's first (:func:`plan_resume`): a key that may not change is
+        refused before anything is loaded; the others are applied after loading, one printed line each
+        (:func:`apply_resume_changes`).
+
+        Raises:
+            ConfigError: a refused change (see :data:`RESUME_RULES`).
+            CheckpointError: no complete checkpoint, or it does not fit the model / optimizer, or it is not usable.
+        """
         latest = self.state.find_latest()
-        if latest is not None and self.cfg is not None and (latest / "config.yaml").is_file():
-            check_same_data_order(self.cfg, OmegaConf.load(latest / "config.yaml"), latest)
+        changes: list[ResumeChange] = []
+        if latest is not None:
+            saved = OmegaConf.load(latest / "config.yaml") if (latest / "config.yaml").is_file() else None
+            step = int(json.loads((latest / "state.json").read_text())["step"])
+            changes = plan_resume(saved, self.cfg, latest, step, self.data.total_steps)
+        planned = snapshot_hyperparameters(self.optimizer, self.scheduler)
         loaded = self.state.load(model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler)
+        problem = unusable_state(self.model, self.optimizer)
+        if problem is not None:
+            raise CheckpointError(
+                f"{loaded.path} is not usable: {problem}; delete it to resume from the checkpoint before it"
+            )
+        apply_resume_changes(changes, planned, self.optimizer, self.scheduler, loaded.step)
         self.precision.load_state_dict(loaded.extra.get("precision"))  # fp16 loss scale; no-op otherwise
         self.data.position = DataPosition.from_state_dict(loaded.data_state)
         self.last = str(loaded.path)
@@ -389,16 +431,317 @@ class ResumeCheckpoints:
 #: settings that define the data order: a resumed run must keep them, or its saved data position means other examples
 DATA_ORDER_KEYS = ("seed", "shuffle", "batch_size", "gradient_accumulation_steps", "max_steps_per_epoch")
 
+_REFUSE_DATA = "it defines the data order, so the saved data position would point at other examples"
+_REFUSE_EXAMPLES = "it changes which examples the run trains on, so the saved data position would point at others"
+_REFUSE_MODEL = "the checkpoint's weights and optimizer state belong to the model it was trained with"
+_REFUSE_OBJECTIVE = "it changes the objective (the teacher or how KD is mixed) in the middle of a run"
+_APPLY = "takes effect from the next step"
 
-def check_same_data_order(cfg: DictConfig, saved: DictConfig, where: Path) -> None:
-    """Raise ConfigError when a resumed run changes a setting that defines the data order (see ``DATA_ORDER_KEYS``)."""
-    for key in DATA_ORDER_KEYS:
-        now, before = cfg.get(key), saved.get(key)
-        if now != before:
+#: what a resumed run does with a changed key (first matching prefix wins): ("apply" | "refuse", why / what happens).
+#: Applied: the optimizer's hyperparameters (new lr: param groups and schedule), the run length, the schedule, the
+#: cadence of logging / evaluation / checkpoints, precision and speed knobs. Refused: everything that defines the data
+#: order or the examples, the model, tokenizer and checkpoints it was trained from, and the KD objective (teacher,
+#: divergence, kd_ratio, temperature); a key kdtune does not know is refused too (it cannot tell what it would do).
+RESUME_RULES: tuple[tuple[str, str, str], ...] = (
+    *((k, "refuse", _REFUSE_DATA) for k in DATA_ORDER_KEYS),
+    ("dataset", "refuse", _REFUSE_EXAMPLES),
+    ("val_dataset", "refuse", _REFUSE_EXAMPLES),
+    ("val_split_ratio", "refuse", _REFUSE_EXAMPLES),
+    ("tokenizer", "refuse", "it changes the tokens of every example"),
+    ("model", "refuse", _REFUSE_MODEL),
+    ("checkpointer", "refuse", _REFUSE_MODEL),
+    ("optimizer._component_", "refuse", "the saved optimizer state belongs to the optimizer it was trained with"),
+    ("optimizer", "apply", "set in the optimizer's parameter groups from the next step"),
+    ("lr_scheduler", "apply", "the LR schedule is re-planned from the next step"),
+    ("max_steps", "apply", "the run's length changes; the LR schedule is re-planned for it"),
+    ("epochs", "apply", "the run's length changes; the LR schedule is re-planned for it"),
+    *(
+        (k, "refuse", _REFUSE_OBJECTIVE)
+        for k in (
+            "teacher_model",
+            "teacher_checkpointer",
+            "teacher_tokenizer",
+            "teacher_logits",
+            "kd_loss",
+            "kd_ratio",
+            "temperature",
+            "scale_by_temperature_squared",
+        )
+    ),  # fmt: skip
+    *(
+        (k, "apply", _APPLY)
+        for k in (
+            "clip_grad_norm",
+            "dtype",
+            "device",
+            "num_workers",
+            "compile",
+            "enable_activation_checkpointing",
+            "deterministic",
+            "num_output_chunks",
+            "log_every_n_steps",
+            "eval_every_n_steps",
+            "save_every_n_steps",
+            "keep_last_n_checkpoints",
+            "max_eval_batches",
+            "log_peak_memory_stats",
+            "progress_bar",
+            "metric_logger",
+            "save_adapter_weights_only",
+            "fsdp_cpu_offload",
+            "fsdp_reshard_after_forward",
+        )
+    ),  # fmt: skip
+    ("recipe", "refuse", "the checkpoint was written by another recipe"),
+)
+
+_IGNORED = ("resume_from_checkpoint", "output_dir")
+
+
+@dataclass(frozen=True)
+class ResumeChange:
+    """One config key that differs between a checkpoint and the resumed run, and what the resume does with it.
+
+    Attributes:
+        change: the key, its value in the checkpoint's config (``old``) and in the new one (``new``).
+        apply: True when the new value is used, False when the resume is refused because of it.
+        note: what happens (applied) or why it cannot change (refused).
+    """
+
+    change: ConfigChange
+    apply: bool
+    note: str
+
+    def line(self) -> str:
+        """``optimizer.lr: 0.003 -> 0.0003 (set in the optimizer's parameter groups from the next step)``."""
+        return f"{self.change.key}: {_show(self.change.old)} -> {_show(self.change.new)} ({self.note})"
+
+
+def _show(value: Any) -> str:
+    return value if value == MISSING_VALUE else repr(value)
+
+
+def _rule(key: str) -> tuple[bool, str]:
+    for prefix, decision, note in RESUME_RULES:
+        if key == prefix or key.startswith((prefix + ".", prefix + "[")):
+            return decision == "apply", note
+    return False, "kdtune cannot tell what changing it in the middle of a run would do"
+
+
+def _plain_config(cfg: Any) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    if not OmegaConf.is_config(cfg):
+        cfg = OmegaConf.create(cfg)
+    out = OmegaConf.to_container(cfg, resolve=True)
+    return out if isinstance(out, dict) else {}
+
+
+def _moved(old: Any, new: Any, old_out: Any, new_out: Any) -> bool:
+    """Whether ``old`` -> ``new`` is only the move of the run directory ``old_out`` -> ``new_out`` (a copied run)."""
+    if not (isinstance(old, str) and isinstance(new, str) and isinstance(old_out, str) and isinstance(new_out, str)):
+        return False
+    return bool(old_out) and old.replace(old_out, new_out) == new
+
+
+def resume_changes(saved: Any, cfg: Any) -> list[ResumeChange]:
+    """Every key in which ``cfg`` (the resumed run) differs from ``saved`` (the checkpoint's config), with its decision.
+
+    ``resume_from_checkpoint`` and ``output_dir`` (and paths that only follow a moved ``output_dir``) are not changes.
+
+    Args:
+        saved: the checkpoint's config.
+        cfg: the new run's config.
+
+    Returns:
+        One :class:`ResumeChange` per differing leaf key (see :data:`RESUME_RULES`).
+    """
+    old, new = _plain_config(saved), _plain_config(cfg)
+    old_out, new_out = old.get("output_dir"), new.get("output_dir")
+    out = []
+    for change in config_diff(old, new, ignore=_IGNORED):
+        if _moved(change.old, change.new, old_out, new_out):
+            continue
+        apply, note = _rule(change.key)
+        out.append(ResumeChange(change, apply, note))
+    return out
+
+
+def plan_resume(saved: Any, cfg: Any, where: Path, step: int, total_steps: int) -> list[ResumeChange]:
+    """Check a resume before anything is loaded: refuse (one line) when a key may not change or nothing is left to do.
+
+    Args:
+        saved: the checkpoint's config (None: nothing to compare).
+        cfg: the new run's config (None: nothing to compare).
+        where: the checkpoint directory, for messages.
+        step: the checkpoint's step.
+        total_steps: the new run's total optimizer steps.
+
+    Returns:
+        The applied changes (print them with :meth:`ResumeChange.line`).
+
+    Raises:
+        ConfigError: the first refused key (what it was, what it is, why, how to proceed), or a run length that ends
+            before the checkpoint.
+    """
+    changes = resume_changes(saved, cfg) if saved is not None and cfg is not None else []
+    refused = [c for c in changes if not c.apply]
+    if refused:
+        c = refused[0].change
+        more = f" (also changed and refused: {', '.join(r.change.key for r in refused[1:])})" if refused[1:] else ""
+        before = "null" if c.old is None else c.old
+        fix = f"resume with {c.key}={before}" if c.old != MISSING_VALUE else f"resume without {c.key}"
+        raise ConfigError(
+            f"resume_from_checkpoint: {c.key} is {_show(c.new)} but the checkpoint {where} was trained with "
+            f"{_show(c.old)}; {refused[0].note}: {fix} (or start a new run in another output_dir){more}"
+        )
+    if total_steps < step:
+        keys = [c.change.key for c in changes if c.change.key in ("max_steps", "epochs")] or ["max_steps"]
+        raise ConfigError(
+            f"resume_from_checkpoint: the checkpoint {where} is at step {step} but {' and '.join(keys)} now end the run "
+            f"after step {total_steps}; raise {keys[0]} above {step} to continue it"
+        )
+    return changes
+
+
+@dataclass
+class PlannedHyperparameters:
+    """The freshly built optimizer's hyperparameters and schedule, taken before the checkpoint's state replaces them."""
+
+    groups: list[dict[str, Any]]
+    base_lrs: list[float] | None
+    lambdas: list[dict[str, Any] | None] | None
+
+
+def snapshot_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any) -> PlannedHyperparameters:
+    """The freshly built optimizer's and schedule's settings; take it before loading a checkpoint over them."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    base = list(scheduler.base_lrs) if scheduler is not None and hasattr(scheduler, "base_lrs") else None
+    lambdas = None
+    if scheduler is not None and hasattr(scheduler, "lr_lambdas"):
+        lambdas = [None if isinstance(fn, types.FunctionType) else dict(fn.__dict__) for fn in scheduler.lr_lambdas]
+    return PlannedHyperparameters(groups, base, lambdas)
+
+
+def _set_lr(group: dict[str, Any], lr: float) -> None:
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+
+
+def apply_resume_changes(
+    changes: list[ResumeChange],
+    planned: PlannedHyperparameters,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    *,
+    verbose: bool = True,
+) -> None:
+    """After the checkpoint was loaded: put the applied changes into the optimizer and the schedule, and say so.
+
+    A new ``optimizer.lr`` rescales the parameter groups' LR and the schedule's ``base_lrs`` (so the schedule continues
+    from the new peak); other ``optimizer.*`` hyperparameters are set in the parameter groups; a new ``max_steps`` /
+    ``epochs`` / ``lr_scheduler.*`` re-plans the schedule (the freshly built one's settings replace the saved ones).
+    The rest (cadence, precision, ...) is read by the recipe from its new settings. One line per change is printed.
+
+    Raises:
+        ConfigError: an ``optimizer.*`` key that is not a hyperparameter of the optimizer's parameter groups.
+    """
+    keys = [c.change.key for c in changes if c.apply]
+    opt_keys = {k.split(".", 1)[1].split(".")[0].split("[")[0] for k in keys if k.startswith("optimizer.")}
+    for name in sorted(opt_keys - {"lr"}):
+        if any(name not in g for g in planned.groups):
             raise ConfigError(
-                f"resume_from_checkpoint: {key} is {now!r} but the checkpoint {where} was trained with {before!r}; "
-                f"resume with {key}={before} (or start a new run in another output_dir)"
+                f"resume_from_checkpoint: optimizer.{name} changed but it is not a hyperparameter of the optimizer's "
+                f"parameter groups, so kdtune cannot change it on resume: resume with the checkpoint's value"
             )
+        for group, new in zip(optimizer.param_groups, planned.groups):
+            group[name] = new[name]
+    replan = any(k in ("max_steps", "epochs") or k.startswith("lr_scheduler") for k in keys)
+    if scheduler is not None and replan and planned.lambdas is not None:
+        for fn, state in zip(scheduler.lr_lambdas, planned.lambdas):
+            if state is not None:
+                fn.__dict__.update(state)
+    if "lr" in opt_keys or replan:
+        if scheduler is not None and planned.base_lrs is not None:
+            if "lr" in opt_keys:
+                scheduler.base_lrs = list(planned.base_lrs)
+                for group, base in zip(optimizer.param_groups, planned.base_lrs):
+                    group["initial_lr"] = base
+            lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            for group, lr in zip(optimizer.param_groups, lrs):
+                _set_lr(group, lr)
+            scheduler._last_lr = lrs
+        elif "lr" in opt_keys:
+            for group, new in zip(optimizer.param_groups, planned.groups):
+                _set_lr(group, float(new["lr"]))
+    if verbose:
+        for c in changes:
+            if c.apply:
+                print(f"resume: {c.line()}", flush=True)
+        if "lr" in opt_keys or replan:
+            lr = float(optimizer.param_groups[0]["lr"])
+            print(f"resume: the learning rate of step {step + 1} is {lr:.6g}", flush=True)
+
+
+#: largest magnitude a usable checkpoint's weights may have (far above any trained network's; what a diverged run
+#: reaches just before it overflows)
+WEIGHT_SANITY_BOUND = 1e8
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def unusable_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str | None:
+    """Why the trainable weights (or the optimizer state) are not worth a checkpoint, or None when they are.
+
+    Not usable: a NaN/inf in a trainable weight or an optimizer state tensor, or a weight beyond
+    :data:`WEIGHT_SANITY_BOUND` in magnitude. For sharded (DTensor) parameters this rank's shard is checked.
+    """
+    for name, p in model.named_parameters():
+        if not p.requires_grad or not p.is_floating_point():
+            continue
+        t = _local(p.detach())
+        if t.numel() == 0:
+            continue
+        if not bool(torch.isfinite(t).all()):
+            return f"weight {name} is not finite"
+        peak = float(t.abs().max())
+        if peak > WEIGHT_SANITY_BOUND:
+            return f"weight {name} reaches {peak:.3g} (beyond {WEIGHT_SANITY_BOUND:.0e}: the run diverged)"
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for key, v in state.items():
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel():
+                    if not bool(torch.isfinite(_local(v)).all()):
+                        return f"optimizer state {key} is not finite"
+    return None
+
+
+def set_aside_diverged(root: str | os.PathLike, step: int, *, move: bool = True) -> str | None:
+    """After a NaN/inf at optimizer step ``step``: the checkpoints of steps >= ``step - 1`` hold the weights that
+    produced it (resuming from them repeats it, whatever the learning rate), so they are renamed ``step_N.diverged``
+    (resume skips them; they stay for inspection). Returns the newest remaining checkpoint, or None.
+
+    Args:
+        root: the checkpoints directory.
+        step: the step whose loss or gradient norm was not finite.
+        move: rename (False: only find the usable one, e.g. on ranks other than 0).
+    """
+    usable = None
+    for path in complete_checkpoints(root):
+        if int(_STEP_DIR.match(path.name).group(1)) < step - 1:
+            usable = path
+        elif move:
+            target = path.with_name(f"{path.name}.diverged")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(path, target)
+    return None if usable is None else str(usable)
 
 
 def save_final(

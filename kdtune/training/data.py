@@ -235,12 +235,9 @@ def build_train_data(
 
     Returns:
         The :class:`TrainData`.
+
+    The counts (``batch_size``, ``epochs``, ...) are the recipe settings' values, checked when they were read.
     """
-    for name, value in (("batch_size", batch_size), ("gradient_accumulation_steps", gradient_accumulation_steps)):
-        if value < 1:
-            raise ConfigError(f"{name}={value} must be >= 1")
-    if epochs < 1:
-        raise ConfigError(f"epochs={epochs} must be >= 1")
     if collate_fn is None:
         collate_fn = partial(padded_collate, pad_id=pad_id, ignore_index=IGNORE_INDEX)
     sampler = ResumableSampler(len(train_ds), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)

@@ -22,8 +22,9 @@ from typing import Any, Protocol, TextIO, runtime_checkable
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from kdtune.config import instantiate
+from kdtune.config import import_component, instantiate
 from kdtune.errors import ConfigError
+from kdtune.runlock import new_run_id, unique_log_path
 from kdtune.training.data import DataPosition, TrainData
 from kdtune.training.runtime import Runtime, is_rank_zero, peak_memory
 from kdtune.training.step import StepResult
@@ -38,6 +39,7 @@ __all__ = [
     "Reporter",
     "RunSummary",
     "build_metric_logger",
+    "logged_steps",
 ]
 
 
@@ -123,26 +125,31 @@ class StdoutLogger(_BaseLogger):
 
 
 class DiskLogger(_BaseLogger):
-    """Appends one JSON object per ``log_dict`` call (``{"step": s, **metrics}``) to a ``.jsonl`` file (rank 0).
+    """Appends one JSON object per ``log_dict`` call (``{"step": s, "run_id": id, **metrics}``) to a ``.jsonl`` file
+    of its own (rank 0): ``log_<run_id>.jsonl``, never shared with another run.
 
     Args:
         log_dir: directory, created if needed.
-        filename: file name inside ``log_dir``; default ``log_<unix time>.jsonl``.
+        filename: file name inside ``log_dir``; default: a new ``log_<run_id>.jsonl`` (``-1``, ``-2`` added if taken).
+        run_id: the run's id, written into every row (the recipes pass their :attr:`Runtime.run_id`); default: new.
     """
 
-    def __init__(self, log_dir: str | os.PathLike, filename: str | None = None) -> None:
+    def __init__(self, log_dir: str | os.PathLike, filename: str | None = None, run_id: str | None = None) -> None:
         self._enabled = is_rank_zero()
-        self.path = Path(log_dir) / (filename or f"log_{int(time.time())}.jsonl")
+        self.run_id = run_id or new_run_id()
+        self.path = Path(log_dir) / (filename or f"log_{self.run_id}.jsonl")
         self._file: TextIO | None = None
         if self._enabled:
+            if filename is None:
+                self.path = unique_log_path(log_dir, self.run_id)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def log_dict(self, payload: Mapping[str, Any], step: int) -> None:
-        """Append ``{"step": step, **payload}`` as one JSON line (non-finite floats written as strings)."""
+        """Append ``{"step": step, "run_id": ..., **payload}`` as one JSON line (non-finite floats as strings)."""
         if self._file is None:
             return
-        row: dict[str, Any] = {"step": int(step)}
+        row: dict[str, Any] = {"step": int(step), "run_id": self.run_id}
         for k, v in payload.items():
             v = _scalar(v)
             row[k] = str(v) if isinstance(v, float) and not math.isfinite(v) else v
@@ -304,10 +311,41 @@ class ProgressBar:
 
 
 def build_metric_logger(logger_cfg: DictConfig | None, runtime: Runtime) -> Any:
-    """Build the metric logger ``_component_``; None = ``kdtune.training.DiskLogger`` writing ``logs/``."""
+    """Build the metric logger ``_component_``; None = ``kdtune.training.DiskLogger`` writing ``logs/``.
+
+    A :class:`DiskLogger` (or subclass) gets the run's id unless the config sets ``run_id``.
+    """
+    run_id = runtime.run_id or None
     if logger_cfg is None:
-        return DiskLogger(log_dir=str(runtime.logs_dir))
+        return DiskLogger(log_dir=str(runtime.logs_dir), run_id=run_id)
+    target = import_component(str(logger_cfg.get("_component_", "")), "metric_logger")
+    if isinstance(target, type) and issubclass(target, DiskLogger) and "run_id" not in logger_cfg:
+        return instantiate(logger_cfg, run_id=run_id)
     return instantiate(logger_cfg)
+
+
+def logged_steps(log_dir: str | os.PathLike, *, exclude: Path | None = None) -> dict[int, dict[str, Any]]:
+    """Step -> the last training row (one with a ``loss``) logged for it in the ``*.jsonl`` files of ``log_dir``
+    (files in the order they were last written; unreadable lines skipped)."""
+    rows: dict[int, dict[str, Any]] = {}
+    d = Path(log_dir)
+    if not d.is_dir():
+        return rows
+    for path in sorted(d.glob("*.jsonl"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
+        if exclude is not None and path.resolve() == exclude.resolve():
+            continue
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "loss" in row and isinstance(row.get("step"), int):
+                rows[row["step"]] = row
+    return rows
 
 
 @dataclass
@@ -329,6 +367,10 @@ class RunSummary:
 class Reporter:
     """Progress bar + metric logger of a recipe: logs every ``log_every_n_steps`` and every evaluation.
 
+    Creating it marks the start of the run (every component is built, the resume checked): the run's ``config.yaml``
+    is written then (:meth:`Runtime.save_config`). In a resumed run, the rows of steps that an earlier run of the same
+    ``output_dir`` had already logged carry ``"resumed": true``. :meth:`close` ends the run and releases its lock.
+
     Args:
         runtime: device and output layout.
         settings: the recipe settings (``metric_logger``, ``log_every_n_steps``, ``log_peak_memory_stats``,
@@ -339,11 +381,16 @@ class Reporter:
 
     def __init__(self, runtime: Runtime, settings: Any, data: TrainData, *, enabled: bool = True) -> None:
         self.runtime, self.enabled = runtime, enabled
-        self.log_every = max(int(settings.log_every_n_steps), 1)
+        self.log_every = int(settings.log_every_n_steps)
         self.log_memory = bool(settings.log_peak_memory_stats)
         self.total = data.total_steps
         self.logger = build_metric_logger(settings.metric_logger, runtime) if enabled else None
+        self.repeated_until = 0  # steps <= this were logged by an earlier run of this output_dir (resume)
+        if enabled and data.position.global_step and isinstance(self.logger, DiskLogger):
+            earlier = logged_steps(self.logger.path.parent, exclude=self.logger.path)
+            self.repeated_until = max((s for s in earlier if s > data.position.global_step), default=0)
         if enabled:
+            runtime.save_config()
             capped = " (capped by max_steps)" if data.total_steps < data.epochs * data.steps_per_epoch else ""
             plan = (
                 f"training {data.total_steps} optimizer steps{capped}: {data.epochs} epoch(s) x {data.steps_per_epoch} "
@@ -374,15 +421,19 @@ class Reporter:
             m.update(peak_memory(self.runtime.device))
         self.steps.append(m)
         if self.enabled and (pos.global_step % self.log_every == 0 or pos.global_step == self.total):
-            self.logger.log_dict({k: v for k, v in m.items() if k != "step"}, step=pos.global_step)
+            self.logger.log_dict(self._mark({k: v for k, v in m.items() if k != "step"}, pos), step=pos.global_step)
         return m
+
+    def _mark(self, payload: dict[str, Any], pos: DataPosition) -> dict[str, Any]:
+        """``payload`` plus ``resumed: true`` when an earlier run already logged this step."""
+        return {**payload, "resumed": True} if pos.global_step <= self.repeated_until else payload
 
     def eval(self, pos: DataPosition, metrics: dict[str, float]) -> None:
         """Record one validation pass."""
         self.evals.append({"step": pos.global_step, **metrics})
         self.last_eval_step = pos.global_step
         if self.enabled:
-            self.logger.log_dict(metrics, step=pos.global_step)
+            self.logger.log_dict(self._mark(dict(metrics), pos), step=pos.global_step)
             tqdm.write(f"step {pos.global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         self.bar.reset_timer()  # evaluation time is not training throughput
 
@@ -396,4 +447,5 @@ class Reporter:
         self.bar.close()
         if self.logger is not None:
             self.logger.close()
+        self.runtime.close()
         return RunSummary(self.steps, self.evals, self.runtime.output_dir)

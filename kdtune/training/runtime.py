@@ -7,8 +7,10 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import resource
 import sys
+import weakref
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -22,11 +24,16 @@ from torch import Tensor
 
 from kdtune.config import save_config
 from kdtune.errors import ConfigError, KDTuneError
+from kdtune.fsio import prepare_output_dir
+from kdtune.runlock import RunLock, acquire_run_lock, cleanup_stale_tmp, new_run_id
+from kdtune.training.preflight import check_checkpoint_dirs
 
 __all__ = [
     "NonFiniteLossError",
     "Precision",
     "Runtime",
+    "complete_checkpoints",
+    "nonfinite_advice",
     "get_rank",
     "get_world_size",
     "is_distributed",
@@ -34,6 +41,9 @@ __all__ = [
     "setup_runtime",
     "check_finite",
     "clip_grad_norm",
+    "device_problem",
+    "dtype_problem",
+    "weights_dtype_problem",
     "get_device",
     "get_dtype",
     "get_precision",
@@ -52,6 +62,39 @@ _DTYPES = {
 _FP16 = {"fp16", "float16", "half"}
 
 
+def dtype_problem(dtype: object) -> str | None:
+    """The problem with a training recipe's ``dtype`` setting (fp32, bf16, or fp16 = mixed precision), or None."""
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in _DTYPES and name not in _FP16:
+        return "use dtype=fp32, dtype=bf16 or dtype=fp16 (mixed precision)"
+    return None
+
+
+def weights_dtype_problem(dtype: object) -> str | None:
+    """The problem with a weights-only ``dtype`` setting (inference recipes: fp32 or bf16), or None."""
+    name = str(dtype).lower().removeprefix("torch.")
+    if name in _FP16:
+        return (
+            "fp16 is mixed precision (fp32 weights, fp16 autocast, loss scaling) of the training recipes only; use "
+            "dtype=bf16 (or dtype=fp32)"
+        )
+    if name not in _DTYPES:
+        return "use dtype=fp32 or dtype=bf16"
+    return None
+
+
+def device_problem(device: object) -> str | None:
+    """auto, cpu, cuda, cuda:N (or another torch device name)."""
+    name = str(device).strip().lower()
+    if name == "auto":
+        return None
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return "not a valid device: use auto, cpu, cuda or cuda:<index>"
+    return None
+
+
 def get_dtype(dtype: str | torch.dtype | None = "fp32", device: torch.device | str | None = None) -> torch.dtype:
     """Map a config ``dtype`` (``fp32``/``float32``, ``bf16``/``bfloat16``; None → fp32) to a weights ``torch.dtype``.
 
@@ -64,14 +107,14 @@ def get_dtype(dtype: str | torch.dtype | None = "fp32", device: torch.device | s
     """
     if dtype is None:
         return torch.float32
-    name = _dtype_name(dtype)
-    if name in _FP16:
-        raise ConfigError(
-            f"dtype={dtype} is not supported here: fp16 is mixed precision (fp32 weights, fp16 autocast, loss "
-            "scaling) of the training recipes only; use dtype=bf16 (or dtype=fp32)"
-        )
-    if name not in _DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not recognised: use dtype=fp32, dtype=bf16 or (training) dtype=fp16")
+    if isinstance(dtype, torch.dtype):
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    else:
+        name = str(dtype).lower().removeprefix("torch.")
+    problem = weights_dtype_problem(name)
+    if problem is not None:
+        what = "not supported here" if name in _FP16 else "not recognised"
+        raise ConfigError(f"dtype={dtype!r} is {what}: {problem}")
     out = _DTYPES[name]
     dev = torch.device(device) if device is not None else None
     if out is torch.bfloat16 and dev is not None and dev.type == "cuda" and torch.cuda.is_available():
@@ -180,10 +223,10 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
         name = "auto" if device is None else str(device).strip().lower()
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            dev = torch.device(name)
-        except RuntimeError as e:
-            raise ConfigError(f"device={device!r} is not a valid device: use cpu, cuda, cuda:<index> or auto") from e
+        problem = device_problem(name)
+        if problem is not None:
+            raise ConfigError(f"device={device!r}: {problem}")
+        dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device={device!r} but CUDA is not available here: set device=cpu")
@@ -300,28 +343,84 @@ def check_finite(value: Tensor | float, step: int, name: str = "loss", last_chec
     v = float(value.detach().float().item()) if isinstance(value, Tensor) else float(value)
     if math.isfinite(v):
         return
-    where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
-    raise NonFiniteLossError(
-        f"{name} is {v} at step {step}{where}: lower the learning rate, enable gradient clipping (clip_grad_norm=1.0) "
-        "or use dtype=fp32, then resume"
-    )
+    raise NonFiniteLossError(f"{name} is {v} at step {step}; {nonfinite_advice(last_checkpoint)}")
+
+
+def nonfinite_advice(last_checkpoint: str | None) -> str:
+    """What to do after a NaN/inf stop: where the last usable checkpoint is and which settings to change on resume."""
+    fixes = "a lower learning rate (optimizer.lr=...), gradient clipping (clip_grad_norm=1.0) or dtype=fp32"
+    if last_checkpoint:
+        return (
+            f"the last usable checkpoint is {last_checkpoint} (finite weights and optimizer state): resume from it "
+            f"with resume_from_checkpoint=true and {fixes}"
+        )
+    return f"no usable resume checkpoint was written yet: start again with {fixes}"
+
+
+#: a resume checkpoint directory (``step_00000012`` single-device, ``step_12`` sharded)
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """The complete resume checkpoints (``step_N`` directories holding ``state.json``) under ``root``, oldest first.
+
+    Temporary (``step_N.tmp-<pid>``) and partial directories are skipped; both the single-device and the sharded
+    layout count.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir() and (child / "state.json").is_file():
+            found.append((int(m.group(1)), child))
+    return [p for _, p in sorted(found)]
 
 
 @dataclass
 class Runtime:
-    """Where and how a recipe computes: the device, the parameter/compute dtype and the output layout.
+    """Where and how a recipe computes: the device, the parameter/compute dtype and the output layout; and, for a run
+    set up by :func:`setup_runtime`, its id, its lock on ``output_dir`` and its config.
 
     Attributes:
         device: the torch device models and batches live on.
         dtype: parameter dtype (fp32 or bf16; fp32 for fp16 mixed precision).
         output_dir: the run's output directory (created).
         precision: autocast and loss scaling (:class:`Precision`); default: plain ``dtype`` compute.
+        run_id: the run's id (every log row carries it); "" when not set up by :func:`setup_runtime`.
+        config: the run's config, written as ``output_dir/config.yaml`` by :meth:`save_config`.
+        writes_config: whether this process writes ``config.yaml`` (rank 0).
+        lock: the run lock held on ``output_dir`` (rank 0), released by :meth:`close`.
     """
 
     device: torch.device
     dtype: torch.dtype
     output_dir: Path
     precision: Precision | None = None
+    run_id: str = ""
+    config: DictConfig | None = field(default=None, repr=False)
+    writes_config: bool = False
+    lock: RunLock | None = field(default=None, repr=False)
+
+    def save_config(self) -> Path | None:
+        """Write the run's config as ``output_dir/config.yaml`` (atomically; rank 0; once).
+
+        Called when the run starts (:class:`kdtune.training.Reporter` does it, after every component was built and the
+        resume checked), so a run that fails at setup never replaces the previous run's ``config.yaml``.
+        """
+        if self.config is None or not self.writes_config:
+            return None
+        path = save_config(self.config, self.output_dir / "config.yaml")
+        self.writes_config = False  # once
+        return path
+
+    def close(self) -> None:
+        """Release the run lock (the end of the run; idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            _HELD_LOCKS.pop(self.lock.output_dir, None)
+            self.lock = None
 
     def __post_init__(self) -> None:
         if self.precision is None:
@@ -348,6 +447,51 @@ class Runtime:
         return self.output_dir / "logs"
 
 
+#: run locks this process holds, by output directory (see :func:`_lock_output_dir`); weak, so the lock of a run that
+#: ended with an exception is released as soon as nothing refers to its Runtime any more
+_HELD_LOCKS: weakref.WeakValueDictionary[Path, RunLock] = weakref.WeakValueDictionary()
+
+
+def _lock_output_dir(out: Path, run_id: str) -> RunLock:
+    """Take the run lock of ``out``. A lock this process still holds there belongs to an earlier run of this process
+    that ended with an exception (a run releases its lock when it ends), and is taken over."""
+    stale = _HELD_LOCKS.pop(out, None)
+    if stale is not None:
+        stale.release()
+    lock = acquire_run_lock(out, run_id=run_id)
+    _HELD_LOCKS[out] = lock
+    return lock
+
+
+def _check_fresh_run(out: Path) -> None:
+    """A fresh run must not mix its checkpoints with an earlier run's (nor be resumed from them later)."""
+    found = complete_checkpoints(out / "checkpoints")
+    if found:
+        raise ConfigError(
+            f"output_dir {out} already holds resume checkpoints of an earlier run (newest: {found[-1].name}); "
+            "continue that run with resume_from_checkpoint=true, or choose another output_dir "
+            f"(or delete {out / 'checkpoints'})"
+        )
+
+
+def _start_run(output_dir: str, cfg: DictConfig | None) -> tuple[Path, str, RunLock]:
+    """Rank 0's part of :func:`setup_runtime`: check the inputs, lock ``output_dir``, remove stale temporaries."""
+    if cfg is not None:
+        check_checkpoint_dirs(cfg)  # every missing model checkpoint named at once, before any is loaded
+    out = prepare_output_dir(output_dir)
+    run_id = new_run_id()
+    lock = _lock_output_dir(out, run_id)
+    try:
+        cleanup_stale_tmp(out)
+        if cfg is not None and cfg.get("resume_from_checkpoint") is False:
+            _check_fresh_run(out)
+    except BaseException:
+        lock.release()
+        _HELD_LOCKS.pop(out, None)
+        raise
+    return out, run_id, lock
+
+
 def setup_runtime(
     device: str,
     dtype: str,
@@ -359,7 +503,15 @@ def setup_runtime(
     save_config_file: bool = True,
     mixed_precision: bool = False,
 ) -> Runtime:
-    """Seed everything, resolve device and dtype, create the output directory and save the resolved config there.
+    """Seed everything, resolve device and dtype, and claim the output directory for this run.
+
+    Rank 0 checks that every model checkpoint the config reads exists (all missing ones named at once, with the
+    command that produces each), checks ``output_dir`` (not empty, not a file, writable), takes the run lock (a second
+    live run in the same ``output_dir`` is refused naming its pid; the kernel drops the lock of a killed run), removes
+    the ``*.tmp-*`` leftovers of a killed save, refuses a fresh run (``resume_from_checkpoint=false``) in a directory
+    that holds an earlier run's checkpoints, and creates the run id, which it broadcasts to the other ranks. The
+    config is kept and written as ``config.yaml`` only when the run starts (:meth:`Runtime.save_config`), so a run that
+    fails at setup leaves the previous run's ``config.yaml`` alone. :meth:`Runtime.close` releases the lock.
 
     Args:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -367,23 +519,49 @@ def setup_runtime(
         output_dir: the run's output directory.
         seed: the global seed.
         deterministic: whether to force deterministic algorithms.
-        cfg: the run's config, saved (resolved) as ``output_dir/config.yaml``.
-        save_config_file: set False on non-zero ranks.
+        cfg: the run's config (read for ``resume_from_checkpoint`` and the checkpointers' ``checkpoint_dir``; saved as
+            ``output_dir/config.yaml`` when the run starts).
+        save_config_file: whether this process writes ``config.yaml`` (False on non-zero ranks).
         mixed_precision: accept ``dtype=fp16`` as mixed precision — for the training recipes, which run the forward in
             ``runtime.precision.autocast()`` and step through :func:`kdtune.training.optimizer_step`; other recipes
             refuse it.
 
     Returns:
         The :class:`Runtime`.
+
+    Raises:
+        ConfigError: one of the refusals above (on every rank of a distributed run).
     """
     set_seed(seed, deterministic=deterministic)
     dev = get_device(device)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg is not None and save_config_file:
-        save_config(cfg, out / "config.yaml")
     precision = get_precision(dtype, dev) if mixed_precision else Precision.from_config(get_dtype(dtype, dev), dev)
-    return Runtime(device=dev, dtype=precision.param_dtype, output_dir=out, precision=precision)
+    out = Path(str(output_dir)).expanduser().absolute()
+    lock: RunLock | None = None
+    run_id, error = "", None
+    if get_rank() == 0:
+        try:
+            out, run_id, lock = _start_run(output_dir, cfg)
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank
+            error = e
+    if is_distributed() and get_world_size() > 1:  # every rank learns the run id, or rank 0's refusal
+        box: list[object] = [(run_id, None if error is None else (type(error), str(error)))]
+        dist.broadcast_object_list(box, src=0)
+        run_id, failed = box[0]  # type: ignore[misc]
+        if failed is not None and error is None:
+            kind, text = failed
+            error = kind(text) if issubclass(kind, KDTuneError) else RuntimeError(f"on rank 0: {text}")
+    if error is not None:
+        raise error
+    return Runtime(
+        device=dev,
+        dtype=precision.param_dtype,
+        output_dir=out,
+        precision=precision,
+        run_id=run_id,
+        config=cfg,
+        writes_config=save_config_file,
+        lock=lock,
+    )
 
 
 def is_distributed() -> bool:

@@ -13,7 +13,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdtune.config import describe_settings, setting
 from kdtune.eval.settings import EvalSettings
+from kdtune.training.runtime import device_problem, dtype_problem, weights_dtype_problem
 
 __all__ = [
     "RECIPES",
@@ -43,59 +45,72 @@ class FinetuneSettings:
     """Settings shared by every training recipe (full fine-tuning reads exactly these)."""
 
     # --- where things come from and go to
-    output_dir: str = _f(help="Directory for checkpoints/, final/, logs/ and the resolved config.yaml.")
+    output_dir: str = setting(
+        help="Directory for checkpoints/, final/, logs/ and the resolved config.yaml.", non_empty=True
+    )
     model: Any = _f(help="Model `_component_` (e.g. kdtune.models.llama3_2.llama3_2_1b or kdtune.models.hf_model).")
     tokenizer: Any = _f(help="Tokenizer `_component_`, usually kdtune.data.load_hf_tokenizer with checkpoint_dir.")
     checkpointer: Any = _f(help="kdtune.models.HFCheckpointer `_component_` the model's weights are loaded from.")
     dataset: Any = _f(help="Training dataset `_component_` (or a list of them, concatenated).")
     val_dataset: Any = _f(None, help="Validation dataset `_component_`; null = none (see val_split_ratio).")
-    val_split_ratio: float = _f(
-        0.0, help="Fraction of the training dataset held out (seeded) for validation when val_dataset is null."
+    val_split_ratio: float = setting(
+        0.0,
+        help="Fraction of the training dataset held out (seeded) for validation when val_dataset is null.",
+        ge=0.0,
+        lt=1.0,
     )
     # --- data order
-    seed: int = _f(42, help="Seed for weights init (LoRA), data order and dropout; saved for exact resume.")
+    seed: int = setting(42, help="Seed for weights init (LoRA), data order and dropout; saved for exact resume.", ge=0)
     deterministic: bool = _f(False, help="torch.use_deterministic_algorithms(True) (slower, bit-reproducible).")
     shuffle: bool = _f(True, help="Shuffle the training data each epoch (seed + epoch).")
-    num_workers: int = _f(0, help="DataLoader worker processes.")
+    num_workers: int = setting(0, help="DataLoader worker processes.", ge=0)
     # --- steps
-    batch_size: int = _f(2, help="Micro-batch size (sequences per forward pass).")
-    gradient_accumulation_steps: int = _f(
-        1, help="Micro-batches per optimizer step; the loss is normalised by the step's total valid tokens."
+    batch_size: int = setting(2, help="Micro-batch size (sequences per forward pass).", ge=1)
+    gradient_accumulation_steps: int = setting(
+        1, help="Micro-batches per optimizer step; the loss is normalised by the step's total valid tokens.", ge=1
     )
-    epochs: int = _f(1, help="Passes over the training data.")
-    max_steps_per_epoch: int | None = _f(None, help="Cap on optimizer steps per epoch; null = the whole epoch.")
-    max_steps: int | None = _f(None, help="Cap on total optimizer steps over all epochs; null = no cap.")
+    epochs: int = setting(1, help="Passes over the training data.", ge=1)
+    max_steps_per_epoch: int | None = setting(
+        None, help="Cap on optimizer steps per epoch; null = the whole epoch.", ge=1
+    )
+    max_steps: int | None = setting(None, help="Cap on total optimizer steps over all epochs; null = no cap.", ge=1)
     # --- optimisation
     optimizer: Any = _f(help="Optimizer `_component_`, built with the trainable parameters (e.g. torch.optim.AdamW).")
     lr_scheduler: Any = _f(
         None, help="LR schedule `_component_` (kdtune.training.*_schedule), built with optimizer + total steps."
     )
-    num_output_chunks: int | None = _f(
+    num_output_chunks: int | None = setting(
         None,
         help="Chunks the trained positions are split into for the output projection + loss; null = chunks sized by a "
         "memory budget (512 MiB of fp32 vocabulary-sized tensors), which keeps the GEMMs efficient.",
+        ge=1,
     )
-    clip_grad_norm: float | None = _f(None, help="Max gradient L2 norm; null = no clipping (norm still logged).")
+    clip_grad_norm: float | None = setting(
+        None, help="Max gradient L2 norm; null = no clipping (norm still logged).", gt=0
+    )
     # --- precision and speed
-    device: str = _f("auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
-    dtype: str = _f(
+    device: str = setting("auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N.", check=device_problem)
+    dtype: str = setting(
         "fp32",
         help="fp32, bf16 (weights and compute) or fp16 (mixed precision: fp32 weights, fp16 autocast, dynamic loss "
         "scaling; overflowed steps are skipped and logged as skipped_steps).",
+        check=dtype_problem,
     )
     enable_activation_checkpointing: bool = _f(False, help="Recompute each decoder layer in backward (less memory).")
     compile: bool = _f(False, help="torch.compile each decoder layer.")
     # --- logging, eval, checkpoints
     metric_logger: Any = _f(None, help="Metric logger `_component_`; null = kdtune.training.DiskLogger in logs/.")
-    log_every_n_steps: int = _f(1, help="Log metrics every N optimizer steps.")
+    log_every_n_steps: int = setting(1, help="Log metrics every N optimizer steps.", ge=1)
     log_peak_memory_stats: bool = _f(True, help="Log peak memory (CUDA allocator on GPU, RSS on CPU).")
     progress_bar: bool = _f(True, help="Show a tqdm progress bar (step/total, loss, lr, tokens/s, ETA).")
-    eval_every_n_steps: int | None = _f(
-        None, help="Validation loss every N optimizer steps (and always at the end when there is a val split)."
+    eval_every_n_steps: int | None = setting(
+        None, help="Validation loss every N optimizer steps (and always at the end when there is a val split).", ge=1
     )
-    max_eval_batches: int | None = _f(None, help="Cap on validation batches per evaluation; null = all.")
-    save_every_n_steps: int | None = _f(None, help="Resume checkpoint every N steps (also at each epoch end).")
-    keep_last_n_checkpoints: int = _f(1, help="Resume checkpoints kept under output_dir/checkpoints/.")
+    max_eval_batches: int | None = setting(None, help="Cap on validation batches per evaluation; null = all.", ge=1)
+    save_every_n_steps: int | None = setting(
+        None, help="Resume checkpoint every N steps (also at each epoch end).", ge=1
+    )
+    keep_last_n_checkpoints: int = setting(1, help="Resume checkpoints kept under output_dir/checkpoints/.", ge=1)
     resume_from_checkpoint: bool = _f(
         False, help="Continue exactly from the latest output_dir/checkpoints/step_N (model, optimizer, LR, RNG, data)."
     )
@@ -132,8 +147,10 @@ class KDSettings(LoRAFinetuneSettings):
     kd_loss: Any = _f(
         help="The divergence `_component_`, a kdtune.losses.Divergence (ForwardKLLoss, ReverseKLLoss, JSDLoss, ...)."
     )
-    kd_ratio: float = _f(0.5, help="loss = (1 - kd_ratio) * cross-entropy + kd_ratio * KD, in [0, 1].")
-    temperature: float = _f(1.0, help="Both models' distributions are softmax(logits / temperature); > 0.")
+    kd_ratio: float = setting(
+        0.5, help="loss = (1 - kd_ratio) * cross-entropy + kd_ratio * KD, in [0, 1].", ge=0.0, le=1.0
+    )
+    temperature: float = setting(1.0, help="Both models' distributions are softmax(logits / temperature); > 0.", gt=0.0)
     scale_by_temperature_squared: bool = _f(
         True, help="Multiply the KD term by temperature^2 so its gradient does not shrink as 1/T^2 (Hinton et al.)."
     )
@@ -145,7 +162,7 @@ class KDSettings(LoRAFinetuneSettings):
 
 
 def settings_markdown_table(settings_cls: type) -> str:
-    """A Markdown table of every key of ``settings_cls``: name, type, default, meaning.
+    """A Markdown table of every key of ``settings_cls``: name, type, default, meaning (and the values allowed).
 
     Args:
         settings_cls: one of the settings dataclasses above.
@@ -154,6 +171,7 @@ def settings_markdown_table(settings_cls: type) -> str:
         The table as a string (used to generate ``docs/recipes/*.md``).
     """
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    allowed = {info.name: info.allowed for info in describe_settings(settings_cls)}
     for f in dataclasses.fields(settings_cls):
         if f.default is dataclasses.MISSING:
             default = "**required**"
@@ -164,7 +182,8 @@ def settings_markdown_table(settings_cls: type) -> str:
         else:
             default = f"`{f.default}`"
         typ = str(f.type).replace(" | ", " or ").replace("Any", "component")
-        rows.append(f"| `{f.name}` | {typ} | {default} | {f.metadata.get('help', '')} |")
+        limits = f" Allowed: {allowed[f.name]}." if allowed.get(f.name) else ""
+        rows.append(f"| `{f.name}` | {typ} | {default} | {f.metadata.get('help', '')}{limits} |")
     return "\n".join(rows)
 
 
@@ -181,14 +200,14 @@ class PromptSource:
     column_map: Any = field(
         default=None, metadata={"help": "Canonical column -> your column, e.g. {source: question}."}
     )
-    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts; null = all."})
+    max_prompts: int | None = setting(None, help="Use only the first N prompts; null = all.", ge=1)
 
 
 @dataclass(kw_only=True)
 class GenerateSettings:
     """Every key ``generate_distillation_data`` reads."""
 
-    output_dir: str = field(metadata={"help": "Directory for the generated file and the resolved config.yaml."})
+    output_dir: str = setting(help="Directory for the generated file and the resolved config.yaml.", non_empty=True)
     output_file: str | None = field(
         default=None, metadata={"help": "JSON-lines output; null = output_dir/generated.jsonl."}
     )
@@ -197,16 +216,16 @@ class GenerateSettings:
     tokenizer: Any = field(metadata={"help": "The teacher's tokenizer `_component_` (its chat template is used)."})
     prompts: PromptSource = field(metadata={"help": "The prompt dataset (see PromptSource)."})
     system_prompt: str | None = field(default=None, metadata={"help": "Replace/insert a system turn in every prompt."})
-    num_generations: int = field(default=1, metadata={"help": "Completions per prompt (use temperature > 0 for >1)."})
-    max_prompt_tokens: int = field(default=512, metadata={"help": "Skip prompts longer than this many tokens."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Longest completion, in tokens."})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 samples from logits / temperature."})
-    top_k: int | None = field(default=None, metadata={"help": "Sample among the top-k tokens only; null = all."})
-    batch_size: int = field(default=8, metadata={"help": "Prompts generated together (left-padded)."})
+    num_generations: int = setting(1, help="Completions per prompt (use temperature > 0 for >1).", ge=1)
+    max_prompt_tokens: int = setting(512, help="Skip prompts longer than this many tokens.", ge=1)
+    max_new_tokens: int = setting(512, help="Longest completion, in tokens.", ge=1)
+    temperature: float = setting(0.0, help="0 = greedy; > 0 samples from logits / temperature.", ge=0.0)
+    top_k: int | None = setting(None, help="Sample among the top-k tokens only; null = all.", ge=1)
+    batch_size: int = setting(8, help="Prompts generated together (left-padded).", ge=1)
     keep_unfinished: bool = field(default=False, metadata={"help": "Keep completions that hit max_new_tokens."})
-    seed: int = field(default=42, metadata={"help": "Sampling seed (same seed -> same file)."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
-    dtype: str = field(default="fp32", metadata={"help": "fp32 or bf16."})
+    seed: int = setting(42, help="Sampling seed (same seed -> same file).", ge=0)
+    device: str = setting("auto", help="auto, cpu, cuda, cuda:N.", check=device_problem)
+    dtype: str = setting("fp32", help="fp32 or bf16.", check=weights_dtype_problem)
     resume_from_checkpoint: bool = field(default=False, metadata={"help": "Continue an interrupted .partial file."})
     push_to_hub: str | None = field(
         default=None,
@@ -256,9 +275,10 @@ _OUTPUTS = """## Outputs
 
 | path | what |
 |---|---|
-| `output_dir/config.yaml` | the resolved config of the run |
-| `output_dir/logs/*.jsonl` | one JSON line per logged step / evaluation (loss, class_loss, kd_loss, lr, grad_norm, \
-tokens_per_second, peak memory, val_*) |
+| `output_dir/config.yaml` | the resolved config of the last run started there (written once setup succeeded) |
+| `output_dir/logs/log_<run id>.jsonl` | one file per run, one JSON line per logged step / evaluation (run_id, loss, \
+class_loss, kd_loss, lr, grad_norm, tokens_per_second, peak memory, val_*); after a resume, the rows of steps an \
+earlier run had logged carry `"resumed": true` |
 | `output_dir/checkpoints/step_N/` | resume checkpoints (model or LoRA adapter, optimizer, LR schedule, RNG, data \
 position, config), written atomically every `save_every_n_steps` and at each epoch end; the newest \
 `keep_last_n_checkpoints` are kept |
@@ -267,9 +287,22 @@ chat template it trained with (`tokenizer_config.json`, `chat_template.jinja`) a
 base model, teacher, data, loss, metrics, command; licence files of the base model kept) |
 | `output_dir/final_adapter/` | LoRA models only: the PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`) |
 
-`resume_from_checkpoint=true` (same `output_dir`) continues from the newest `step_N` exactly: same weights, \
-optimizer and LR schedule state, RNG and data order (the order depends only on `seed` + epoch). A NaN/inf loss or \
-gradient norm stops the run before the update, naming the step; the last good checkpoint stays on disk. With \
+One run per `output_dir`: a second live run there is refused (naming its pid; a killed run leaves no lock), and a \
+fresh run (`resume_from_checkpoint=false`) in a directory that holds an earlier run's checkpoints is refused. \
+`resume_from_checkpoint=true` continues from the newest `step_N` exactly: same weights, optimizer and LR schedule \
+state, RNG and data order (the order depends only on `seed` + epoch). Every key that differs from the checkpoint's \
+config is either applied, with a printed line (`optimizer.*` such as a new lr, in the parameter groups and the \
+schedule; `max_steps`/`epochs`/`lr_scheduler.*`, re-planning the schedule; logging/eval/save cadence, \
+`keep_last_n_checkpoints`, `clip_grad_norm`, precision and speed settings), or refused in one line naming the key \
+(the data order: `seed`, `shuffle`, `batch_size`, `gradient_accumulation_steps`, `max_steps_per_epoch`; \
+`dataset`/`val_dataset`/`val_split_ratio`, `tokenizer`, `model`, `checkpointer`; the KD objective: `teacher_*`, \
+`kd_loss`, `kd_ratio`, `temperature`, `scale_by_temperature_squared`; any key kdtune does not know). \
+`kdtune runs <output_dir>` lists the checkpoints, their loss and config differences and which one resume picks.
+
+A NaN/inf loss or gradient norm stops the run before the update, naming the step. The checkpoint of the step before \
+holds the weights that produced it (resuming from it would repeat it), so it is set aside as `step_N.diverged` and \
+the message names the newest older one (only finite, sane weights and optimizer state are ever saved): resume from \
+it with a lower `optimizer.lr`, `clip_grad_norm=1.0` or `dtype=fp32` (`keep_last_n_checkpoints` >= 2 keeps one). With \
 `dtype=fp16` (mixed precision) a step whose loss-scaled gradients overflow is skipped instead (no update, the loss \
 scale halves) and counted: the logs then carry `loss_scale` and `skipped_steps`, and the scaler is checkpointed. \
 `kdtune export output_dir/checkpoints/step_N --output-dir DIR` writes any resume checkpoint as `DIR/final` (and \

@@ -200,7 +200,7 @@ def optimizer_step(
     scheduler: Any,
     clip_grad_norm: float | None,
     step: int,
-    last_checkpoint: str | None = None,
+    last_checkpoint: str | Any | None = None,
 ) -> StepResult:
     """Finish a step: normalise gradients by the step's tokens, stop on NaN/inf, clip, update, advance the schedule.
 
@@ -217,24 +217,34 @@ def optimizer_step(
         scheduler: LR schedule or None.
         clip_grad_norm: max gradient norm, or None to only measure it.
         step: this step's number (1-based), named in the NaN error.
-        last_checkpoint: the last resume checkpoint written, named in the NaN error.
+        last_checkpoint: the run's checkpoints (:class:`kdtune.training.ResumeCheckpoints` or its distributed twin):
+            on a NaN/inf their ``diverged(step)`` sets aside those that would repeat it and names the one to resume
+            from; or the path to name, or None.
 
     Returns:
         The :class:`StepResult`.
     """
     metrics = accumulator.finish()
-    check_finite(metrics.loss, step, "loss", last_checkpoint)
+
+    def stop_if_non_finite(loss: float, grad_norm: float) -> None:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # set aside the checkpoints that would repeat the divergence and name the one to resume from
+            where = last_checkpoint.diverged(step) if hasattr(last_checkpoint, "diverged") else last_checkpoint
+            check_finite(loss, step, "loss", where)
+            check_finite(grad_norm, step, "grad_norm", where)
+
     precision = accumulator.precision
     scaler = precision.scaler if precision is not None else None
     if scaler is None:
-        grad_norm = float(clip(model, clip_grad_norm))
-        check_finite(grad_norm, step, "grad_norm", last_checkpoint)
+        grad_norm = float(clip(model, clip_grad_norm)) if math.isfinite(metrics.loss) else math.nan
+        stop_if_non_finite(metrics.loss, grad_norm)
         lr = float(optimizer.param_groups[0]["lr"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
         return StepResult(metrics.loss, metrics.class_loss, metrics.kd_loss, metrics.num_tokens, grad_norm, lr)
+    stop_if_non_finite(metrics.loss, 0.0)
     scaler.unscale_(optimizer)  # true gradients; records whether any is inf/nan (over all ranks for DTensors)
     grad_norm = float(clip(model, clip_grad_norm))
     scale = float(scaler.get_scale())
@@ -243,7 +253,7 @@ def optimizer_step(
     scaler.update()  # overflow: scale × backoff_factor; else it grows every growth_interval clean steps
     skipped = float(scaler.get_scale()) < scale
     if skipped and scale <= precision.min_scale:
-        check_finite(grad_norm if not math.isfinite(grad_norm) else math.inf, step, "grad_norm", last_checkpoint)
+        stop_if_non_finite(metrics.loss, grad_norm if not math.isfinite(grad_norm) else math.inf)
     optimizer.zero_grad(set_to_none=True)
     if skipped:
         precision.skipped_steps += 1

@@ -7,6 +7,7 @@ equivalence tests compare two kdtune runs that must be the same computation (acc
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -204,7 +205,46 @@ def test_incompatible_teacher_tokenizer_is_refused(tiny_cfg, recipe, tmp_path: P
         kd.train(tiny_cfg("kd", tmp_path / "run", "max_steps=1", teacher="other_tok_teacher"))
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_cfg, recipe, tmp_path: Path) -> None:
+def test_nan_stop_names_a_usable_checkpoint_and_a_lower_lr_on_resume_takes_effect(
+    tiny_cfg, recipe, tmp_path: Path, capsys
+) -> None:
+    """Three steps at a sane lr, then resumed at lr 1000 the run diverges (so the new lr took effect). The checkpoint
+    of the step before the NaN holds the weights that produced it (resuming from it repeats the NaN whatever the lr):
+    it is set aside, and the stop names an older one (finite, sane weights and optimizer state). Resuming from it with
+    the sane lr again trains to the end with that lr."""
+    from kdtune.training import NonFiniteLossError
+    from kdtune.training.checkpoints import WEIGHT_SANITY_BOUND
+
+    full = recipe("full_finetune_single_device")
+    common = ["optimizer=torch.optim.SGD", "clip_grad_norm=null", "~lr_scheduler", "save_every_n_steps=1",
+              "keep_last_n_checkpoints=9", "val_split_ratio=0.0"]  # fmt: skip
+    out = tmp_path / "run"
+    full.train(tiny_cfg("full", out, *common, "optimizer.lr=0.01", "max_steps=3"))
+    capsys.readouterr()
+    with pytest.raises(NonFiniteLossError, match=r"at step (\d+)") as info:
+        full.train(tiny_cfg("full", out, *common, "optimizer.lr=1000.0", "max_steps=9", "resume_from_checkpoint=true"))
+    assert "resume: optimizer.lr: 0.01 -> 1000.0" in capsys.readouterr().out
+    message = str(info.value)
+    bad_step = int(message.split("at step ")[1].split(";")[0])
+    named = Path(message.split("the last usable checkpoint is ")[1].split(" ")[0])
+    assert named.parent == out / "checkpoints" and int(named.name.split("_")[1]) == bad_step - 2
+    assert sorted(p.name for p in named.parent.iterdir())[-1] == f"step_{bad_step - 1:08d}.diverged"
+    weights = torch.load(named / "model.pt", weights_only=True)
+    assert all(torch.isfinite(w).all() and w.abs().max() < WEIGHT_SANITY_BOUND for w in weights.values())
+    state = torch.load(named / "optimizer.pt", weights_only=True)["state"]
+    assert all(torch.isfinite(t).all() for s in state.values() for t in s.values() if torch.is_tensor(t))
+    # the advice: resume from it with a lower learning rate
+    resumed = full.train(
+        tiny_cfg("full", out, *common, "optimizer.lr=0.01", "max_steps=9", "resume_from_checkpoint=true")
+    )
+    assert "resume: optimizer.lr: 1000.0 -> 0.01" in capsys.readouterr().out
+    first = bad_step - 1
+    assert [s["step"] for s in resumed.steps] == list(range(first, 10))
+    assert all(s["lr"] == 0.01 and math.isfinite(s["loss"]) for s in resumed.steps)
+
+
+def test_nan_stop_without_a_usable_checkpoint_says_start_again(tiny_cfg, recipe, tmp_path: Path) -> None:
+    """At lr 1e30 the first update already blows the weights up: that checkpoint is not written (nor any later)."""
     from kdtune.training import NonFiniteLossError
 
     full = recipe("full_finetune_single_device")
@@ -214,14 +254,9 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_cfg, recipe, tm
         "clip_grad_norm=null", "~lr_scheduler", "save_every_n_steps=1", "keep_last_n_checkpoints=1", "max_steps=6",
         "val_split_ratio=0.0",
     )  # fmt: skip
-    with pytest.raises(NonFiniteLossError, match=r"at step (\d+)") as info:
+    with pytest.raises(NonFiniteLossError, match=r"after step 1 weight .* reaches .*no usable resume checkpoint"):
         full.train(cfg)
-    bad_step = int(info.value.args[0].split("at step ")[1].split(";")[0].split(":")[0])
-    assert bad_step >= 2
-    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert kept == [f"step_{bad_step - 1:08d}"]  # the last good one, nothing after it
-    assert f"step_{bad_step - 1:08d}" in str(info.value)
-    assert not (out / "final").exists()
+    assert not list((out / "checkpoints").glob("step_*")) and not (out / "final").exists()
 
 
 def test_packed_data_and_activation_checkpointing(tiny_cfg, recipe, tmp_path: Path) -> None:
@@ -349,7 +384,9 @@ def test_resume_with_a_different_data_order_is_refused(tiny_cfg, recipe, tmp_pat
     out = tmp_path / "run"
     full.train(tiny_cfg("full", out, "max_steps=2", "save_every_n_steps=1", "val_split_ratio=0.0"))
     with pytest.raises(KDTuneError, match="batch_size is 2 but the checkpoint .* was trained with 4"):
-        full.train(tiny_cfg("full", out, "max_steps=4", "batch_size=2", "resume_from_checkpoint=true"))
+        full.train(
+            tiny_cfg("full", out, "max_steps=4", "batch_size=2", "val_split_ratio=0.0", "resume_from_checkpoint=true")
+        )
 
 
 def test_adapter_only_outputs(tiny_cfg, recipe, tmp_path: Path) -> None:

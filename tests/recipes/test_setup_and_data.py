@@ -83,8 +83,15 @@ def test_each_epoch_is_a_new_permutation_of_all_examples() -> None:
 def test_too_little_data_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="fewer than one optimizer step"):
         _data(n=3)
-    with pytest.raises(ConfigError, match="batch_size"):
-        _data(batch_size=0)
+    from omegaconf import OmegaConf
+
+    from kdtune.config import read_settings
+    from kdtune.training.settings import FinetuneSettings
+
+    base = {k: {"_component_": "x.y"} for k in ("model", "tokenizer", "checkpointer", "dataset", "optimizer")}
+    for key in ("batch_size", "gradient_accumulation_steps", "epochs"):  # refused where the settings are read
+        with pytest.raises(ConfigError, match=f"{key}=0 is out of range: allowed is >= 1"):
+            read_settings(FinetuneSettings, OmegaConf.create({**base, "output_dir": "o", key: 0}))
 
 
 def test_count_valid_tokens_and_due() -> None:

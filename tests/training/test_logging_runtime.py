@@ -26,12 +26,20 @@ from kdtune.training import (
 
 
 def test_disk_logger_writes_jsonl(tmp_path):
-    with DiskLogger(log_dir=tmp_path / "logs", filename="m.jsonl") as lg:
+    with DiskLogger(log_dir=tmp_path / "logs", filename="m.jsonl", run_id="r1") as lg:
         lg.log_dict({"loss": torch.tensor(1.5), "lr": 2e-5, "kd_loss": float("nan")}, step=1)
         lg.log("loss", 1.25, step=2)
         lg.log_config({"kd_ratio": 0.5})
     rows = [json.loads(x) for x in (tmp_path / "logs" / "m.jsonl").read_text().splitlines()]
-    assert rows == [{"step": 1, "loss": 1.5, "lr": 2e-5, "kd_loss": "nan"}, {"step": 2, "loss": 1.25}]
+    assert rows == [
+        {"step": 1, "run_id": "r1", "loss": 1.5, "lr": 2e-5, "kd_loss": "nan"},
+        {"step": 2, "run_id": "r1", "loss": 1.25},
+    ]
+    # without a file name: a file of its own per run (never appended to another run's), named by the run id
+    a, b = DiskLogger(log_dir=tmp_path / "l2", run_id="same"), DiskLogger(log_dir=tmp_path / "l2", run_id="same")
+    assert (a.path.name, b.path.name) == ("log_same.jsonl", "log_same-1.jsonl")
+    a.close()
+    b.close()
     assert json.loads((tmp_path / "logs" / "config.json").read_text()) == {"kd_ratio": 0.5}
 
 
@@ -114,7 +122,9 @@ def test_peak_memory_cpu():
 
 def test_check_finite_names_the_step():
     check_finite(torch.tensor(1.0), 3)
-    with pytest.raises(NonFiniteLossError, match="loss is nan at step 12; the last good checkpoint is /x/step_10") as e:
+    with pytest.raises(
+        NonFiniteLossError, match="loss is nan at step 12; the last usable checkpoint is /x/step_10"
+    ) as e:
         check_finite(torch.tensor(float("nan")), 12, last_checkpoint="/x/step_10")
     assert isinstance(e.value, KDTuneError)
     with pytest.raises(NonFiniteLossError, match="grad_norm is inf at step 2"):

@@ -15,15 +15,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from kdtune.config import instantiate, save_config
 from kdtune.errors import CheckpointError, ConfigError
 from kdtune.handoff import RunCard, command_line
-from kdtune.training.checkpoints import _STEP_DIR, capture_rng_state, restore_rng_state, save_final
+from kdtune.training.checkpoints import (
+    _STEP_DIR,
+    ResumeChange,
+    apply_resume_changes,
+    capture_rng_state,
+    plan_resume,
+    restore_rng_state,
+    save_final,
+    set_aside_diverged,
+    snapshot_hyperparameters,
+    unusable_state,
+)
 from kdtune.training.data import DataPosition
-from kdtune.training.distributed.env import barrier, get_rank, get_world_size, is_distributed, is_rank_zero
+from kdtune.training.distributed.env import (
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    is_rank_zero,
+)
 from kdtune.training.distributed.sharding import gather_full_state_dict
+from kdtune.training.runtime import NonFiniteLossError, nonfinite_advice
 from kdtune.training.setup import is_lora_model
 
 __all__ = [
@@ -82,7 +103,7 @@ def save_sharded_checkpoint(
 
     root = Path(checkpoints_dir)
     final = root / f"step_{step}"
-    tmp = root / f"step_{step}.tmp"
+    tmp = root / f"step_{step}.tmp-{broadcast_object(os.getpid())}"  # rank 0's pid: removed at the next start if left
     if is_rank_zero():
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -193,8 +214,22 @@ class DistributedResumeCheckpoints:
         self.trainable_only = is_lora_model(model)
         self.last: str | None = None
 
+    def _unusable(self) -> str | None:
+        """:func:`kdtune.training.checkpoints.unusable_state` over every rank's shards (the same answer on all)."""
+        problem = unusable_state(self.model, self.optimizer)
+        if is_distributed() and float(all_reduce_sum(0.0 if problem is None else 1.0)) > 0 and problem is None:
+            problem = "the weights or optimizer state of another rank are not finite (or diverged)"
+        return problem
+
     def save(self, pos: Any) -> Path:
-        """Write the checkpoint of the optimizer step that ended at ``pos`` (every rank must call it)."""
+        """Write the checkpoint of the optimizer step that ended at ``pos`` (every rank must call it).
+
+        Raises:
+            NonFiniteLossError: the weights or optimizer state are not usable on some rank: nothing is written.
+        """
+        problem = self._unusable()
+        if problem is not None:
+            raise NonFiniteLossError(f"after step {pos.global_step} {problem}; {nonfinite_advice(self.last)}")
         nxt = pos if not self.data.is_epoch_end(pos) else DataPosition(pos.epoch + 1, 0, pos.global_step)
         extra = {
             "data_state": nxt.state_dict(),
@@ -215,6 +250,11 @@ class DistributedResumeCheckpoints:
         self.last = str(path)
         return path
 
+    def diverged(self, step: int) -> str | None:
+        """:meth:`kdtune.training.ResumeCheckpoints.diverged` (rank 0 renames; every rank returns the same path)."""
+        self.last = set_aside_diverged(self.runtime.checkpoints_dir, step, move=is_rank_zero())
+        return self.last
+
     def resume(self) -> Any:
         """Restore the newest checkpoint into the model, optimizer, schedule, RNG and data position.
 
@@ -227,10 +267,18 @@ class DistributedResumeCheckpoints:
                 f"resume_from_checkpoint=true but {self.runtime.checkpoints_dir} holds no complete step_N checkpoint; "
                 "set resume_from_checkpoint=false or point output_dir at the run to continue."
             )
+        saved = OmegaConf.load(path / "config.yaml") if (path / "config.yaml").is_file() else None
+        step = int(json.loads((path / "state.json").read_text())["step"])
+        changes: list[ResumeChange] = plan_resume(saved, self.cfg, path, step, self.data.total_steps)
+        planned = snapshot_hyperparameters(self.optimizer, self.scheduler)
         state = load_sharded_checkpoint(path, self.model, self.optimizer)
         if self.scheduler is not None and state.get("lr_scheduler") is not None:
             self.scheduler.load_state_dict(state["lr_scheduler"])
         self.runtime.precision.load_state_dict(state.get("precision"))
+        problem = self._unusable()
+        if problem is not None:
+            raise CheckpointError(f"{path} is not usable: {problem}; delete it to resume from the checkpoint before it")
+        apply_resume_changes(changes, planned, self.optimizer, self.scheduler, step, verbose=is_rank_zero())
         self.data.position = DataPosition.from_state_dict(state["data_state"])
         self.last = str(path)
         return self.data.position
