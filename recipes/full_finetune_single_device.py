@@ -46,7 +46,8 @@ RECIPE_SETTINGS = "kdtune.training.settings.FinetuneSettings"  # read by `kdtune
 def train(cfg: DictConfig) -> RunSummary:
     """Fine-tune every parameter of the model as configured by ``cfg``; returns what the run measured."""
     s = read_settings(FinetuneSettings, cfg)
-    rt = setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg, mixed_precision=True)
+    rt = setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg, mixed_precision=True,
+                       num_threads=s.num_threads)  # fmt: skip
 
     # ---- model (all parameters train) and tokenizer
     model, checkpointer = build_model(

@@ -55,7 +55,8 @@ RECIPE_SETTINGS = "kdtune.training.settings.KDSettings"  # read by `kdtune valid
 def train(cfg: DictConfig) -> RunSummary:
     """Distil the teacher into the student as configured by ``cfg``; returns what the run measured."""
     s = read_settings(KDSettings, cfg)
-    rt = setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg, mixed_precision=True)
+    rt = setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg, mixed_precision=True,
+                       num_threads=s.num_threads)  # fmt: skip
 
     # ---- models: the student (full or LoRA) trains; the teacher is frozen
     student, checkpointer = build_model(

@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> RunSummary:
 
 def _train(cfg: DictConfig, s: LoRAFinetuneDistributedSettings, env: D.DistEnv) -> RunSummary:
     rt = setup_runtime(str(env.device), s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg, mixed_precision=True,
-                         save_config_file=env.is_rank_zero)  # fmt: skip
+                         num_threads=s.num_threads, save_config_file=env.is_rank_zero)  # fmt: skip
     set_seed(s.seed, s.deterministic, rank=env.rank)  # dropout masks differ per rank; data order does not
 
     # ---- model (only the adapters train; built on meta, sharded, base filled shard by shard), then the tokenizer

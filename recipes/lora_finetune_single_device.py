@@ -50,7 +50,8 @@ RECIPE_SETTINGS = "kdtune.training.settings.LoRAFinetuneSettings"  # read by `kd
 def train(cfg: DictConfig) -> RunSummary:
     """Fine-tune the LoRA adapters of the model as configured by ``cfg``; returns what the run measured."""
     s = read_settings(LoRAFinetuneSettings, cfg)
-    rt = setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg, mixed_precision=True)
+    rt = setup_runtime(s.device, s.dtype, s.output_dir, s.seed, s.deterministic, cfg=cfg, mixed_precision=True,
+                       num_threads=s.num_threads)  # fmt: skip
 
     # ---- model (only the adapters train; the base weights are frozen) and tokenizer
     model, checkpointer = build_model(

@@ -9,6 +9,7 @@ os.environ.setdefault("KDTUNE_DEBUG", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # recipes keep it (kdtune.perf.configure_threads)
 torch.set_num_threads(1)
 
 

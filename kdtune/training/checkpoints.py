@@ -475,6 +475,7 @@ RESUME_RULES: tuple[tuple[str, str, str], ...] = (
             "dtype",
             "device",
             "num_workers",
+            "num_threads",
             "compile",
             "enable_activation_checkpointing",
             "deterministic",

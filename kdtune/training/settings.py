@@ -96,6 +96,12 @@ class FinetuneSettings:
         "scaling; overflowed steps are skipped and logged as skipped_steps).",
         check=dtype_problem,
     )
+    num_threads: int | None = setting(
+        None,
+        help="CPU threads of torch; null = OMP_NUM_THREADS if set, else the physical cores (a warning when the "
+        "machine is oversubscribed: busy cores make torch's threads several times slower).",
+        ge=1,
+    )
     enable_activation_checkpointing: bool = _f(False, help="Recompute each decoder layer in backward (less memory).")
     compile: bool = _f(False, help="torch.compile each decoder layer.")
     # --- logging, eval, checkpoints

@@ -129,3 +129,16 @@ def test_teacher_forward_inference_mode_feeds_the_objective():
     ref.loss_sum.backward()
     for g, p in zip(grads, student.parameters()):
         torch.testing.assert_close(g, p.grad)
+
+
+def test_setup_runtime_sets_the_configured_threads_on_cpu(tmp_path) -> None:
+    from kdtune.training import setup_runtime
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        rt = setup_runtime("cpu", "fp32", str(tmp_path / "run"), 0, num_threads=1)
+        assert torch.get_num_threads() == 1
+        rt.close()
+    finally:
+        torch.set_num_threads(before)
