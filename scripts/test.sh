@@ -18,7 +18,7 @@ fi
 if ! (cd / && "$PY" - "$ROOT" >/dev/null 2>&1 <<'PYEOF'
 import importlib.util, os, sys
 # find_spec locates without importing (importing transformers/peft would cost seconds on every run)
-missing = [m for m in ("torch", "pytest", "xdist", "ruff", "transformers", "tokenizers", "peft", "matplotlib") if importlib.util.find_spec(m) is None]
+missing = [m for m in ("torch", "pytest", "xdist", "ruff", "transformers", "tokenizers", "peft", "matplotlib", "lm_eval") if importlib.util.find_spec(m) is None]
 spec = importlib.util.find_spec("kdtune")
 here = os.path.join(os.path.realpath(sys.argv[1]), "kdtune", "__init__.py")
 sys.exit(1 if missing or spec is None or os.path.realpath(spec.origin or "") != here else 0)
