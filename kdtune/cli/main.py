@@ -1,4 +1,4 @@
-"""The ``kdtune`` command: ls, cp, cat, validate, run, runs, download, export, upload, make-tiny, quickstart.
+"""The ``kdtune`` command: ls, cp, cat, validate, estimate, run, runs, download, export, upload, make-tiny, quickstart.
 
 Every user error (a :class:`kdtune.errors.KDTuneError`) is printed as one line, ``kdtune: error: ...``, with exit
 code 1; ``--debug`` or ``KDTUNE_DEBUG=1`` adds the traceback.
@@ -28,6 +28,7 @@ examples:
   kdtune ls
   kdtune cp llama3_2/kd ./my_kd.yaml
   kdtune validate ./my_kd.yaml
+  kdtune estimate --config ./my_kd.yaml batch_size=8        # peak memory per component, before the run
   kdtune make-tiny && kdtune run knowledge_distillation_single_device --config tiny/kd   # offline, CPU, seconds
   kdtune run knowledge_distillation_single_device --config ./my_kd.yaml kd_ratio=0.25 optimizer.lr=1e-4
   kdtune run --nproc_per_node 4 knowledge_distillation_distributed --config llama3_2/kd_distributed
@@ -88,6 +89,19 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="config name (e.g. llama3_2/kd) or path to a YAML file")
     p.add_argument("overrides", nargs="*", help="key=value overrides to apply before checking")
+
+    p = sub.add_parser(
+        "estimate",
+        help="a training run's peak memory per component before it starts (and its step time with --calibrate)",
+        description="Replay one optimizer step of the config's recipe on fake tensors (no memory, no weights read) and "
+        "print the peak memory per component: weights, gradients, optimizer state, activations with and without "
+        "activation checkpointing, the loss chunk, the teacher. --calibrate N runs N real steps on the configured "
+        "device and prints the measured step time and peak next to the estimate at the measured batch shapes.",
+    )
+    p.add_argument("--config", required=True, help="config name (e.g. llama3_2/kd) or path to a YAML file")
+    p.add_argument("--calibrate", type=int, default=0, metavar="N", help="also run N real steps and measure them")
+    p.add_argument("--seq-len", type=int, default=None, metavar="T", help="tokens per sequence (default: max_seq_len)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
 
     sub.add_parser(
         "run",
@@ -289,6 +303,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from kdtune.config import apply_overrides, find_config, load_config
+    from kdtune.estimate import calibrate, estimate_memory, format_report
+
+    cfg = apply_overrides(load_config(find_config(args.config)), args.overrides)
+    if args.seq_len is not None and args.seq_len < 2:
+        raise ConfigError(f"--seq-len {args.seq_len}: give at least 2 tokens")
+    est = estimate_memory(cfg, seq_len=args.seq_len)
+    cal = calibrate(cfg, args.calibrate) if args.calibrate else None
+    print(format_report(est, cal))
+    return 0
+
+
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from kdtune.testing.tiny import DEFAULT_TINY_DIR, TINY_CONFIG_KEYS, make_tiny_assets
 
@@ -366,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             "cp": _cmd_cp,
             "cat": _cmd_cat,
             "validate": _cmd_validate,
+            "estimate": _cmd_estimate,
             "make-tiny": _cmd_make_tiny,
             "export": _cmd_export,
         }

@@ -355,6 +355,9 @@ class RunSummary:
     Attributes:
         steps: per optimizer step: ``step``, ``epoch``, ``loss``, ``class_loss``, ``kd_loss``, ``lr``, ``grad_norm``,
             ``num_tokens``, ``tokens_per_second`` (+ ``peak_memory_gib``; + ``loss_scale``, ``skipped_steps`` with fp16).
+            ``tokens_per_second`` is torchtune's basis: the step's trained (non-masked label) tokens over the wall time
+            since the previous step was reported — data loading, forward, backward and the optimizer step included,
+            validation excluded.
         evals: per validation pass: ``step`` + the :func:`evaluate` metrics.
         output_dir: the run's output directory.
     """
