@@ -38,6 +38,7 @@ from kdtune.data.collate import model_inputs
 from kdtune.errors import ConfigError
 from kdtune.losses.divergences import Divergence
 from kdtune.losses.functional import check_fraction, check_temperature, log_probs, upcast
+from kdtune.losses.on_policy import OnPolicy
 
 __all__ = ["DistillationObjective", "LiveTeacher", "ObjectiveOutput", "TeacherSource"]
 
@@ -113,6 +114,9 @@ class DistillationObjective:
         num_output_chunks: the trained positions are processed in this many chunks (memory at large vocabularies).
         ignore_index: label value of positions that are not trained.
         checkpoint_chunks: recompute each chunk's logits in backward instead of keeping them.
+        on_policy: an :class:`~kdtune.losses.on_policy.OnPolicy` sampler: training micro-batches (student in train
+            mode, gradients enabled) get their completions from the student with probability ``lmbda`` (or from the
+            teacher with ``seq_kd``) before they are scored; needs a live teacher. None = the dataset's completions.
     """
 
     def __init__(
@@ -126,6 +130,7 @@ class DistillationObjective:
         num_output_chunks: int = 8,
         ignore_index: int = -100,
         checkpoint_chunks: bool = True,
+        on_policy: OnPolicy | None = None,
     ) -> None:
         if isinstance(teacher, nn.Module):
             teacher = LiveTeacher(teacher)
@@ -144,6 +149,13 @@ class DistillationObjective:
         self.num_output_chunks = num_output_chunks
         self.ignore_index = int(ignore_index)
         self.checkpoint_chunks = bool(checkpoint_chunks)
+        if on_policy is not None and on_policy.active and not isinstance(teacher, LiveTeacher):
+            source = "no teacher" if teacher is None else f"a {type(teacher).__name__} (teacher_logits)"
+            raise ConfigError(
+                f"on_policy: sampled completions must be scored by a live teacher, but the run has {source}; use "
+                "teacher_model + teacher_checkpointer, or set on_policy.lmbda=0 and on_policy.seq_kd=false"
+            )
+        self.on_policy = on_policy if on_policy is not None and on_policy.active else None
 
     @property
     def kd_scale(self) -> float:
@@ -160,6 +172,8 @@ class DistillationObjective:
 
     def __call__(self, student: nn.Module, batch: dict[str, Any]) -> ObjectiveOutput:
         """The objective's sums for one collated micro-batch (``tokens``, ``labels`` [B, T], packed fields)."""
+        if self.on_policy is not None and student.training and torch.is_grad_enabled():
+            batch = self.on_policy(batch, student, self.teacher.model)  # type: ignore[union-attr]
         mask = batch["labels"][:, 1:] != self.ignore_index  # [B, T-1]
         teacher_state = self.teacher.prepare(batch, mask) if self.teacher is not None else None
         hidden = student(batch["tokens"], return_hidden=True, **model_inputs(batch))  # [B, T, D]
@@ -213,10 +227,20 @@ class DistillationObjective:
             return ObjectiveOutput(ce_total, ce_total, None, num_tokens)
         return ObjectiveOutput(self.mix(ce_total, kd_total), ce_total, kd_total, num_tokens)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The objective's own state for resume checkpoints (the on-policy sampling RNG); {} when it has none."""
+        return {"on_policy": self.on_policy.state_dict()} if self.on_policy is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a checkpoint without on-policy state leaves the samplers as seeded)."""
+        if self.on_policy is not None and state.get("on_policy") is not None:
+            self.on_policy.load_state_dict(state["on_policy"])
+
     def __repr__(self) -> str:
         return (
             f"DistillationObjective(kd_loss={self.kd_loss!r}, teacher={type(self.teacher).__name__ if self.teacher else None}, "
             f"kd_ratio={self.kd_ratio}, temperature={self.temperature}, "
             f"scale_by_temperature_squared={self.scale_by_temperature_squared}, "
-            f"num_output_chunks={self.num_output_chunks})"
+            f"num_output_chunks={self.num_output_chunks}"
+            + (f", on_policy={self.on_policy!r})" if self.on_policy is not None else ")")
         )

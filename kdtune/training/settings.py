@@ -22,6 +22,7 @@ __all__ = [
     "KDSettings",
     "LoRAFinetuneDistributedSettings",
     "LoRAFinetuneSettings",
+    "OnPolicySettings",
     "PromptSource",
     "recipe_doc",
     "settings_markdown_table",
@@ -103,6 +104,18 @@ class LoRAFinetuneSettings(FinetuneSettings):
 
 
 @dataclass(kw_only=True)
+class OnPolicySettings:
+    """``on_policy:`` of the KD recipes: where a training batch's completions come from (validated by
+    :class:`kdtune.losses.OnPolicy`, which owns these values)."""
+
+    lmbda: float = _f(0.0, help="Probability in [0, 1] that a micro-batch's completions are sampled from the student.")
+    max_new_tokens: int = _f(64, help="Longest sampled completion, in tokens.")
+    temperature: float = _f(1.0, help="Sampling temperature of the completions (0 = greedy).")
+    top_k: int | None = _f(None, help="Sample among the top-k tokens only; null = all.")
+    seq_kd: bool = _f(False, help="Batches not sampled from the student use the teacher's samples (sequence-level KD).")
+
+
+@dataclass(kw_only=True)
 class KDSettings(LoRAFinetuneSettings):
     """Settings of ``knowledge_distillation_single_device``: a frozen teacher and a trainable (full or LoRA) student."""
 
@@ -128,6 +141,11 @@ class KDSettings(LoRAFinetuneSettings):
     temperature: float = _f(1.0, help="Both models' distributions are softmax(logits / temperature); > 0.")
     scale_by_temperature_squared: bool = _f(
         True, help="Multiply the KD term by temperature^2 so its gradient does not shrink as 1/T^2 (Hinton et al.)."
+    )
+    on_policy: OnPolicySettings | None = _f(
+        None,
+        help="On-policy KD (GKD): {lmbda, max_new_tokens, temperature, top_k, seq_kd}; needs teacher_model; "
+        "null = train on the dataset's completions.",
     )
 
 
