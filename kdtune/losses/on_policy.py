@@ -6,8 +6,9 @@ otherwise by the teacher's samples). The prompt of each example is its tokens be
 completion is generated with the KV cache (:func:`kdtune.models.generation.generate`, model in eval mode, no
 gradient), and the new batch trains on the completion tokens only (the prompt is masked). The objective then scores it
 exactly like a dataset batch: the teacher runs on the new tokens and the divergence (mixed with the cross-entropy by
-``kd_ratio``, as always; ``kd_ratio=1`` is the pure GKD loss) is taken on the student's log-probabilities of the
-sampled tokens, which are constants.
+``kd_ratio``, as always) is taken on the student's log-probabilities of the sampled tokens, which are constants.
+``kd_ratio=1`` is the GKD loss; with ``kd_ratio < 1`` the cross-entropy also trains on the student's own samples
+(self-training), which reinforces its mistakes.
 
 Randomness: the lmbda coin comes from a dedicated CPU generator seeded with ``seed`` (the same on every rank, so all
 ranks of a sharded model generate together); sampling uses a dedicated generator on the model's device seeded by
