@@ -91,7 +91,7 @@ class Preset:
     student_steps: int = 300
     batch_size: int = 32
     eval_examples: int = 400
-    arms: tuple[str, ...] = tuple(ARMS)
+    arms: tuple[str, ...] = tuple(ARMS)  # the default run's arms; --full runs every arm
 
 
 PRESETS: dict[str, Preset] = {
@@ -104,9 +104,10 @@ PRESETS: dict[str, Preset] = {
         teacher_dims=dict(dim=96, layers=3, heads=4, kv_heads=2, intermediate_size=256),
         student_dims=dict(dim=48, layers=2, heads=4, kv_heads=2, intermediate_size=128),
         teacher_steps=2400,
-        student_steps=600,
+        student_steps=1200,
         batch_size=32,
         eval_examples=400,
+        arms=("sft", "seq_kd", "logit_kd", "on_policy"),  # supervised KD on the labels only with --full
     ),
     # The CI version: every step end to end, minutes become seconds; the numbers mean nothing.
     "ci": Preset(
@@ -135,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="kdtune-quickstart", help="where everything is written (cached)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: 0 1 2)")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=None, help="student arms (default: all)")
-    parser.add_argument("--full", action="store_true", help="5 seeds instead of 3 (about twice as long)")
+    parser.add_argument(
+        "--full", action="store_true", help="every arm (adds supervised KD) and 5 seeds: about twice as long"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="student runs trained at the same time (default 2)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="sizes/budgets (ci = tiny)")
     parser.add_argument("--force", action="store_true", help="retrain every step even when a cached result exists")
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     preset = PRESETS[args.preset]
     seeds = args.seeds if args.seeds is not None else ([0, 1, 2, 3, 4] if args.full else [0, 1, 2])
-    arms = [ARMS[a] for a in (args.arms or preset.arms)]
+    arms = [ARMS[a] for a in (args.arms or (tuple(ARMS) if args.full else preset.arms))]
     if "sft" not in [a.name for a in arms]:
         arms.insert(0, ARMS["sft"])  # every gain is measured against SFT
     out = Path(args.output_dir).resolve()
@@ -158,58 +161,63 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_dir = prepare_tokenizer(out)
     teacher_init = prepare_model(out / "init" / "teacher", preset.teacher_dims, tokenizer_dir, seed=1000)
 
-    runs: dict[str, Path] = {}
-    runs["teacher"] = run_step(
-        out / "runs" / "teacher",
-        "full_finetune_single_device",
-        "quickstart/teacher",
-        [
-            f"checkpointer.checkpoint_dir={teacher_init}",
-            f"dataset.data_files={data['teacher_train']}",
-            f"val_dataset.data_files={data['val']}",
-            f"max_steps={preset.teacher_steps}",
-            f"batch_size={preset.batch_size}",
-            "seed=0",
-        ],
-        force=args.force,
-    )
-    teacher_final = runs["teacher"] / "final"
-    if any(a.data == "train_plus_teacher" for a in arms):
-        answers = run_step(
-            out / "runs" / "teacher_answers",
-            "generate_distillation_data",
-            "quickstart/teacher_answers",
-            [f"checkpointer.checkpoint_dir={teacher_final}", f"prompts.data_files={data['pool']}"],
-            force=args.force,
-            done_file="teacher_answers.jsonl",
-        )
-        data["train_plus_teacher"] = combine_chats(
-            [data["train"], answers / "teacher_answers.jsonl"], out / "data" / "train_plus_teacher.jsonl"
-        )
-
-    jobs: list[tuple[str, Path, str, str, list[str]]] = []
+    parallel = max(1, args.jobs)
+    quiet = parallel > 1  # runs side by side write their output to <run>/run.log
+    jobs: list[tuple[str, Arm, list[str]]] = []
     for seed in seeds:
         student_init = prepare_model(out / "init" / f"student_seed{seed}", preset.student_dims, tokenizer_dir, seed)
         for arm in arms:
             overrides = [
                 f"checkpointer.checkpoint_dir={student_init}",
-                f"dataset.data_files={data[arm.data]}",
+                f"dataset.data_files={out / 'data' / (arm.data + '.jsonl')}",
                 f"val_dataset.data_files={data['val']}",
                 f"max_steps={preset.student_steps}",
                 f"batch_size={preset.batch_size}",
                 f"seed={seed}",
             ]
-            if arm.teacher:
-                overrides.append(f"teacher_checkpointer.checkpoint_dir={teacher_final}")
-            name = f"{arm.name}_seed{seed}"
-            jobs.append((name, out / "runs" / name, arm.recipe, arm.config, overrides))
-    parallel = max(1, args.jobs)
+            jobs.append((f"{arm.name}_seed{seed}", arm, overrides))
+
+    def student(job: tuple[str, Arm, list[str]]) -> Path:
+        name, arm, overrides = job
+        if arm.teacher:
+            overrides = [*overrides, f"teacher_checkpointer.checkpoint_dir={out / 'runs' / 'teacher' / 'final'}"]
+        return run_step(out / "runs" / name, arm.recipe, arm.config, overrides, force=args.force, quiet=quiet)
+
+    runs: dict[str, Path] = {}
     with ThreadPoolExecutor(parallel) as pool:
-        done = pool.map(
-            lambda job: run_step(job[1], job[2], job[3], job[4], force=args.force, quiet=parallel > 1), jobs
+        # the teacher trains while the runs that need nothing from it (SFT on the labels) already start
+        teacher = pool.submit(
+            run_step,
+            out / "runs" / "teacher",
+            "full_finetune_single_device",
+            "quickstart/teacher",
+            [
+                f"checkpointer.checkpoint_dir={teacher_init}",
+                f"dataset.data_files={data['teacher_train']}",
+                f"val_dataset.data_files={data['val']}",
+                f"max_steps={preset.teacher_steps}",
+                f"batch_size={preset.batch_size}",
+                "seed=0",
+            ],
+            force=args.force,
+            quiet=quiet,
         )
-        for (name, *_), run_dir in zip(jobs, list(done)):
-            runs[name] = run_dir
+        independent = {j[0]: pool.submit(student, j) for j in jobs if not j[1].teacher and j[1].data == "train"}
+        runs["teacher"] = teacher.result()
+        if any(a.data == "train_plus_teacher" for a in arms):
+            answers = run_step(
+                out / "runs" / "teacher_answers",
+                "generate_distillation_data",
+                "quickstart/teacher_answers",
+                [f"checkpointer.checkpoint_dir={runs['teacher'] / 'final'}", f"prompts.data_files={data['pool']}"],
+                force=args.force,
+                quiet=quiet,
+                done_file="teacher_answers.jsonl",
+            )
+            combine_chats([data["train"], answers / "teacher_answers.jsonl"], out / "data" / "train_plus_teacher.jsonl")
+        dependent = {j[0]: pool.submit(student, j) for j in jobs if j[0] not in independent}
+        for name, _, _ in jobs:
+            runs[name] = (independent.get(name) or dependent[name]).result()
 
     from kdtune.quickstart.report import evaluate_runs, plot_runs, print_table
 
