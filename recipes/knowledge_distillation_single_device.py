@@ -77,14 +77,14 @@ def train(cfg: DictConfig) -> RunSummary:
         return build_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model")[0]
 
     teacher = build_teacher(s, student, tokenizer, data, load_teacher)
-    objective = build_objective(s, teacher)  # divergence, kd_ratio, temperature, chunking: validated here, once
+    objective = build_objective(s, teacher, tokenizer)  # divergence, kd_ratio, T, chunks, on_policy: validated once
     # the teacher check: teacher vs student on the transfer set, a warning when the teacher is not better
     teacher_metrics = check_teacher(s, student, teacher, data, rt.device)
 
     # ---- optimizer, LR schedule, checkpoints (resume), metrics
     optimizer = build_optimizer(s.optimizer, trainable_parameters(student))
     scheduler = build_lr_scheduler(s.lr_scheduler, optimizer, data.total_steps)
-    ckpt = ResumeCheckpoints(rt, s, student, optimizer, scheduler, data, cfg)
+    ckpt = ResumeCheckpoints(rt, s, student, optimizer, scheduler, data, cfg, components={"objective": objective})
     if s.resume_from_checkpoint:
         ckpt.resume()
     report = Reporter(rt, s, data)

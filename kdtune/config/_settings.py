@@ -190,6 +190,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return None
         raise ConfigError(f"{key}: null is not allowed here (expected {_type_name(tp)}); give it a value")
     if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]) and isinstance(value, DictConfig):
+            return _convert(value, options[0], key)  # `X | None` of a mapping: X's own error names the inner key
         for arg in args:
             if arg is type(None):
                 continue

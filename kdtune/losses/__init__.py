@@ -23,6 +23,7 @@ from kdtune.losses.divergences import (
     TVDLoss,
 )
 from kdtune.losses.objective import DistillationObjective, LiveTeacher, ObjectiveOutput, TeacherSource
+from kdtune.losses.on_policy import OnPolicy
 
 __all__ = [
     "CachedTeacher",
@@ -33,6 +34,7 @@ __all__ = [
     "JSDLoss",
     "LiveTeacher",
     "ObjectiveOutput",
+    "OnPolicy",
     "ReverseKLLoss",
     "SkewForwardKLLoss",
     "SkewReverseKLLoss",

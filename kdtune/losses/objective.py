@@ -44,6 +44,7 @@ from kdtune.errors import ConfigError
 from kdtune.losses.divergences import Divergence, ForwardKLLoss
 from kdtune.losses.functional import check_fraction, check_temperature, log_probs, upcast
 from kdtune.losses.fused import ce_forward_kl, chunk_slices, fused_linear_loss, fused_output_weight
+from kdtune.losses.on_policy import OnPolicy
 
 __all__ = ["DistillationObjective", "LiveTeacher", "ObjectiveOutput", "TeacherSource", "check_batch_kind"]
 
@@ -145,6 +146,9 @@ class DistillationObjective:
         fused: compute each chunk's gradients in the forward pass (see the module docstring); False = the
             activation-checkpointed path.
         memory_budget_bytes: bytes a chunk's fp32 vocabulary-sized tensors may take when sizing chunks.
+        on_policy: an :class:`~kdtune.losses.on_policy.OnPolicy` sampler: training micro-batches (student in train
+            mode, gradients enabled) get their completions from the student with probability ``lmbda`` (or from the
+            teacher with ``seq_kd``) before they are scored; needs a live teacher. None = the dataset's completions.
     """
 
     def __init__(
@@ -160,6 +164,7 @@ class DistillationObjective:
         checkpoint_chunks: bool = True,
         fused: bool = True,
         memory_budget_bytes: int | None = None,
+        on_policy: OnPolicy | None = None,
     ) -> None:
         if isinstance(teacher, nn.Module):
             teacher = LiveTeacher(teacher)
@@ -182,6 +187,13 @@ class DistillationObjective:
         self.checkpoint_chunks = bool(checkpoint_chunks)
         self.fused = bool(fused)
         self.memory_budget_bytes = memory_budget_bytes
+        if on_policy is not None and on_policy.active and not isinstance(teacher, LiveTeacher):
+            source = "no teacher" if teacher is None else f"a {type(teacher).__name__} (teacher_logits)"
+            raise ConfigError(
+                f"on_policy: sampled completions must be scored by a live teacher, but the run has {source}; use "
+                "teacher_model + teacher_checkpointer, or set on_policy.lmbda=0 and on_policy.seq_kd=false"
+            )
+        self.on_policy = on_policy if on_policy is not None and on_policy.active else None
 
     @property
     def kd_scale(self) -> float:
@@ -199,6 +211,8 @@ class DistillationObjective:
     def __call__(self, student: nn.Module, batch: dict[str, Any]) -> ObjectiveOutput:
         """The objective's sums for one collated micro-batch (``tokens``, ``labels`` [B, T], packed fields; for an
         encoder-decoder student ``encoder_tokens`` [B, S] and ``encoder_padding_mask``: positions are decoder ones)."""
+        if self.on_policy is not None and student.training and torch.is_grad_enabled():
+            batch = self.on_policy(batch, student, self.teacher.model)  # type: ignore[union-attr]
         check_batch_kind(student, batch)
         mask = batch["labels"][:, 1:] != self.ignore_index  # [B, T-1]
         teacher_state = self.teacher.prepare(batch, mask) if self.teacher is not None else None
@@ -296,10 +310,20 @@ class DistillationObjective:
         )
         return loss, parts.ce_sum, parts.kd_sum
 
+    def state_dict(self) -> dict[str, Any]:
+        """The objective's own state for resume checkpoints (the on-policy sampling RNG); {} when it has none."""
+        return {"on_policy": self.on_policy.state_dict()} if self.on_policy is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a checkpoint without on-policy state leaves the samplers as seeded)."""
+        if self.on_policy is not None and state.get("on_policy") is not None:
+            self.on_policy.load_state_dict(state["on_policy"])
+
     def __repr__(self) -> str:
         return (
             f"DistillationObjective(kd_loss={self.kd_loss!r}, teacher={type(self.teacher).__name__ if self.teacher else None}, "
             f"kd_ratio={self.kd_ratio}, temperature={self.temperature}, "
             f"scale_by_temperature_squared={self.scale_by_temperature_squared}, "
-            f"num_output_chunks={self.num_output_chunks})"
+            f"num_output_chunks={self.num_output_chunks}"
+            + (f", on_policy={self.on_policy!r})" if self.on_policy is not None else ")")
         )

@@ -1,8 +1,16 @@
-"""`kdtune quickstart`: teacher fine-tune -> SFT student -> KD student -> evaluation, offline, on a CPU.
+"""`kdtune quickstart`: what distillation is for, offline, on a CPU.
+
+The setting: a strong teacher, a student with only a few labelled examples, and a large pool of unlabelled prompts.
+Steps: fine-tune the teacher -> the teacher answers the prompt pool -> train the student with equal compute (same
+initial weights, steps, batch and optimizer) in each *arm* -> score every model on held-out test prompts.
+
+Arms (``ARMS``): ``sft`` (the labels only), ``kd`` (supervised KD on the labels), ``seq_kd`` (SFT on the labels + the
+teacher's answers: sequence-level offline KD), ``logit_kd`` (the KD recipe on the same data), ``on_policy`` (GKD: the
+KD recipe where half of the batches are the student's own samples, scored by the teacher).
 
 Each training step is an ordinary ``kdtune run <recipe> --config quickstart/<name> key=value ...`` (printed before it
 runs, so the user sees the real commands). Finished steps are cached: a step whose output holds a marker with the same
-command is skipped, so a second run only re-evaluates and re-plots.
+command is skipped, so a second run only re-evaluates and re-plots. Student runs go ``--jobs`` at a time.
 """
 
 from __future__ import annotations
@@ -17,11 +25,19 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdtune.errors import KDTuneError
-from kdtune.quickstart.tasks import corpus_for_tokenizer, make_splits, read_jsonl, write_jsonl
+from kdtune.quickstart.tasks import (
+    corpus_for_tokenizer,
+    make_prompt_pool,
+    make_splits,
+    read_jsonl,
+    write_jsonl,
+    write_prompts_jsonl,
+)
 
 _MARKER = "kdtune_quickstart_step.json"
 
@@ -33,19 +49,49 @@ CHATML_TEMPLATE = (
 
 
 @dataclass(frozen=True)
+class Arm:
+    """One way of training the student: its recipe, shipped config, training data and whether it needs the teacher."""
+
+    name: str
+    label: str
+    recipe: str
+    config: str
+    data: str  # "train" (the labelled examples) or "train_plus_teacher" (+ the teacher's answers to the pool)
+    teacher: bool
+
+
+ARMS: dict[str, Arm] = {
+    a.name: a
+    for a in (
+        Arm("sft", "SFT on the labels", "full_finetune_single_device", "quickstart/student_sft", "train", False),
+        Arm("kd", "supervised KD (labels)", "knowledge_distillation_single_device", "quickstart/student_kd", "train",
+            True),
+        Arm("seq_kd", "sequence-level KD", "full_finetune_single_device", "quickstart/student_seq_kd",
+            "train_plus_teacher", False),
+        Arm("logit_kd", "logit KD (teacher answers)", "knowledge_distillation_single_device",
+            "quickstart/student_logit_kd", "train_plus_teacher", True),
+        Arm("on_policy", "on-policy KD (GKD)", "knowledge_distillation_single_device", "quickstart/student_on_policy",
+            "train_plus_teacher", True),
+    )
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Preset:
     """Sizes and budgets of one quickstart setting (see docs/quickstart.md for how the default was chosen)."""
 
     teacher_train: int  # labelled examples the teacher is fine-tuned on
-    student_train: int  # labelled examples both students see (the limited-data regime where KD helps most)
+    student_train: int  # labelled examples the students see (the limited-label regime)
     val: int
     test: int
+    pool: int  # unlabelled prompts the teacher answers (no labels are ever read from them)
     teacher_dims: dict = field(default_factory=dict)
     student_dims: dict = field(default_factory=dict)
     teacher_steps: int = 600
     student_steps: int = 300
     batch_size: int = 32
     eval_examples: int = 400
+    arms: tuple[str, ...] = tuple(ARMS)  # the default run's arms; --full runs every arm
 
 
 PRESETS: dict[str, Preset] = {
@@ -54,12 +100,14 @@ PRESETS: dict[str, Preset] = {
         student_train=400,
         val=200,
         test=400,
+        pool=4000,
         teacher_dims=dict(dim=96, layers=3, heads=4, kv_heads=2, intermediate_size=256),
         student_dims=dict(dim=48, layers=2, heads=4, kv_heads=2, intermediate_size=128),
-        teacher_steps=1200,
-        student_steps=300,
+        teacher_steps=2400,
+        student_steps=1200,
         batch_size=32,
         eval_examples=400,
+        arms=("sft", "seq_kd", "logit_kd", "on_policy"),  # supervised KD on the labels only with --full
     ),
     # The CI version: every step end to end, minutes become seconds; the numbers mean nothing.
     "ci": Preset(
@@ -67,6 +115,7 @@ PRESETS: dict[str, Preset] = {
         student_train=64,
         val=32,
         test=32,
+        pool=64,
         teacher_dims=dict(dim=32, layers=2, heads=2, kv_heads=1, intermediate_size=64),
         student_dims=dict(dim=16, layers=1, heads=2, kv_heads=1, intermediate_size=32),
         teacher_steps=6,
@@ -80,11 +129,17 @@ PRESETS: dict[str, Preset] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdtune quickstart",
-        description="Fine-tune a small teacher, train a student with plain SFT and with knowledge distillation, "
-        "and compare them on held-out data — offline, on a CPU, in a few minutes.",
+        description="Fine-tune a small teacher, let it answer a pool of unlabelled prompts, train a student with SFT "
+        "and with several kinds of distillation at equal compute, and compare them on held-out data — offline, on a "
+        "CPU, in about ten minutes.",
     )
     parser.add_argument("--output-dir", default="kdtune-quickstart", help="where everything is written (cached)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (default: 0 1 2)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: 0 1 2)")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=None, help="student arms (default: all)")
+    parser.add_argument(
+        "--full", action="store_true", help="every arm (adds supervised KD) and 5 seeds: about twice as long"
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="student runs trained at the same time (default 2)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="sizes/budgets (ci = tiny)")
     parser.add_argument("--force", action="store_true", help="retrain every step even when a cached result exists")
     return parser
@@ -94,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``kdtune quickstart``; returns the process exit code."""
     args = build_parser().parse_args(argv)
     preset = PRESETS[args.preset]
+    seeds = args.seeds if args.seeds is not None else ([0, 1, 2, 3, 4] if args.full else [0, 1, 2])
+    arms = [ARMS[a] for a in (args.arms or (tuple(ARMS) if args.full else preset.arms))]
+    if "sft" not in [a.name for a in arms]:
+        arms.insert(0, ARMS["sft"])  # every gain is measured against SFT
     out = Path(args.output_dir).resolve()
     started = time.monotonic()
     print(f"kdtune quickstart: writing to {out}", flush=True)
@@ -102,53 +161,71 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_dir = prepare_tokenizer(out)
     teacher_init = prepare_model(out / "init" / "teacher", preset.teacher_dims, tokenizer_dir, seed=1000)
 
-    runs: dict[str, Path] = {}
-    runs["teacher"] = run_step(
-        out / "runs" / "teacher",
-        "full_finetune_single_device",
-        "quickstart/teacher",
-        [
-            f"checkpointer.checkpoint_dir={teacher_init}",
-            f"dataset.data_files={data['teacher_train']}",
-            f"val_dataset.data_files={data['val']}",
-            f"max_steps={preset.teacher_steps}",
-            f"batch_size={preset.batch_size}",
-            "seed=0",
-        ],
-        force=args.force,
-    )
-    for seed in args.seeds:
+    parallel = max(1, args.jobs)
+    quiet = parallel > 1  # runs side by side write their output to <run>/run.log
+    jobs: list[tuple[str, Arm, list[str]]] = []
+    for seed in seeds:
         student_init = prepare_model(out / "init" / f"student_seed{seed}", preset.student_dims, tokenizer_dir, seed)
-        common = [
-            f"checkpointer.checkpoint_dir={student_init}",
-            f"dataset.data_files={data['train']}",
-            f"val_dataset.data_files={data['val']}",
-            f"max_steps={preset.student_steps}",
-            f"batch_size={preset.batch_size}",
-            f"seed={seed}",
-        ]
-        runs[f"sft_seed{seed}"] = run_step(
-            out / "runs" / f"sft_seed{seed}",
+        for arm in arms:
+            overrides = [
+                f"checkpointer.checkpoint_dir={student_init}",
+                f"dataset.data_files={out / 'data' / (arm.data + '.jsonl')}",
+                f"val_dataset.data_files={data['val']}",
+                f"max_steps={preset.student_steps}",
+                f"batch_size={preset.batch_size}",
+                f"seed={seed}",
+            ]
+            jobs.append((f"{arm.name}_seed{seed}", arm, overrides))
+
+    def student(job: tuple[str, Arm, list[str]]) -> Path:
+        name, arm, overrides = job
+        if arm.teacher:
+            overrides = [*overrides, f"teacher_checkpointer.checkpoint_dir={out / 'runs' / 'teacher' / 'final'}"]
+        return run_step(out / "runs" / name, arm.recipe, arm.config, overrides, force=args.force, quiet=quiet)
+
+    runs: dict[str, Path] = {}
+    with ThreadPoolExecutor(parallel) as pool:
+        # the teacher trains while the runs that need nothing from it (SFT on the labels) already start
+        teacher = pool.submit(
+            run_step,
+            out / "runs" / "teacher",
             "full_finetune_single_device",
-            "quickstart/student_sft",
-            common,
+            "quickstart/teacher",
+            [
+                f"checkpointer.checkpoint_dir={teacher_init}",
+                f"dataset.data_files={data['teacher_train']}",
+                f"val_dataset.data_files={data['val']}",
+                f"max_steps={preset.teacher_steps}",
+                f"batch_size={preset.batch_size}",
+                "seed=0",
+            ],
             force=args.force,
+            quiet=quiet,
         )
-        runs[f"kd_seed{seed}"] = run_step(
-            out / "runs" / f"kd_seed{seed}",
-            "knowledge_distillation_single_device",
-            "quickstart/student_kd",
-            [*common, f"teacher_checkpointer.checkpoint_dir={runs['teacher'] / 'final'}"],
-            force=args.force,
-        )
+        independent = {j[0]: pool.submit(student, j) for j in jobs if not j[1].teacher and j[1].data == "train"}
+        runs["teacher"] = teacher.result()
+        if any(a.data == "train_plus_teacher" for a in arms):
+            answers = run_step(
+                out / "runs" / "teacher_answers",
+                "generate_distillation_data",
+                "quickstart/teacher_answers",
+                [f"checkpointer.checkpoint_dir={runs['teacher'] / 'final'}", f"prompts.data_files={data['pool']}"],
+                force=args.force,
+                quiet=quiet,
+                done_file="teacher_answers.jsonl",
+            )
+            combine_chats([data["train"], answers / "teacher_answers.jsonl"], out / "data" / "train_plus_teacher.jsonl")
+        dependent = {j[0]: pool.submit(student, j) for j in jobs if j[0] not in independent}
+        for name, _, _ in jobs:
+            runs[name] = (independent.get(name) or dependent[name]).result()
 
     from kdtune.quickstart.report import evaluate_runs, plot_runs, print_table
 
     test_examples = read_jsonl(data["test"])[: preset.eval_examples]
     results = evaluate_runs(runs, test_examples)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print_table(results, args.seeds)
-    plot_path = plot_runs(runs, results, out / "quickstart.png")
+    summary = print_table(results, seeds, [a.name for a in arms], {a.name: a.label for a in arms})
+    (out / "results.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
+    plot_path = plot_runs(runs, results, summary, out / "quickstart.png")
     elapsed = time.monotonic() - started
     print(f"\nDone in {elapsed / 60:.1f} min. Written under {out}:")
     print(f"  data         {out / 'data'}")
@@ -159,20 +236,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def prepare_data(out: Path, preset: Preset) -> dict[str, Path]:
-    """Write the task splits as chat JSON lines (cached by content: same preset -> same files)."""
+    """Write the task splits as chat JSON lines and the unlabelled pool as prompts only (cached by content)."""
     sizes = {
         "teacher_train": preset.teacher_train,
         "train": preset.student_train,
         "val": preset.val,
         "test": preset.test,
     }
-    paths = {name: out / "data" / f"{name}.jsonl" for name in sizes}
-    if not all(p.exists() for p in paths.values()) or _read_marker(out / "data") != sizes:
+    spec = {**sizes, "pool": preset.pool}
+    paths = {name: out / "data" / f"{name}.jsonl" for name in spec}
+    if not all(p.exists() for p in paths.values()) or _read_marker(out / "data") != spec:
         splits = make_splits(sizes, seed=20261123)
         for name, examples in splits.items():
             write_jsonl(examples, paths[name])
-        _write_marker(out / "data", sizes)
+        labelled = (ex.prompt for examples in splits.values() for ex in examples)
+        write_prompts_jsonl(make_prompt_pool(preset.pool, seed=20261124, exclude=labelled), paths["pool"])
+        _write_marker(out / "data", spec)
     return paths
+
+
+def combine_chats(sources: list[Path], path: Path) -> Path:
+    """Concatenate chat JSON-lines files, keeping only ``messages`` (the teacher's file also has prompt/completion)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for source in sources:
+            for line in Path(source).read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    f.write(json.dumps({"messages": json.loads(line)["messages"]}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def prepare_tokenizer(out: Path) -> Path:
@@ -212,21 +304,49 @@ def prepare_model(path: Path, dims: dict, tokenizer_dir: Path, seed: int) -> Pat
     return path
 
 
-def run_step(out_dir: Path, recipe: str, config: str, overrides: list[str], *, force: bool) -> Path:
-    """Run one ``kdtune run`` step, or skip it when a finished run with the same command is cached."""
+def run_step(
+    out_dir: Path,
+    recipe: str,
+    config: str,
+    overrides: list[str],
+    *,
+    force: bool,
+    quiet: bool = False,
+    done_file: str = "final",
+) -> Path:
+    """Run one ``kdtune run`` step, or skip it when a finished run with the same command is cached.
+
+    Args:
+        out_dir: the step's ``output_dir``.
+        recipe: the recipe name.
+        config: the shipped config (``quickstart/<name>``).
+        overrides: ``key=value`` overrides (``output_dir`` is added).
+        force: run even when cached.
+        quiet: send the run's output to ``out_dir/run.log`` (runs in parallel); its tail is printed on failure.
+        done_file: what the finished step leaves in ``out_dir`` (the cache requires it).
+    """
     overrides = [*overrides, f"output_dir={out_dir}"]
     # -P (3.11+): never import a `kdtune/` folder that happens to sit in the current directory instead of the package
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
     command = [sys.executable, *safe_path, "-m", "kdtune", "run", recipe, "--config", config, *overrides]
     spec = {"command": hashlib.sha256(json.dumps([recipe, config, *overrides]).encode()).hexdigest()}
-    if not force and (out_dir / "final").is_dir() and _read_marker(out_dir) == spec:
+    if not force and (out_dir / done_file).exists() and _read_marker(out_dir) == spec:
         print(f"\n[cached] {out_dir.name}: kdtune run {recipe} --config {config} ...", flush=True)
         return out_dir
     print(f"\n$ kdtune run {recipe} --config {config} {' '.join(shlex.quote(o) for o in overrides)}", flush=True)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     started = time.monotonic()
-    result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if quiet:
+        out_dir.mkdir(parents=True)
+        log = out_dir / "run.log"
+        with open(log, "w") as f:
+            result = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            print(log.read_text()[-4000:], flush=True)
+    else:
+        result = subprocess.run(command, env=env)
     if result.returncode != 0:
         raise KDTuneError(f"step '{out_dir.name}' failed (exit {result.returncode}); its output is above")
     print(f"[{out_dir.name}] finished in {time.monotonic() - started:.0f} s", flush=True)
@@ -253,4 +373,4 @@ def summarize(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-__all__ = ["PRESETS", "Preset", "main", "summarize"]
+__all__ = ["ARMS", "PRESETS", "Arm", "Preset", "main", "summarize"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from kdtune.quickstart.evaluate import evaluate_checkpoint
@@ -25,24 +26,71 @@ def _group(results: dict, prefix: str, seeds: list[int], key: str) -> list[float
     return [results[f"{prefix}_seed{s}"][key] for s in seeds if f"{prefix}_seed{s}" in results]
 
 
-def print_table(results: dict, seeds: list[int]) -> None:
-    """Print teacher vs SFT student vs KD student: exact match and held-out loss, mean ± std over seeds."""
+def paired_gain(arm: list[float], baseline: list[float]) -> dict:
+    """Per-seed differences ``arm - baseline`` (same seeds, same initial weights), their mean and sample std, and
+    whether the gain is significant by this report's rule: ``mean > 2 * std`` over at least 2 seeds."""
+    diffs = [a - b for a, b in zip(arm, baseline)]
+    mean = statistics.fmean(diffs) if diffs else 0.0
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return {"per_seed": diffs, "mean": mean, "std": std, "significant": len(diffs) > 1 and mean > 2 * std}
+
+
+def print_table(results: dict, seeds: list[int], arms: list[str], labels: dict[str, str] | None = None) -> dict:
+    """Print teacher vs each student arm: exact match, held-out loss, the paired gain over SFT and its significance.
+
+    Returns:
+        The summary (also written to results.json): per arm the accuracies per seed, mean, std, the paired gain over
+        ``sft`` and the fraction of the SFT -> teacher gap it closes.
+    """
     from kdtune.quickstart.pipeline import summarize
 
-    rows = [("teacher (full fine-tune)", [results["teacher"]["accuracy"]], [results["teacher"]["loss"]])]
-    for prefix, label in (("sft", "student, SFT only"), ("kd", "student, KD")):
-        rows.append((label, _group(results, prefix, seeds, "accuracy"), _group(results, prefix, seeds, "loss")))
-    print(f"\nHeld-out results ({len(seeds)} student seeds: {' '.join(map(str, seeds))}; mean ± std)")
-    print(f"{'model':<26} {'exact match':>16} {'held-out loss':>16}")
-    for label, accs, losses in rows:
+    labels = labels or {}
+    teacher_acc = results["teacher"]["accuracy"]
+    sft = _group(results, "sft", seeds, "accuracy")
+    sft_mean = summarize(sft)[0] if sft else 0.0
+    gap = teacher_acc - sft_mean
+    summary: dict = {"teacher": {"accuracy": teacher_acc, "loss": results["teacher"]["loss"]}, "seeds": seeds}
+    print(f"\nHeld-out test results ({len(seeds)} student seeds: {' '.join(map(str, seeds))}; mean ± std; "
+          "gain = paired per-seed difference to SFT, significant when mean > 2 std)")  # fmt: skip
+    print(f"{'model':<30} {'exact match %':>14} {'held-out loss':>16} {'gain over SFT':>16} {'gap closed':>10}  sig.")
+    print(f"{'teacher':<30} {teacher_acc * 100:>14.1f} {results['teacher']['loss']:>16.3f}")
+    for arm in arms:
+        accs, losses = _group(results, arm, seeds, "accuracy"), _group(results, arm, seeds, "loss")
+        if not accs:
+            continue
         (acc_mean, acc_std), (loss_mean, loss_std) = summarize(accs), summarize(losses)
-        print(f"{label:<26} {acc_mean * 100:>9.1f} ± {acc_std * 100:4.1f} {loss_mean:>9.3f} ± {loss_std:5.3f}")
+        row = {"accuracy": accs, "mean": acc_mean, "std": acc_std, "loss": losses, "loss_mean": loss_mean}
+        text = f"{labels.get(arm, arm):<30} {acc_mean * 100:>7.1f} ± {acc_std * 100:4.1f} {loss_mean:>9.3f} ± {loss_std:5.3f}"
+        if arm != "sft" and sft:
+            gain = paired_gain(accs, sft)
+            closed = (acc_mean - sft_mean) / gap if gap > 0 else float("nan")
+            row.update(gain_over_sft=gain, gap_closed=closed)
+            verdict = "yes" if gain["significant"] else "no"
+            text += f" {gain['mean'] * 100:>+8.1f} ± {gain['std'] * 100:4.1f} {closed * 100:>9.0f}%  {verdict}"
+        summary[arm] = row
+        print(text)
+    print("\nper seed (exact match %):  " + "".join(f"{'seed ' + str(s):>9}" for s in seeds))
+    for arm in arms:
+        print(f"  {labels.get(arm, arm):<26}" + "".join(f"{results[f'{arm}_seed{s}']['accuracy'] * 100:>9.1f}"
+                                                      for s in seeds if f"{arm}_seed{s}" in results))  # fmt: skip
     tasks = sorted(results["teacher"]["per_task"])
-    print(f"\nexact match per task: {'':<6}" + "".join(f"{t:>10}" for t in tasks))
-    for name, result in results.items():
-        print(f"  {name:<26}" + "".join(f"{result['per_task'][t] * 100:>9.1f}%" for t in tasks))
-    sample_prompt, sample_answer, sample_pred = results[next(k for k in results if k.startswith("kd"))]["samples"][0]
-    print(f"\nexample (KD student): {sample_prompt!r} -> {sample_pred!r} (expected {sample_answer!r})")
+    print("\nexact match per task (mean over seeds): " + "".join(f"{t:>9}" for t in tasks))
+    print(f"  {'teacher':<38}" + "".join(f"{results['teacher']['per_task'][t] * 100:>8.1f}%" for t in tasks))
+    for arm in arms:
+        per = [results[f"{arm}_seed{s}"]["per_task"] for s in seeds if f"{arm}_seed{s}" in results]
+        print(
+            f"  {labels.get(arm, arm):<38}"
+            + "".join(f"{statistics.fmean(p[t] for p in per) * 100:>8.1f}%" for t in tasks)
+        )
+    verdicts = [a for a in arms if a != "sft" and summary.get(a, {}).get("gain_over_sft", {}).get("significant")]
+    print("\nsignificant gains over SFT: " + (", ".join(labels.get(a, a) for a in verdicts) or "none"))
+    # the first test example (not hand-picked), answered by every model (seed of the first run)
+    prompt, answer, _ = results["teacher"]["samples"][0]
+    print(f"\nfirst test example: {prompt!r} (expected {answer!r})")
+    for name in ["teacher", *(f"{a}_seed{seeds[0]}" for a in arms)]:
+        if name in results:
+            print(f"  {name:<22} -> {results[name]['samples'][0][2]!r}")
+    return summary
 
 
 def read_loss_curve(run_dir: Path) -> tuple[list[int], list[float], list[int], list[float]]:
@@ -68,8 +116,9 @@ def read_loss_curve(run_dir: Path) -> tuple[list[int], list[float], list[int], l
     return steps, losses, val_steps, val_losses
 
 
-def plot_runs(runs: dict[str, Path], results: dict, path: Path) -> Path | None:
-    """Write a PNG with the validation-loss curves and the accuracies; None when matplotlib is missing."""
+def plot_runs(runs: dict[str, Path], results: dict, summary: dict, path: Path) -> Path | None:
+    """Write a PNG: every run's validation-loss curve (each named in the legend), and each arm's exact match per seed
+    (dots) with its mean ± std (bar and error bar) against the teacher; None when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -77,29 +126,33 @@ def plot_runs(runs: dict[str, Path], results: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    colors = {"teacher": "black", "sft": "tab:orange", "kd": "tab:blue"}
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    arms = [a for a in summary if a not in ("teacher", "seeds")]
+    palette = ["tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:red", "tab:brown", "tab:pink"]
+    colors = {"teacher": "black", **{a: palette[i % len(palette)] for i, a in enumerate(arms)}}
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(14, 5))
     for name, run_dir in runs.items():
-        kind = name.split("_")[0]
+        kind = name.rsplit("_seed", 1)[0]
         steps, losses, val_steps, val_losses = read_loss_curve(run_dir)
-        label = name if name == "teacher" or name.endswith("seed0") or "seed" not in name else None
         if val_steps:
-            ax_loss.plot(val_steps, val_losses, color=colors[kind], alpha=0.8, label=label and f"{label} (val)")
+            ax_loss.plot(val_steps, val_losses, color=colors.get(kind, "grey"), alpha=0.7, label=name)
         elif steps:
-            ax_loss.plot(steps, losses, color=colors[kind], alpha=0.5, label=label and f"{label} (train)")
+            ax_loss.plot(steps, losses, color=colors.get(kind, "grey"), alpha=0.4, label=f"{name} (train)")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("validation cross-entropy (per answer token)")
-    ax_loss.set_title("loss curves")
-    ax_loss.legend(fontsize=8)
-    names = list(results)
-    ax_acc.bar(
-        range(len(names)),
-        [results[n]["accuracy"] * 100 for n in names],
-        color=[colors[n.split("_")[0]] for n in names],
-    )
-    ax_acc.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax_loss.set_yscale("log")
+    ax_loss.set_title("loss curves (every run)")
+    ax_loss.legend(fontsize=6, ncol=2)
+    for i, arm in enumerate(arms):
+        row = summary[arm]
+        ax_acc.bar(i, row["mean"] * 100, yerr=row["std"] * 100, color=colors[arm], alpha=0.5, capsize=4,
+                   label=f"{arm}: mean ± std")  # fmt: skip
+        ax_acc.scatter([i] * len(row["accuracy"]), [a * 100 for a in row["accuracy"]], color=colors[arm],
+                       edgecolor="black", zorder=3, label=f"{arm}: seeds {' '.join(map(str, summary['seeds']))}")  # fmt: skip
+    ax_acc.axhline(summary["teacher"]["accuracy"] * 100, color="black", linestyle="--", label="teacher")
+    ax_acc.set_xticks(range(len(arms)), arms, rotation=20, ha="right", fontsize=8)
     ax_acc.set_ylabel("exact match on held-out test (%)")
-    ax_acc.set_title("accuracy")
+    ax_acc.set_title("accuracy per arm (dots: seeds)")
+    ax_acc.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

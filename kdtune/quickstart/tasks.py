@@ -114,6 +114,38 @@ def make_splits(sizes: dict[str, int], seed: int, tasks: Iterable[str] = tuple(T
     return splits
 
 
+def make_prompt_pool(
+    size: int, seed: int, exclude: Iterable[str], tasks: Iterable[str] = tuple(TASKS)
+) -> list[TaskExample]:
+    """``size`` examples whose prompts are distinct and not in ``exclude`` (the other splits): the unlabelled pool.
+
+    Drawn from their own seed, so the pool's size never changes the labelled splits (and their cached runs).
+    """
+    seen = set(exclude)
+    pool: list[TaskExample] = []
+    for example in generate_examples(size * 2, seed, tasks):
+        if example.prompt not in seen:
+            seen.add(example.prompt)
+            pool.append(example)
+    if len(pool) < size:
+        raise DataError(f"only {len(pool)} new distinct prompts for a pool of {size}; ask for fewer")
+    return pool[:size]
+
+
+def write_prompts_jsonl(examples: list[TaskExample], path: str | Path) -> Path:
+    """Write only the prompts (a one-message chat each, no answer): what an unlabelled pool looks like."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for example in examples:
+            f.write(
+                json.dumps({"task": example.task, "messages": [{"role": "user", "content": example.prompt}]}) + "\n"
+            )
+    os.replace(tmp, path)
+    return path
+
+
 def write_jsonl(examples: list[TaskExample], path: str | Path) -> Path:
     """Write examples as chat JSON lines, atomically (a temporary file renamed into place)."""
     path = Path(path)

@@ -7,6 +7,7 @@ Layout (``<output_dir>/resume/step_00000120/``):
 * ``model.pt`` — the model's state dict, or only its trainable tensors (LoRA adapter) with ``trainable_only=True``
 * ``optimizer.pt``, ``lr_scheduler.pt`` — their state dicts (when given)
 * ``rng.pt`` — python, numpy, torch CPU and CUDA generator states
+* ``components.pt`` — the state dicts of the run's other stateful components (e.g. the objective's sampling RNG)
 * ``config.yaml`` — the run's config
 * ``state.json`` — step, epoch, the data position (any JSON dict the recipe gives), written last
 
@@ -58,6 +59,7 @@ __all__ = [
     "apply_resume_changes",
     "capture_rng_state",
     "plan_resume",
+    "restore_components",
     "restore_rng_state",
     "resume_changes",
     "run_card",
@@ -111,6 +113,7 @@ class LoadedState:
         data_state: the recipe's data position dict.
         extra: any other JSON the recipe saved.
         config: the saved config as a plain dict (or None).
+        component_states: the saved states of the run's stateful components (name -> state dict).
         model_state_dict: the saved model tensors (also loaded into ``model`` if one was given).
         optimizer_state_dict: the saved optimizer state (also loaded into ``optimizer`` if given), or None.
         lr_scheduler_state_dict: the saved scheduler state, or None.
@@ -122,6 +125,7 @@ class LoadedState:
     data_state: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] | None = None
+    component_states: dict[str, Any] = field(default_factory=dict)
     model_state_dict: dict[str, torch.Tensor] | None = None
     optimizer_state_dict: dict[str, Any] | None = None
     lr_scheduler_state_dict: dict[str, Any] | None = None
@@ -167,6 +171,7 @@ class ResumeState:
         model_state_dict: dict[str, torch.Tensor] | None = None,
         optimizer_state_dict: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
+        component_states: dict[str, Any] | None = None,
     ) -> Path:
         """Write the checkpoint of global step ``step`` atomically, then prune to ``keep_last``; return its path.
 
@@ -182,6 +187,7 @@ class ResumeState:
             model_state_dict: precomputed model tensors (overrides ``model``).
             optimizer_state_dict: precomputed optimizer state (overrides ``optimizer``).
             extra: any other JSON-serialisable values.
+            component_states: state dicts of other stateful components (name -> state), saved with ``torch.save``.
         """
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp-{os.getpid()}"
@@ -205,6 +211,9 @@ class ResumeState:
                 files.append("lr_scheduler.pt")
             torch.save(capture_rng_state(), tmp / "rng.pt")
             files.append("rng.pt")
+            if component_states:
+                torch.save(component_states, tmp / "components.pt")
+                files.append("components.pt")
             if config is not None:
                 (tmp / "config.yaml").write_text(_config_to_yaml(config))
                 files.append("config.yaml")
@@ -307,6 +316,8 @@ class ResumeState:
                 lr_scheduler.load_state_dict(loaded.lr_scheduler_state_dict)
         if restore_rng and (path / "rng.pt").is_file():
             restore_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        if (path / "components.pt").is_file():
+            loaded.component_states = torch.load(path / "components.pt", weights_only=True)
         return loaded
 
     @staticmethod
@@ -343,6 +354,8 @@ class ResumeCheckpoints:
         scheduler: its LR schedule or None.
         data: the training data (its ``position`` is saved and restored).
         cfg: the run's config (saved with each checkpoint).
+        components: other stateful parts of the run (name -> object with ``state_dict()``/``load_state_dict()``,
+            e.g. ``{"objective": objective}`` for its sampling RNG), saved and restored with each checkpoint.
     """
 
     def __init__(
@@ -354,10 +367,12 @@ class ResumeCheckpoints:
         scheduler: Any,
         data: TrainData,
         cfg: DictConfig | None = None,
+        components: dict[str, Any] | None = None,
     ) -> None:
         self.state = ResumeState(runtime.output_dir, keep_last=settings.keep_last_n_checkpoints, subdir="checkpoints")
         self.model, self.optimizer, self.scheduler, self.data, self.cfg = model, optimizer, scheduler, data, cfg
         self.precision = runtime.precision  # fp16: its loss scaler's state travels with the checkpoint
+        self.components = dict(components or {})
         self.trainable_only = is_lora_model(model)
         self.last: str | None = None
 
@@ -385,6 +400,7 @@ class ResumeCheckpoints:
                 "command": command_line(),  # for the model card of an export of this checkpoint
                 **({"precision": self.precision.state_dict()} if self.precision.scaler is not None else {}),
             },
+            component_states={name: c.state_dict() for name, c in self.components.items()},
         )
         self.last = str(path)
         log.info("saved resume checkpoint %s", path)
@@ -423,9 +439,17 @@ class ResumeCheckpoints:
         apply_resume_changes(changes, planned, self.optimizer, self.scheduler, loaded.step)
         self.precision.load_state_dict(loaded.extra.get("precision"))  # fp16 loss scale; no-op otherwise
         self.data.position = DataPosition.from_state_dict(loaded.data_state)
+        restore_components(self.components, loaded.component_states)
         self.last = str(loaded.path)
         log.info("resumed from %s (step %d)", loaded.path, loaded.step)
         return self.data.position
+
+
+def restore_components(components: dict[str, Any], states: dict[str, Any]) -> None:
+    """Load each saved state into its component (a component without a saved state keeps its own)."""
+    for name, component in components.items():
+        if name in states:
+            component.load_state_dict(states[name])
 
 
 #: settings that define the data order: a resumed run must keep them, or its saved data position means other examples
@@ -466,6 +490,7 @@ RESUME_RULES: tuple[tuple[str, str, str], ...] = (
             "kd_ratio",
             "temperature",
             "scale_by_temperature_squared",
+            "on_policy",
         )
     ),  # fmt: skip
     *(
@@ -476,6 +501,7 @@ RESUME_RULES: tuple[tuple[str, str, str], ...] = (
             "device",
             "num_workers",
             "num_threads",
+            "teacher_check",
             "compile",
             "enable_activation_checkpointing",
             "deterministic",

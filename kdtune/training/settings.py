@@ -26,6 +26,7 @@ __all__ = [
     "KDSettings",
     "LoRAFinetuneDistributedSettings",
     "LoRAFinetuneSettings",
+    "OnPolicySettings",
     "PromptSource",
     "recipe_doc",
     "settings_markdown_table",
@@ -132,6 +133,18 @@ class LoRAFinetuneSettings(FinetuneSettings):
 
 
 @dataclass(kw_only=True)
+class OnPolicySettings:
+    """``on_policy:`` of the KD recipes: where a training batch's completions come from (validated by
+    :class:`kdtune.losses.OnPolicy`, which owns these values)."""
+
+    lmbda: float = _f(0.0, help="Probability in [0, 1] that a micro-batch's completions are sampled from the student.")
+    max_new_tokens: int = _f(64, help="Longest sampled completion, in tokens.")
+    temperature: float = _f(1.0, help="Sampling temperature of the completions (0 = greedy).")
+    top_k: int | None = _f(None, help="Sample among the top-k tokens only; null = all.")
+    seq_kd: bool = _f(False, help="Batches not sampled from the student use the teacher's samples (sequence-level KD).")
+
+
+@dataclass(kw_only=True)
 class KDSettings(LoRAFinetuneSettings):
     """Settings of ``knowledge_distillation_single_device``: a frozen teacher and a trainable (full or LoRA) student."""
 
@@ -164,6 +177,11 @@ class KDSettings(LoRAFinetuneSettings):
         True,
         help="Before training, compare the live teacher's and the student's loss and next-token accuracy on the "
         "validation data (max_eval_batches; else a few training batches); warn when the teacher is not better.",
+    )
+    on_policy: OnPolicySettings | None = _f(
+        None,
+        help="On-policy KD (GKD): {lmbda, max_new_tokens, temperature, top_k, seq_kd}; needs teacher_model; "
+        "null = train on the dataset's completions.",
     )
 
 

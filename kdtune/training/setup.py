@@ -19,7 +19,7 @@ from torch import nn
 
 from kdtune.config import instantiate
 from kdtune.errors import CheckpointError, ConfigError
-from kdtune.losses import DistillationObjective, LiveTeacher, TeacherSource
+from kdtune.losses import DistillationObjective, LiveTeacher, OnPolicy, TeacherSource
 from kdtune.models import enable_activation_checkpointing
 from kdtune.models.modules.lora import LoRALinear
 from kdtune.training.data import TrainData
@@ -159,6 +159,7 @@ def build_optimizer(optimizer_cfg: DictConfig, params: list[nn.Parameter]) -> to
 def build_objective(
     settings: Any,
     teacher: TeacherSource | nn.Module | None = None,
+    tokenizer: Any | None = None,
 ) -> DistillationObjective:
     """The run's :class:`~kdtune.losses.DistillationObjective` from its settings — the one place they meet.
 
@@ -169,6 +170,7 @@ def build_objective(
     Args:
         settings: the recipe's settings (:mod:`kdtune.training.settings`).
         teacher: the teacher source, or the teacher model (wrapped in :class:`kdtune.losses.LiveTeacher`).
+        tokenizer: the student's tokenizer (its pad and stop ids); needed with ``on_policy``.
 
     Returns:
         The objective.
@@ -183,7 +185,21 @@ def build_objective(
         temperature=settings.temperature,
         scale_by_temperature_squared=settings.scale_by_temperature_squared,
         num_output_chunks=settings.num_output_chunks,
+        on_policy=_build_on_policy(settings, tokenizer),
     )
+
+
+def _build_on_policy(settings: Any, tokenizer: Any | None) -> OnPolicy | None:
+    """The ``on_policy`` sampler of KD settings (None when the key is absent or null)."""
+    op = getattr(settings, "on_policy", None)
+    if op is None:
+        return None
+    if tokenizer is None:
+        raise ConfigError("on_policy is set but the recipe gave build_objective no tokenizer (its pad and stop ids)")
+    return OnPolicy(
+        op.lmbda, op.max_new_tokens, op.temperature, op.top_k, op.seq_kd,
+        pad_id=tokenizer.pad_id, eos_ids=list(tokenizer.stop_ids), seed=settings.seed,
+    )  # fmt: skip
 
 
 def build_teacher(

@@ -18,20 +18,27 @@ def test_quickstart_ci_preset_runs_every_step(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     # the real commands are shown to the user, and every step wrote an HF model that loads and runs
-    for step in ("teacher", "sft_seed0", "kd_seed0"):
+    arms = ("sft", "kd", "seq_kd", "logit_kd", "on_policy")
+    for step in ("teacher", *(f"{a}_seed0" for a in arms)):
         assert (out / "runs" / step / "config.yaml").is_file()
         model = load_hf_model(out / "runs" / step / "final")
         logits = model(torch.tensor([[1, 2, 3]]))
         assert logits.shape[:2] == (1, 3) and torch.isfinite(logits).all()
-    assert "kdtune run knowledge_distillation_single_device --config quickstart/student_kd" in first.stdout
+    for config in ("teacher_answers", *(f"student_{a}" for a in arms)):
+        assert f"--config quickstart/{config} " in first.stdout
+    # the unlabelled pool holds prompts only; the teacher answered every one of them
+    pool = [json.loads(line) for line in (out / "data" / "pool.jsonl").read_text().splitlines()]
+    assert all([m["role"] for m in row["messages"]] == ["user"] for row in pool)
+    assert (out / "runs" / "teacher_answers" / "teacher_answers.jsonl").is_file()
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"teacher", "sft_seed0", "kd_seed0"}
-    for r in results.values():
+    assert set(results["runs"]) == {"teacher", *(f"{a}_seed0" for a in arms)}
+    for r in results["runs"].values():
         assert 0.0 <= r["accuracy"] <= 1.0 and r["loss"] > 0
-    assert "Held-out results" in first.stdout
+    assert set(results["summary"]["on_policy"]["gain_over_sft"]) == {"per_seed", "mean", "std", "significant"}
+    assert "Held-out test results" in first.stdout and "significant gains over SFT" in first.stdout
     assert (out / "quickstart.png").stat().st_size > 1000
 
     # a second run reuses every trained step
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("[cached]") == 3
+    assert second.stdout.count("[cached]") == 2 + len(arms)  # teacher, teacher answers, one run per arm

@@ -27,6 +27,7 @@ from kdtune.training.checkpoints import (
     apply_resume_changes,
     capture_rng_state,
     plan_resume,
+    restore_components,
     restore_rng_state,
     save_final,
     set_aside_diverged,
@@ -76,6 +77,7 @@ def save_sharded_checkpoint(
     keep_last: int = 1,
     trainable_only: bool = False,
     config: Any = None,
+    component_states: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a resume checkpoint ``checkpoints_dir/step_<step>`` with ``torch.distributed.checkpoint``.
 
@@ -94,6 +96,8 @@ def save_sharded_checkpoint(
         keep_last: complete checkpoints to keep (>= 1).
         trainable_only: store only trainable parameters (LoRA: the frozen base comes from the HF checkpoint).
         config: the run's config, saved as ``config.yaml``.
+        component_states: this rank's states of other stateful components (e.g. the objective's sampling RNG),
+            saved per rank as ``components_rank<r>.pt``.
 
     Returns:
         The final checkpoint directory.
@@ -112,6 +116,8 @@ def save_sharded_checkpoint(
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=trainable_only))
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp), no_dist=not is_distributed())
     torch.save(capture_rng_state(), tmp / f"rng_rank{get_rank()}.pt")
+    if component_states:
+        torch.save(dict(component_states), tmp / f"components_rank{get_rank()}.pt")
     barrier()
     if is_rank_zero():
         torch.save(dict(extra_state), tmp / "extra_state.pt")
@@ -146,7 +152,7 @@ def load_sharded_checkpoint(
         optimizer: its optimizer (state is created if still empty).
 
     Returns:
-        The ``extra_state`` dict saved with it (plus ``step``).
+        The ``extra_state`` dict saved with it (plus ``step``, and ``components``: this rank's component states).
 
     Raises:
         CheckpointError: incomplete checkpoint, or a different world size.
@@ -178,7 +184,9 @@ def load_sharded_checkpoint(
     if rng_path.exists():
         restore_rng_state(torch.load(rng_path, weights_only=True))
     extra = torch.load(ckpt / "extra_state.pt", weights_only=False) if (ckpt / "extra_state.pt").exists() else {}
-    return {**extra, **state}
+    components_path = ckpt / f"components_rank{get_rank()}.pt"
+    components = torch.load(components_path, weights_only=True) if components_path.exists() else {}
+    return {**extra, **state, "components": components}
 
 
 class DistributedResumeCheckpoints:
@@ -197,6 +205,8 @@ class DistributedResumeCheckpoints:
         scheduler: its LR schedule or None.
         data: the :class:`kdtune.training.data.TrainData` (its ``position`` is saved and restored).
         cfg: the run's config, saved with each checkpoint.
+        components: other stateful parts of the run (name -> object with ``state_dict()``/``load_state_dict()``),
+            saved and restored per rank.
     """
 
     def __init__(
@@ -208,10 +218,12 @@ class DistributedResumeCheckpoints:
         scheduler: Any,
         data: Any,
         cfg: Any = None,
+        components: dict[str, Any] | None = None,
     ) -> None:
         self.runtime, self.keep_last = runtime, int(settings.keep_last_n_checkpoints)
         self.model, self.optimizer, self.scheduler, self.data, self.cfg = model, optimizer, scheduler, data, cfg
         self.trainable_only = is_lora_model(model)
+        self.components = dict(components or {})
         self.last: str | None = None
 
     def _unusable(self) -> str | None:
@@ -246,6 +258,7 @@ class DistributedResumeCheckpoints:
             keep_last=self.keep_last,
             trainable_only=self.trainable_only,
             config=self.cfg,
+            component_states={name: c.state_dict() for name, c in self.components.items()},
         )
         self.last = str(path)
         return path
@@ -280,6 +293,7 @@ class DistributedResumeCheckpoints:
             raise CheckpointError(f"{path} is not usable: {problem}; delete it to resume from the checkpoint before it")
         apply_resume_changes(changes, planned, self.optimizer, self.scheduler, step, verbose=is_rank_zero())
         self.data.position = DataPosition.from_state_dict(state["data_state"])
+        restore_components(self.components, state["components"])
         self.last = str(path)
         return self.data.position
 
