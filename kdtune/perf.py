@@ -131,7 +131,8 @@ def configure_threads(num_threads: int | None = None, *, check_load: bool = True
         cores = physical_cpu_cores()
         busy = other_busy_cores()
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        if (busy is not None and busy + threads > cores + 0.5) or load > cores:
+        # with one thread there is nothing to lower: only warn when fewer threads would help
+        if threads > 1 and ((busy is not None and busy + threads > cores + 0.5) or load > cores):
             busy_txt = f", other processes busy on ~{busy:.1f}" if busy is not None else ""
             log.warning(
                 "CPU oversubscribed: load average %.1f on %d physical cores%s; torch uses %d threads, which then run "

@@ -94,8 +94,12 @@ def test_oversubscription_warning(monkeypatch, caplog):
     assert caplog.text == ""
     monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 1.0, 1.0))  # load average above the cores
     with caplog.at_level(logging.WARNING, logger="kdtune.perf"):
-        perf.configure_threads(1)
+        perf.configure_threads(2)
     assert "load average 3.5" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdtune.perf"):
+        perf.configure_threads(1)  # one thread: nothing to lower, so no warning (it would only be noise)
+    assert caplog.text == ""
 
 
 def test_other_busy_cores_sane():
