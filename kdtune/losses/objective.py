@@ -11,6 +11,8 @@ what ``kd_ratio`` is. Without a teacher it is the fine-tuning objective (cross-e
 
 How a micro-batch is computed:
 
+0. with an on-policy part (:mod:`kdtune.losses.on_policy`), a training micro-batch's completions are first replaced,
+   with probability ``lmbda``, by the student's own samples (or the teacher's, ``seq_kd``);
 1. the trained positions are ``labels[:, 1:] != ignore_index`` (position t is compared with label t + 1), taken in
    row-major order; the teacher source is asked for its state on those positions (a live teacher runs its body
    without gradients *before* the student, so the RNG stream the student's dropout sees is the same as without KD);
@@ -54,8 +56,10 @@ class ObjectiveOutput(NamedTuple):
 
     Attributes:
         loss_sum: scalar, the optimised (mixed) loss summed over trained tokens; carries the gradient.
-        class_loss_sum: scalar, the student's cross-entropy summed over trained tokens.
-        kd_loss_sum: scalar, the divergence (× T² if scaled) summed over trained tokens; None without a teacher.
+        class_loss_sum: scalar, the student's cross-entropy summed over trained tokens (for logging: detached on the
+            fused path).
+        kd_loss_sum: scalar, the divergence (× T² if scaled) summed over trained tokens (for logging); None without a
+            teacher.
         num_tokens: int64 scalar, the number of trained (shifted-label) positions.
     """
 
