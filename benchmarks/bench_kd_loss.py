@@ -5,11 +5,11 @@ and the teacher's ``[N, D]``, both models' output layers ``[V, D]`` (the student
 ``--frozen-weight``), cross-entropy + forward KL at T = 1, mixed 0.5 / 0.5, forward + backward (gradients of the
 student's hidden states and output weight).
 
-* ``objective``: today's ``kdtune.losses.distillation_objective`` (``num_output_chunks`` chunks, logits recomputed in
-  backward).
-* ``fused``: ``kdtune.losses.fused.fused_linear_loss`` with ``kd_chunk_loss`` (for forward KL: the analytic
-  ``forward_kl_chunk_loss``), chunks by the memory budget.
-* ``fused_generic``: the same with ``dense_kd_chunk_loss`` (d loss / d logits by autograd, as for any divergence).
+* ``fused``: ``kdtune.losses.DistillationObjective(ForwardKLLoss(), teacher=...).from_hidden(...)`` with its defaults
+  (the fused output layer + loss: each chunk's gradients computed in the forward pass, with the hand-written
+  CE + forward-KL chunk loss; chunks sized by the memory budget).
+* ``unfused``: the same objective with ``fused=False`` (chunked logits, recomputed in backward; ``--num-output-chunks``
+  chunks).
 * ``torchtune``: torchtune 0.6.1 as its KD recipe does it: chunked output logits of both models (the model's
   ``num_output_chunks`` chunks along the sequence), ``CEWithChunkedOutputLoss`` + ``ForwardKLWithChunkedOutputLoss``.
   Runs under ``--torchtune-python`` (a venv with torchtune 0.6.1, torchao 0.10-0.14 and the same torch).
@@ -38,7 +38,7 @@ import time
 from typing import Any
 
 GIB = float(2**30)
-MODES = ("objective", "fused", "fused_generic", "torchtune")
+MODES = ("fused", "unfused", "torchtune")
 
 
 def _rss_gib() -> float:
@@ -64,38 +64,29 @@ def _step(mode: str, inputs: tuple, n: int, args: argparse.Namespace) -> float:
     import torch.nn.functional as F  # noqa: PLC0415
 
     h_s, h_t, w_s, w_t, labels = inputs
-    if mode == "objective":
-        from kdtune.losses import ForwardKLLoss, distillation_objective  # noqa: PLC0415
+    if mode in ("fused", "unfused"):
+        from kdtune.losses import DistillationObjective, ForwardKLLoss  # noqa: PLC0415
 
         class Head(torch.nn.Module):
+            """An output layer alone: the student's (``output`` Linear, trainable or not) or the teacher's."""
+
             def __init__(self, w: torch.Tensor) -> None:
                 super().__init__()
-                self.w = w
+                self.vocab_size = w.shape[0]
+                self.output = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")  # no allocation
+                self.output.weight = torch.nn.Parameter(w, requires_grad=w.requires_grad)
 
             def output_logits(self, h: torch.Tensor) -> torch.Tensor:
-                return h @ self.w.t()
+                return self.output(h)
 
-        out = distillation_objective(
-            h_s, h_t, Head(w_s), Head(w_t), labels, ForwardKLLoss(), 0.5, args.num_output_chunks
-        )
-        loss = out.mixed_sum(0.5) / out.num_tokens
-    elif mode in ("fused", "fused_generic"):
-        from kdtune.losses import ForwardKLLoss  # noqa: PLC0415
-        from kdtune.losses import fused as FU  # noqa: PLC0415
-
-        h, ht, y = h_s[0, :-1], h_t[0, :-1], labels[0, 1:]  # [N, D], [N, D], [N]
-        if mode == "fused":  # what kd_chunk_loss picks for forward KL: the analytic gradient
-            chunk_loss = FU.kd_chunk_loss(y, ForwardKLLoss(), lambda rows: ht[rows] @ w_t.t(), 0.5)
-        else:  # any divergence: d loss / d logits by autograd
-            chunk_loss = FU.dense_kd_chunk_loss(
-                y,
-                kd_ratio=0.5,
-                divergence=FU.logprob_divergence(ForwardKLLoss()),
-                teacher_logits=lambda rows: ht[rows] @ w_t.t(),
-            )
         budget = args.memory_budget_mib * 2**20 if args.memory_budget_mib else None
-        total, _ = FU.fused_linear_loss(h, w_s, chunk_loss, memory_budget_bytes=budget)
-        loss = total / n
+        chunks = args.num_output_chunks if mode == "unfused" else None
+        objective = DistillationObjective(
+            ForwardKLLoss(), teacher=Head(w_t), kd_ratio=0.5, num_output_chunks=chunks, fused=mode == "fused",
+            memory_budget_bytes=budget,
+        )  # fmt: skip
+        out = objective.from_hidden(Head(w_s), h_s, labels, (h_t[0, :-1],))  # teacher state [N, D]
+        loss = out.loss_sum / out.num_tokens
     elif mode == "torchtune":
         from torchtune.modules.loss import CEWithChunkedOutputLoss, ForwardKLWithChunkedOutputLoss  # noqa: PLC0415
 
@@ -154,11 +145,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--positions", type=int, nargs="+", default=[4096, 2048])
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--num-output-chunks", type=int, default=8, help="chunks of the objective and torchtune")
+    p.add_argument("--num-output-chunks", type=int, default=8, help="chunks of the unfused objective and torchtune")
     p.add_argument("--memory-budget-mib", type=int, default=None, help="fused path's budget (default: its own)")
     p.add_argument("--frozen-weight", action="store_true", help="student output weight frozen (LoRA student)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--repeats", type=int, default=2, help="rounds of A B C D")
+    p.add_argument("--repeats", type=int, default=2, help="rounds of A B C")
     p.add_argument("--torchtune-python", default="/work/wt/tt-venv/bin/python")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--_probe", dest="probe", nargs=2, default=None, help=argparse.SUPPRESS)

@@ -44,7 +44,8 @@ __all__ = [
     "rows_per_chunk_for",
 ]
 
-#: ``chunk_loss(logits_fp32 [n, V], rows) -> (mixed_sum, ce_sum, kd_sum)``; ``rows`` indexes the ``N`` hidden rows.
+#: ``chunk_loss(logits_fp32 [n, V], rows) -> (mixed_sum, ce_sum, kd_sum)``; ``rows`` indexes the ``N`` hidden rows;
+#: the logits are the chunk loss's to overwrite.
 ChunkLoss = Callable[[Tensor, slice], tuple[Tensor, Tensor, Tensor]]
 #: ``per_token(s_logp [n, K], t_logp [n, K]) -> [n]`` on tempered log-probabilities over one categorical support.
 Divergence = Callable[[Tensor, Tensor], Tensor]
@@ -210,7 +211,8 @@ def fused_linear_loss(
         weight: ``[V, D]`` output weight (own, tied embedding, or a LoRA effective weight); its gradient is computed
             only when it requires grad.
         chunk_loss: ``chunk_loss(logits_fp32 [n, V], rows: slice) -> (mixed_sum, ce_sum, kd_sum)``, scalars; called
-            with gradients enabled on a leaf tensor of logits; only ``mixed_sum`` is differentiated.
+            with gradients enabled on a leaf tensor of logits; only ``mixed_sum`` is differentiated. The logits are
+            not read after the call, so the chunk loss may use their storage (e.g. for their gradient).
         rows_per_chunk: explicit rows per chunk (overrides the rest).
         num_output_chunks: split into this many near-equal chunks (the old setting) when ``rows_per_chunk`` is None.
         memory_budget_bytes: otherwise chunks are sized by this budget (:func:`rows_per_chunk_for`).
@@ -262,6 +264,7 @@ def ce_forward_kl(
     temperature: float,
     scale: float,
     mix: Callable[[Tensor, Tensor], Tensor],
+    overwrite_logits: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(mixed, ce_sum, kd_sum)`` of one chunk for cross-entropy + forward KL with the gradient written out by hand.
 
@@ -269,13 +272,22 @@ def ce_forward_kl(
     elementwise passes over ``[n, V]``. Only valid for the linear mix ``(1 − r) · ce + r · kd`` (``mix`` computes the
     value; the gradient assumes that rule), which is why the objective takes this path only for its own mixing rule.
 
+    The rows are processed in blocks of a few rows (:data:`BLOCK_ELEMENTS` logits per block) so that every
+    intermediate is block-sized and stays in the CPU's cache; only the gradient ``[n, V]`` is written to memory.
+
     Args:
         logits: ``[n, V]`` fp32 student logits (a leaf with ``requires_grad`` for training).
         teacher_logits: ``[n, V_t]`` fp32 teacher logits (no grad), or None (cross-entropy only).
         targets: ``[n]`` next-token ids.
         kd_ratio: r; temperature: T; scale: T² or 1; mix: the objective's mixing rule.
+        overwrite_logits: write the gradient into the storage of ``logits`` (which the caller no longer reads)
+            instead of a new ``[n, V]`` tensor, as :func:`fused_linear_loss`'s chunk losses may.
     """
-    return _CEForwardKL.apply(logits, teacher_logits, targets, kd_ratio, temperature, scale, mix)
+    return _CEForwardKL.apply(logits, teacher_logits, targets, kd_ratio, temperature, scale, mix, overwrite_logits)
+
+
+#: logits per row block of :func:`ce_forward_kl` (fp32: 1 MiB per block-sized intermediate, a few alive at once).
+BLOCK_ELEMENTS = 2**18
 
 
 class _CEForwardKL(torch.autograd.Function):
@@ -295,45 +307,54 @@ class _CEForwardKL(torch.autograd.Function):
         temperature: float,
         scale: float,
         mix: Callable[[Tensor, Tensor], Tensor],
+        overwrite_logits: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         n, v = logits.shape
-        rows = torch.arange(n, device=logits.device)
-        s_logp = torch.log_softmax(logits, dim=-1)  # [n, V]
-        ce = -s_logp[rows, targets].sum()
-        kd = torch.zeros_like(ce)
-        vocab, shared, s_kd, p_t = v, True, s_logp, None
-        if t_logits is not None:
-            vocab = min(v, t_logits.shape[-1])
-            t = t_logits[:, :vocab]
-            t_logp = torch.log_softmax(t / temperature if temperature != 1.0 else t, dim=-1)  # [n, vocab]
-            shared = temperature == 1.0 and vocab == v
-            if not shared:
-                s = logits[:, :vocab]
-                s_kd = torch.log_softmax(s / temperature if temperature != 1.0 else s, dim=-1)  # [n, vocab]
-            p_t = t_logp.exp()  # [n, vocab]
-            per_token = t_logp.sub_(s_kd).mul_(p_t).sum(-1)  # [n]; the buffer of t_logp is reused
-            if torch.isnan(per_token).any():  # 0 · (−inf) where the teacher gives a token probability 0
-                t_logp = torch.log_softmax(t / temperature if temperature != 1.0 else t, dim=-1)
-                per_token = KF.kl(t_logp, s_kd)
-            del t_logp
-            kd = per_token.sum() * scale
-        mixed = mix(ce, kd).clone()  # a tensor of its own: ce and kd are marked non-differentiable
-        ctx.grad = None
-        if ctx.needs_input_grad[0]:
-            w_ce = 1.0 - kd_ratio
-            c = kd_ratio * scale / temperature if p_t is not None else 0.0
-            g = s_logp.exp_()  # [n, V] softmax(s), in the buffer of s_logp
-            if shared:
-                g.mul_(w_ce + c)
-            else:
-                g.mul_(w_ce)
+        vocab = v if t_logits is None else min(v, t_logits.shape[-1])
+        shared = temperature == 1.0 and vocab == v
+        w_ce = 1.0 - kd_ratio
+        c = kd_ratio * scale / temperature if t_logits is not None else 0.0
+        need_grad = ctx.needs_input_grad[0]
+        g = (logits if overwrite_logits else torch.empty_like(logits)) if need_grad else None  # [n, V]
+        ce_rows = logits.new_empty(n)  # [n] −log p_s(y)
+        kd_rows = logits.new_zeros(n)  # [n] KL(p_t‖p_s) per row
+        block = max(1, BLOCK_ELEMENTS // max(v, 1))
+        for i in range(0, n, block):
+            j = min(i + block, n)
+            s, y = logits[i:j], targets[i:j]  # [b, V], [b]
+            rows = torch.arange(j - i, device=logits.device)
+            s_logp = torch.log_softmax(s, dim=-1)  # [b, V]
+            torch.neg(s_logp[rows, y], out=ce_rows[i:j])
+            s_kd, p_t = s_logp, None
+            if t_logits is not None:
+                t = t_logits[i:j, :vocab]
+                t_logp = torch.log_softmax(t / temperature if temperature != 1.0 else t, dim=-1)  # [b, vocab]
+                if not shared:
+                    sv = s[:, :vocab]
+                    s_kd = torch.log_softmax(sv / temperature if temperature != 1.0 else sv, dim=-1)  # [b, vocab]
+                p_t = t_logp.exp()  # [b, vocab]
+                per_token = t_logp.sub_(s_kd).mul_(p_t).sum(-1)  # [b]; the buffer of t_logp is reused
+                if torch.isnan(per_token).any():  # 0 · (−inf) where the teacher gives a token probability 0
+                    t_logp = torch.log_softmax(t / temperature if temperature != 1.0 else t, dim=-1)
+                    per_token = KF.kl(t_logp, s_kd)
+                kd_rows[i:j] = per_token
+                del t_logp
+            if g is not None:
+                gb = torch.exp(s_logp, out=g[i:j])  # [b, V] softmax(s)
+                if shared:
+                    gb.mul_(w_ce + c)
+                else:
+                    gb.mul_(w_ce)
+                    if c:
+                        gb[:, :vocab].add_(s_kd.exp_(), alpha=c)
                 if c:
-                    g[:, :vocab].add_(s_kd.exp_(), alpha=c)
-            if c:
-                g[:, :vocab].sub_(p_t, alpha=c)
-            if w_ce:
-                g[rows, targets] -= w_ce
-            ctx.grad = g
+                    gb[:, :vocab].sub_(p_t, alpha=c)
+                if w_ce:
+                    gb[rows, y] -= w_ce
+        ce = ce_rows.sum()
+        kd = kd_rows.sum() * scale if t_logits is not None else torch.zeros_like(ce)
+        mixed = mix(ce, kd).clone()  # a tensor of its own: ce and kd are marked non-differentiable
+        ctx.grad = g
         ctx.mark_non_differentiable(ce, kd)
         return mixed, ce, kd
 
@@ -342,7 +363,9 @@ class _CEForwardKL(torch.autograd.Function):
         g, ctx.grad = ctx.grad, None
         if g is None:
             raise RuntimeError("forward_kl_chunk_loss: backward ran twice")
-        return g.mul_(grad_mixed), None, None, None, None, None, None
+        if not (grad_mixed.device.type == "cpu" and grad_mixed.item() == 1.0):  # × 1 (inside fused_linear_loss): exact
+            g.mul_(grad_mixed)
+        return g, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------- the objective, fused

@@ -300,7 +300,7 @@ class DistillationObjective:
                 ratio = self.kd_ratio if t_chunk else 0.0
                 return ce_forward_kl(
                     s_logits, t_logits, tgt[rows], kd_ratio=ratio, temperature=self.temperature,
-                    scale=self.kd_scale, mix=self.mix if t_chunk else (lambda ce, kd: ce),
+                    scale=self.kd_scale, mix=self.mix if t_chunk else (lambda ce, kd: ce), overwrite_logits=True,
                 )  # fmt: skip
             ce, kd = self._chunk_terms(s_logits, tgt[rows], t_chunk)
             return self.mix(ce, kd), ce, kd

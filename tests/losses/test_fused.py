@@ -490,6 +490,36 @@ def test_ce_forward_kl_directly_and_backward_twice_raises():
     torch.testing.assert_close(mixed_eval, mixed.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("T, vocab_t", [(1.0, V), (2.0, V), (1.0, V - 5)])
+def test_ce_forward_kl_row_blocks_and_overwrite_are_exact(monkeypatch, T, vocab_t):
+    """Row blocks (a partial last one) and writing the gradient into the logits give bit-identical results."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(11, V, generator=g) * 2
+    t = torch.randn(11, vocab_t, generator=g) * 2
+    t[:, 2] = float("-inf")  # a zero teacher probability in some block
+    y = torch.randint(0, V, (11,), generator=g)
+
+    def run(overwrite: bool):
+        s1 = s.clone().requires_grad_()
+        t1 = t.clone()
+        mixed, ce, kd = FU.ce_forward_kl(
+            s1, t1, y, kd_ratio=0.3, temperature=T, scale=T**2, mix=_mix(0.3), overwrite_logits=overwrite
+        )
+        (grad,) = torch.autograd.grad(mixed, s1)
+        assert torch.equal(t1, t)  # the teacher's logits are never written
+        return mixed, ce, kd, grad, s1
+
+    whole = run(False)
+    assert torch.equal(whole[4], s)  # not overwritten by default
+    monkeypatch.setattr(FU, "BLOCK_ELEMENTS", 4 * V)  # blocks of 4 rows: 4, 4, 3
+    for overwrite in (False, True):
+        blocked = run(overwrite)
+        for a, b in zip(whole[:4], blocked[:4], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        if overwrite:
+            assert blocked[3].data_ptr() == blocked[4].data_ptr()  # the gradient lives in the logits' storage
+
+
 # ------------------------------------------------------------------------------------------- fused_output_weight
 def _model(vocab: int, dim: int, tie: bool, seed: int):
     torch.manual_seed(seed)
