@@ -53,6 +53,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# this checkout's kdtune, here and in every process started from here (`kdtune run` steps included), never an
+# installed copy of another checkout
+sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 KD_RECIPE = "knowledge_distillation_single_device"
 CACHE_RECIPE = "cache_teacher_logits"
 RESULT_PREFIX = "BENCH_RESULT "
@@ -84,7 +88,7 @@ def _child(recipe: str, config: str) -> None:
 
 def _run_child(recipe: str, config: Path, log: Path) -> dict[str, Any]:
     """``recipe`` on ``config`` in a fresh process; returns its result, wall seconds and the load average meanwhile."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MKL_NUM_THREADS", "1")
     cmd = [sys.executable, str(Path(__file__).resolve()), "_child", recipe, str(config)]
@@ -163,55 +167,60 @@ def _sentence(rng: random.Random, lexicon: list[str], weights: list[float], n: i
     return " ".join(rng.choices(lexicon, weights, k=n))
 
 
+def _tag(args: argparse.Namespace) -> str:
+    """The name of a student/teacher shape pair (caches and runs of different pairs live side by side)."""
+    return f"s{args.student_dim}x{args.student_layers}_t{args.teacher_dim}x{args.teacher_layers}"
+
+
 def make_throughput_assets(work: Path, args: argparse.Namespace) -> dict[str, Path]:
-    """Tokenizer (~``--vocab`` tokens), student and teacher HF directories and chat data; built once per spec."""
+    """Tokenizer (~``--vocab`` tokens), student and teacher HF directories and chat data; each built once per spec."""
     from kdtune.data import load_hf_tokenizer
     from kdtune.testing.models import make_tiny_hf_checkpoint
     from kdtune.testing.tokenizers import write_bpe_tokenizer
 
     root = work / "throughput_assets"
-    spec = {
-        "vocab": args.vocab,
-        "student": [args.student_dim, args.student_layers],
-        "teacher": [args.teacher_dim, args.teacher_layers],
-        "examples": args.examples,
-        "words": args.words_per_answer,
+    data_spec = {"vocab": args.vocab, "examples": args.examples, "words": args.words_per_answer}
+    paths = {
+        "tokenizer": root / f"tok_{args.vocab}",
+        "student": root / f"student_d{args.student_dim}x{args.student_layers}_v{args.vocab}",
+        "teacher": root / f"teacher_d{args.teacher_dim}x{args.teacher_layers}_v{args.vocab}",
+        "data": root / f"train_v{args.vocab}_n{args.examples}_w{args.words_per_answer}.jsonl",
     }
-    paths = {"student": root / "student", "teacher": root / "teacher", "data": root / "train.jsonl"}
-    marker = root / "spec.json"
-    if marker.exists() and json.loads(marker.read_text()) == spec:
-        return paths
     rng = random.Random(0)
     lexicon = _lexicon(6000, rng)
     weights = [1.0 / (i + 1) ** 0.8 for i in range(len(lexicon))]  # Zipf-like word frequencies
-    print(f"[assets] training a byte-level BPE tokenizer to {args.vocab} tokens ...", flush=True)
-    t0 = time.perf_counter()
     corpus = [_sentence(rng, lexicon, weights, 200) for _ in range(400)] + lexicon
-    write_bpe_tokenizer(root / "tok", corpus, vocab_size=args.vocab, style="qwen2")
-    vocab = load_hf_tokenizer(root / "tok").vocab_size
-    print(f"[assets] tokenizer: {vocab} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
+    if not (paths["tokenizer"] / "tokenizer.json").exists():
+        print(f"[assets] training a byte-level BPE tokenizer to {args.vocab} tokens (a few minutes) ...", flush=True)
+        t0 = time.perf_counter()
+        write_bpe_tokenizer(paths["tokenizer"], corpus, vocab_size=args.vocab, style="qwen2")
+        print(f"[assets] tokenizer trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    vocab = load_hf_tokenizer(paths["tokenizer"]).vocab_size
     for name, dim, layers, tie, seed in (
         ("student", args.student_dim, args.student_layers, True, 0),
         ("teacher", args.teacher_dim, args.teacher_layers, False, 1),
     ):
+        if (paths[name] / "model.safetensors").exists():
+            continue
         heads = max(2, dim // 32)
         make_tiny_hf_checkpoint(
             paths[name], family="qwen2", vocab_size=vocab, dim=dim, layers=layers, heads=heads,
             kv_heads=max(1, heads // 2), tie=tie, seed=seed,
         )  # fmt: skip
-        for f in (root / "tok").iterdir():
+        for f in paths["tokenizer"].iterdir():
             (paths[name] / f.name).write_bytes(f.read_bytes())
-    with open(paths["data"], "w") as f:
-        for _ in range(args.examples):
-            prompt = "continue: " + _sentence(rng, lexicon, weights, rng.randint(5, 15))
-            answer = _sentence(rng, lexicon, weights, rng.randint(args.words_per_answer // 2, args.words_per_answer))
-            f.write(
-                json.dumps(
-                    {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
-                )
-                + "\n"
-            )
-    marker.write_text(json.dumps(spec))
+    marker = paths["data"].with_suffix(".spec.json")
+    if not (marker.exists() and json.loads(marker.read_text()) == data_spec):
+        with open(paths["data"], "w") as f:
+            for _ in range(args.examples):
+                prompt = "continue: " + _sentence(rng, lexicon, weights, rng.randint(5, 15))
+                n = rng.randint(args.words_per_answer // 2, args.words_per_answer)
+                chat = [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": _sentence(rng, lexicon, weights, n)},
+                ]
+                f.write(json.dumps({"messages": chat}) + "\n")
+        marker.write_text(json.dumps(data_spec))
     return paths
 
 
@@ -250,7 +259,7 @@ def throughput_cache_cfg(work: Path, assets: dict[str, Path], args: argparse.Nam
     return _compose(
         "tiny/cache_teacher_logits",
         [
-            f"output_dir={work / 'caches' / f'throughput_k{args.top_k}_{dtype}'}",
+            f"output_dir={work / 'caches' / f'throughput_{_tag(args)}_k{args.top_k}_{dtype}'}",
             f"teacher_checkpointer.checkpoint_dir={assets['teacher']}",
             *_throughput_data_overrides(assets, args),
             f"top_k={args.top_k}",
@@ -265,7 +274,7 @@ def part_cache(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     assets = make_throughput_assets(work, args)
     out = {}
     for dtype in ("bf16", "fp32"):
-        name = f"throughput_k{args.top_k}_{dtype}"
+        name = f"throughput_{_tag(args)}_k{args.top_k}_{dtype}"
         path, summary = build_cache(work, name, throughput_cache_cfg(work, assets, args, dtype), work / "logs")
         manifest = json.loads((path / "manifest.json").read_text())
         out[dtype] = {
@@ -297,7 +306,7 @@ def _loop_rate(steps: list[dict[str, float]]) -> tuple[float, int]:
 def part_throughput(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     assets = make_throughput_assets(work, args)
     cache_dir, _ = build_cache(
-        work, f"throughput_k{args.top_k}_{args.value_dtype}",
+        work, f"throughput_{_tag(args)}_k{args.top_k}_{args.value_dtype}",
         throughput_cache_cfg(work, assets, args, args.value_dtype), work / "logs",
     )  # fmt: skip
     common = [
@@ -313,17 +322,17 @@ def part_throughput(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "log_peak_memory_stats=false",
     ]
     configs = {
-        "live": _compose("tiny/kd", [f"output_dir={work / 'runs' / 'throughput_live'}", *common]),
+        "live": _compose("tiny/kd", [f"output_dir={work / 'runs' / f'throughput_{_tag(args)}_live'}", *common]),
         "cached": _compose(
             "tiny/kd",
             [
-                f"output_dir={work / 'runs' / 'throughput_cached'}",
+                f"output_dir={work / 'runs' / f'throughput_{_tag(args)}_cached'}",
                 *common,
                 *_cached_teacher_overrides(cache_dir, args.tail, has_teacher_tokenizer=True),
             ],
         ),
     }
-    paths = {k: _save_config(v, work / "configs" / f"throughput_{k}.yaml") for k, v in configs.items()}
+    paths = {k: _save_config(v, work / "configs" / f"throughput_{_tag(args)}_{k}.yaml") for k, v in configs.items()}
     runs: dict[str, list[dict[str, Any]]] = {"live": [], "cached": []}
     for r in range(args.repeats):
         for kind in ("live", "cached"):  # A B A B ...
@@ -331,7 +340,7 @@ def part_throughput(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
             shutil.rmtree(configs[kind].output_dir, ignore_errors=True)
             print(f"[throughput {r + 1}/{args.repeats}] kdtune run {KD_RECIPE} --config {paths[kind]}", flush=True)
-            res = _run_child(KD_RECIPE, paths[kind], work / "logs" / f"throughput_{kind}_{r}.log")
+            res = _run_child(KD_RECIPE, paths[kind], work / "logs" / f"throughput_{_tag(args)}_{kind}_{r}.log")
             rate, per_step = _loop_rate(res["steps"])
             row = {
                 "tokens_per_second": round(rate, 1),
@@ -433,7 +442,8 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             [*common, f"teacher_checkpointer.checkpoint_dir={teacher / 'final'}"], force=False,
         )  # fmt: skip
         cached = qs.run_step(
-            out / "runs" / f"kd_cached_seed{seed}", KD_RECIPE, "quickstart/student_kd",
+            out / "runs" / f"kd_cached_k{args.top_k}_{args.value_dtype}_{args.tail}_seed{seed}", KD_RECIPE,
+            "quickstart/student_kd",
             [*common, *_cached_teacher_overrides(cache_dir, args.tail, has_teacher_tokenizer=False)], force=False,
         )  # fmt: skip
         scores = {k: evaluate_checkpoint(str(d / "final"), test) for k, d in (("live", live), ("cached", cached))}
