@@ -137,10 +137,12 @@ class OnPolicySettings:
     """``on_policy:`` of the KD recipes: where a training batch's completions come from (validated by
     :class:`kdtune.losses.OnPolicy`, which owns these values)."""
 
-    lmbda: float = _f(0.0, help="Probability in [0, 1] that a micro-batch's completions are sampled from the student.")
-    max_new_tokens: int = _f(64, help="Longest sampled completion, in tokens.")
-    temperature: float = _f(1.0, help="Sampling temperature of the completions (0 = greedy).")
-    top_k: int | None = _f(None, help="Sample among the top-k tokens only; null = all.")
+    lmbda: float = setting(
+        0.0, help="Probability in [0, 1] that a micro-batch's completions are sampled from the student.", ge=0.0, le=1.0
+    )
+    max_new_tokens: int = setting(64, help="Longest sampled completion, in tokens.", ge=1)
+    temperature: float = setting(1.0, help="Sampling temperature of the completions (0 = greedy).", ge=0.0)
+    top_k: int | None = setting(None, help="Sample among the top-k tokens only; null = all.", ge=1)
     seq_kd: bool = _f(False, help="Batches not sampled from the student use the teacher's samples (sequence-level KD).")
 
 
