@@ -31,6 +31,8 @@ class ModelFamily(abc.ABC):
     name: str
     hf_architectures: tuple[str, ...]
     hf_model_types: tuple[str, ...]
+    #: kdtune tensor names written to HF unchanged (not parameters of a module ``module_name_to_hf`` maps)
+    hf_passthrough: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def build(self, hf_config: dict[str, Any], **lora_kwargs: Any) -> nn.Module:
@@ -47,9 +49,21 @@ class ModelFamily(abc.ABC):
         """Convert (a subset of) HF tensors to kdtune names/layouts. Tensors that are fused in HF (GPT-2 ``c_attn``)
         arrive together in one call. Buffers HF stores but kdtune recomputes (rotary ``inv_freq``) are dropped."""
 
-    @abc.abstractmethod
     def state_dict_to_hf(self, state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Convert kdtune base-model tensors (no LoRA keys) to HF names/layouts."""
+        """Convert kdtune base-model tensors (no LoRA keys) to HF names/layouts.
+
+        The default renames each tensor's module with :meth:`module_name_to_hf` (of :meth:`for_config`); families
+        whose HF layout fuses tensors (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``) override it.
+        """
+        family = self.for_config(hf_config)
+        out: dict[str, torch.Tensor] = {}
+        for key, tensor in state.items():
+            if key in self.hf_passthrough:
+                out[key] = tensor
+                continue
+            module, _, leaf = key.rpartition(".")
+            out[f"{family.module_name_to_hf(module)}.{leaf}"] = tensor
+        return out
 
     def for_config(self, hf_config: dict[str, Any]) -> ModelFamily:
         """The family object for one ``config.json`` (default: ``self``). A family whose HF module names depend on the

@@ -171,10 +171,3 @@ class LlamaLikeFamily(ModelFamily):
                     f"checkpoint: unexpected tensor {key!r} for a {self.name} model; is config.json's architecture right?"
                 ) from None
         return out
-
-    def state_dict_to_hf(self, state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for key, tensor in state.items():
-            module, _, leaf = key.rpartition(".")
-            out[f"{self.module_name_to_hf(module)}.{leaf}"] = tensor
-        return out

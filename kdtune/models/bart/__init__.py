@@ -94,6 +94,7 @@ class BartFamily(ModelFamily):
     name = "bart"
     hf_architectures = ("BartForConditionalGeneration",)
     hf_model_types = ("bart",)
+    hf_passthrough = ("final_logits_bias",)
 
     def build(self, hf_config: dict[str, Any], **lora_kwargs: Any) -> nn.Module:
         cfg = dict(hf_config)
@@ -187,16 +188,6 @@ class BartFamily(ModelFamily):
             raise CheckpointError(
                 f"checkpoint: unexpected tensor {key!r} for a bart model; is config.json's architecture right?"
             )
-        return out
-
-    def state_dict_to_hf(self, state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for key, tensor in state.items():
-            if key == "final_logits_bias":
-                out[key] = tensor
-                continue
-            module, _, leaf = key.rpartition(".")
-            out[f"{self.module_name_to_hf(module)}.{leaf}"] = tensor
         return out
 
 

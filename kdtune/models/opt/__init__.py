@@ -140,13 +140,6 @@ class OPTFamily(ModelFamily):
             )
         return out
 
-    def state_dict_to_hf(self, state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for key, tensor in state.items():
-            module, _, leaf = key.rpartition(".")
-            out[f"{self.module_name_to_hf(module)}.{leaf}"] = tensor
-        return out
-
 
 FAMILY = register_family(OPTFamily())
 

@@ -218,14 +218,6 @@ class T5Family(ModelFamily):
             out[f"{kd}.{leaf}"] = tensor
         return out
 
-    def state_dict_to_hf(self, state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-        family = self.for_config(hf_config)
-        out: dict[str, torch.Tensor] = {}
-        for key, tensor in state.items():
-            module, _, leaf = key.rpartition(".")
-            out[f"{family.module_name_to_hf(module)}.{leaf}"] = tensor
-        return out
-
 
 FAMILY = register_family(T5Family())
 
