@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kdtune.errors import KDTuneError
@@ -94,39 +94,28 @@ class Preset:
     arms: tuple[str, ...] = tuple(ARMS)  # the default run's arms; --full runs every arm
 
 
+_DEFAULT = Preset(
+    teacher_train=12000,
+    student_train=400,
+    val=200,
+    test=400,
+    pool=4000,
+    teacher_dims=dict(dim=96, layers=3, heads=4, kv_heads=2, intermediate_size=256),
+    student_dims=dict(dim=48, layers=2, heads=4, kv_heads=2, intermediate_size=128),
+    teacher_steps=1200,
+    student_steps=300,
+    batch_size=32,
+    eval_examples=400,
+    arms=("sft", "seq_kd", "logit_kd"),  # on-policy and supervised KD with --full or --preset long
+)
+
 PRESETS: dict[str, Preset] = {
     # The default fits the 10-minute budget on 2 CPU cores: the same data and models with short budgets; the arms'
     # held-out losses differ clearly, their exact-match differences are within seed noise at this budget.
-    "default": Preset(
-        teacher_train=12000,
-        student_train=400,
-        val=200,
-        test=400,
-        pool=4000,
-        teacher_dims=dict(dim=96, layers=3, heads=4, kv_heads=2, intermediate_size=256),
-        student_dims=dict(dim=48, layers=2, heads=4, kv_heads=2, intermediate_size=128),
-        teacher_steps=1200,
-        student_steps=300,
-        batch_size=32,
-        eval_examples=400,
-        arms=("sft", "seq_kd", "logit_kd"),  # on-policy and supervised KD with --full or --preset long
-    ),
-    # The setting of the measured table in docs/quickstart.md (about 30 minutes on 2 CPU cores): long enough for the
-    # distillation arms to separate in held-out loss.
-    "long": Preset(
-        teacher_train=12000,
-        student_train=400,
-        val=200,
-        test=400,
-        pool=4000,
-        teacher_dims=dict(dim=96, layers=3, heads=4, kv_heads=2, intermediate_size=256),
-        student_dims=dict(dim=48, layers=2, heads=4, kv_heads=2, intermediate_size=128),
-        teacher_steps=2400,
-        student_steps=1200,
-        batch_size=32,
-        eval_examples=400,
-        arms=("sft", "seq_kd", "logit_kd", "on_policy"),  # supervised KD on the labels only with --full
-    ),
+    "default": _DEFAULT,
+    # The setting of the measured table in docs/quickstart.md (about 30 minutes on 2 CPU cores): the same data and
+    # models, long enough for the distillation arms to separate in held-out loss.
+    "long": replace(_DEFAULT, teacher_steps=2400, student_steps=1200, arms=("sft", "seq_kd", "logit_kd", "on_policy")),
     # The CI version: every step end to end, minutes become seconds; the numbers mean nothing.
     "ci": Preset(
         teacher_train=256,
