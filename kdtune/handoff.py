@@ -21,7 +21,7 @@ import re
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -363,18 +363,5 @@ def write_handoff(out_dir: str | Path, tokenizer: Any | None, card: RunCard | No
         except DataError as e:
             log.warning("%s: no chat template written: %s", out_dir, e)
     if card is not None:
-        written.append(
-            write_model_card(
-                out_dir,
-                base_model=card.base_model,
-                teacher=card.teacher,
-                datasets=card.datasets,
-                loss=card.loss,
-                kd_ratio=card.kd_ratio,
-                temperature=card.temperature,
-                steps=card.steps,
-                metrics=card.metrics,
-                command=card.command,
-            )
-        )
+        written.append(write_model_card(out_dir, **{f.name: getattr(card, f.name) for f in fields(card)}))
     return written
