@@ -94,12 +94,12 @@ class LiveTeacher:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        # inference mode skips all autograd bookkeeping for the teacher's body; FSDP-sharded teachers use no_grad, as
+        # FSDP's hooks keep state that inference tensors cannot carry (decided once: FSDP swaps parameters in forward)
+        self._sharded = any(hasattr(p, "device_mesh") for p in model.parameters())
 
     def prepare(self, batch: dict[str, Any], mask: Tensor) -> tuple[Tensor, ...]:
-        # inference mode: no autograd bookkeeping at all for the teacher's body (FSDP-sharded teachers use no_grad,
-        # as FSDP's hooks keep state that inference tensors cannot carry)
-        sharded = any(hasattr(p, "device_mesh") for p in self.model.parameters())
-        with torch.no_grad() if sharded else torch.inference_mode():
+        with torch.no_grad() if self._sharded else torch.inference_mode():
             hidden = self.model(batch["tokens"], return_hidden=True, **model_inputs(batch))  # [B, T, Dt]
         return (hidden[:, :-1][mask].clone(),)  # [N, Dt]; a normal tensor again (the clone leaves inference mode)
 
