@@ -146,3 +146,21 @@ def test_setup_runtime_sets_the_configured_threads_on_cpu(tmp_path) -> None:
         rt.close()
     finally:
         torch.set_num_threads(before)
+
+
+def test_flush_denormals_zeroes_subnormals_and_setup_runtime_turns_it_on(tmp_path):
+    """A subnormal operand (what a confident softmax's gradient is full of) becomes zero once flushing is on."""
+    from kdtune.training.runtime import setup_runtime
+
+    try:
+        if not perf.flush_denormals():
+            pytest.skip("this CPU cannot flush subnormals")
+        torch.set_flush_denormal(False)
+        tiny = torch.tensor([1e-39])  # subnormal in fp32 (the smallest normal is ~1.18e-38)
+        assert (tiny * 1.0).item() != 0.0
+        runtime = setup_runtime(device="cpu", dtype="fp32", output_dir=tmp_path / "run", seed=0, cfg=None)
+        runtime.close()
+        assert (tiny * 1.0).item() == 0.0
+        assert (torch.tensor([1e-37]) * 1.0).item() == pytest.approx(1e-37)  # normal numbers are untouched
+    finally:
+        torch.set_flush_denormal(False)
