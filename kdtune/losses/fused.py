@@ -342,7 +342,8 @@ class _CEForwardKL(torch.autograd.Function):
             if g is not None:
                 gb = torch.exp(s_logp, out=g[i:j])  # [b, V] softmax(s)
                 if shared:
-                    gb.mul_(w_ce + c)
+                    if w_ce + c != 1.0:  # T = 1 with the T² factor: 1 − r + r = 1, the pass is skipped (exact)
+                        gb.mul_(w_ce + c)
                 else:
                     gb.mul_(w_ce)
                     if c:

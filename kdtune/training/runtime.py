@@ -25,7 +25,7 @@ from torch import Tensor
 from kdtune.config import save_config
 from kdtune.errors import ConfigError, KDTuneError
 from kdtune.fsio import prepare_output_dir
-from kdtune.perf import configure_threads, flush_denormals
+from kdtune.perf import configure_threads, flush_denormals, keep_freed_memory
 from kdtune.runlock import RunLock, acquire_run_lock, cleanup_stale_tmp, new_run_id
 from kdtune.training.preflight import check_checkpoint_dirs
 
@@ -526,7 +526,8 @@ def setup_runtime(
         save_config_file: whether this process writes ``config.yaml`` (False on non-zero ranks).
         num_threads: CPU threads of torch (:func:`kdtune.perf.configure_threads`): None = ``OMP_NUM_THREADS`` if set,
             else the physical cores; a warning when the machine is oversubscribed. Only on a CPU device, where
-            subnormal floats are also flushed to zero (:func:`kdtune.perf.flush_denormals`).
+            subnormal floats are also flushed to zero (:func:`kdtune.perf.flush_denormals`) and freed memory is
+            kept for reuse (:func:`kdtune.perf.keep_freed_memory`).
         mixed_precision: accept ``dtype=fp16`` as mixed precision — for the training recipes, which run the forward in
             ``runtime.precision.autocast()`` and step through :func:`kdtune.training.optimizer_step`; other recipes
             refuse it.
@@ -542,6 +543,7 @@ def setup_runtime(
     if dev.type == "cpu":
         configure_threads(num_threads)
         flush_denormals()
+        keep_freed_memory()
     precision = get_precision(dtype, dev) if mixed_precision else Precision.from_config(get_dtype(dtype, dev), dev)
     out = Path(str(output_dir)).expanduser().absolute()
     lock: RunLock | None = None

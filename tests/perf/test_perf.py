@@ -164,3 +164,46 @@ def test_flush_denormals_zeroes_subnormals_and_setup_runtime_turns_it_on(tmp_pat
         assert (torch.tensor([1e-37]) * 1.0).item() == pytest.approx(1e-37)  # normal numbers are untouched
     finally:
         torch.set_flush_denormal(False)
+
+
+_FAULTS = """
+import resource, sys, torch
+from kdtune import perf
+applied = perf.keep_freed_memory() if sys.argv[1] == "keep" else False
+def step():
+    x = torch.empty(16 * 2**20)  # 64 MiB fp32, above glibc's largest mmap threshold
+    x.fill_(1.0)
+for _ in range(10):  # warm-up: glibc's heap settles (freed blocks coalesce) within a few steps
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(
+    not (os.uname().sysname == "Linux" and __import__("platform").libc_ver()[0] == "glibc"), reason="glibc only"
+)
+def test_keep_freed_memory_reuses_pages_of_large_temporaries():
+    """With the setting, a 64 MiB temporary page-faults no more once the heap has settled; without, every time."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    runs = {}
+    for mode in ("keep", "default"):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, capture_output=True, text=True, check=True)
+        applied, faults = out.stdout.split()
+        runs[mode] = (applied == "True", int(faults))
+    assert runs["keep"][0] and not runs["default"][0]
+    pages = 3 * 64 * 2**20 // 4096
+    assert runs["default"][1] > pages // 2  # each fresh mmap faults its pages in again
+    assert runs["keep"][1] < pages // 20
+
+
+def test_keep_freed_memory_leaves_user_malloc_settings_alone(monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
+    assert perf.keep_freed_memory() is False
