@@ -190,4 +190,3 @@ class _CESparseKD(torch.autograd.Function):
         if not (grad_mixed.device.type == "cpu" and grad_mixed.item() == 1.0):  # × 1 (inside fused_linear_loss): exact
             g.mul_(grad_mixed)
         return g, None, None, None, None, None, None, None, None, None, None
-
