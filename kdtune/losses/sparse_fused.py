@@ -160,6 +160,7 @@ class _CESparseKD(torch.autograd.Function):
                 if s_tail is not None:
                     kd_rest = c * (ga[:, -1] / sum_t - torch.exp(m / T - lse_t) * big_g)
             ce_rest = torch.exp(m - lse1).mul_(w_ce)  # [n] (1 − r) p_j / exp(s_j − m)
+            minus_w_ce = logits.new_full((min(block, n), 1), -w_ce)  # CE's one-hot, added at the targets
             for i in range(0, n, block):
                 j = min(i + block, n)
                 gb, b_ids = g[i:j], ids[i:j]  # [b, V] (holding d or exp(d) of step 1), [b, k]
@@ -174,7 +175,7 @@ class _CESparseKD(torch.autograd.Function):
                             gb.addcmul_(e_t, kd_rest[i:j, None])
                 gb.scatter_(-1, b_ids, top[i:j])  # (at k = V every entry is set here)
                 if w_ce:
-                    gb[torch.arange(j - i, device=gb.device), targets[i:j]] -= w_ce
+                    gb.scatter_add_(-1, targets[i:j, None], minus_w_ce[: j - i])
         ce = ce_rows.sum()
         kd = kd_sum * scale if scale != 1.0 else kd_sum
         mixed = mix(ce, kd).clone()  # a tensor of its own: ce and kd are marked non-differentiable
