@@ -6,9 +6,10 @@ and needs ``d mixed / d logits``. With a cached teacher the divergence only sees
 ``log_softmax`` → ``gather`` / ``scatter`` → ``logsumexp`` over ``[n, V]`` does far more work than the loss needs.
 :func:`ce_sparse_kd` instead
 
-1. reads the logits once, a few rows at a time (block-sized intermediates stay in the CPU's cache), for the per-row
-   log-normalisers (at T = 1 and at T), the cross-entropy, the student's tempered log-probabilities at the teacher's
-   ids and its tail mass (summed directly over the tokens outside the top-k, so no cancellation);
+1. reads the logits once, a few rows at a time (block-sized intermediates stay in the CPU's cache): the logits at the
+   teacher's ids and the target, and the mass of the rest (the tokens outside the top-k) as ``Σ exp(s − m)`` with
+   ``m`` the rest's own max — a sum >= 1, so neither underflow nor cancellation, however peaked the student. From
+   these come the log-normalisers at 1 and T, the cross-entropy, and the student's support;
 2. evaluates the divergence on the ``[n, K]`` supports with autograd (any :class:`kdtune.losses.Divergence`'s
    ``per_token``; only ``[n, K]`` tensors in that graph), giving ``g = d KD / d a`` for the support log-probs ``a``;
 3. writes ``d mixed / d logits`` in one more pass over the logits, through the support's Jacobian by hand. With
@@ -104,19 +105,16 @@ class _CESparseKD(torch.autograd.Function):
         # underflow and no cancellation however peaked the student is. The block's d = s − m (T ≠ 1) or exp(s − m)
         # (T = 1) stays in the gradient's storage for step 3.
         s_ids = logits.new_empty(n, k)  # [n, k] logits at the ids
-        s_y = logits.new_empty(n)  # [n] logit of the target
-        lse1, lse_t = logits.new_empty(n), logits.new_empty(n)  # [n] logsumexp(s), logsumexp(s / T)
+        s_y = logits.new_empty(n, 1)  # [n, 1] logit of the target
         m = logits.new_empty(n)  # [n] max of the rest
-        sum1, sum_t = logits.new_empty(n), logits.new_empty(n)  # [n] Σ_rest exp(s − m), Σ_rest exp((s − m) / T)
+        sum1 = logits.new_empty(n)  # [n] Σ_rest exp(s − m)
+        sum_t = sum1 if T == 1.0 else logits.new_empty(n)  # [n] Σ_rest exp((s − m) / T)
         for i in range(0, n, block):
             j = min(i + block, n)
             s, b_ids = logits[i:j], ids[i:j]  # [b, V], [b, k]
             torch.gather(s, -1, b_ids, out=s_ids[i:j])
-            s_y[i:j] = s.gather(-1, targets[i:j, None]).squeeze(-1)
-            top_lse1 = torch.logsumexp(s_ids[i:j], -1)
-            top_lse_t = top_lse1 if T == 1.0 else torch.logsumexp(s_ids[i:j] / T, -1)
+            torch.gather(s, -1, targets[i:j, None], out=s_y[i:j])
             if not has_rest:
-                lse1[i:j], lse_t[i:j] = top_lse1, top_lse_t
                 continue
             d = (s if overwrite_logits else g[i:j].copy_(s)) if g is not None else s.clone()  # [b, V]
             d.scatter_(-1, b_ids, float("-inf"))
@@ -124,15 +122,18 @@ class _CESparseKD(torch.autograd.Function):
             d.sub_(m[i:j, None])
             if T == 1.0:
                 torch.sum(d.exp_(), -1, out=sum1[i:j])
-                sum_t[i:j] = sum1[i:j]
             else:
                 torch.sum(torch.exp(d), -1, out=sum1[i:j])
                 torch.sum(torch.div(d, T).exp_(), -1, out=sum_t[i:j])
-            torch.logaddexp(m[i:j] + sum1[i:j].log(), top_lse1, out=lse1[i:j])
-            torch.logaddexp(m[i:j] / T + sum_t[i:j].log(), top_lse_t, out=lse_t[i:j])
             del d
-        ce_rows = lse1 - s_y  # [n] −log p(y)
-        s_top = (s_ids if T == 1.0 else s_ids / T) - lse_t[:, None]  # [n, k] log softmax(s / T) at the ids
+        z_ids = s_ids if T == 1.0 else s_ids / T  # [n, k]
+        lse1 = torch.logsumexp(s_ids, -1)  # [n] logsumexp(s) (so far over the ids only)
+        lse_t = lse1 if T == 1.0 else torch.logsumexp(z_ids, -1)  # [n] logsumexp(s / T)
+        if has_rest:  # + the rest
+            lse1 = torch.logaddexp(m + sum1.log(), lse1)
+            lse_t = lse1 if T == 1.0 else torch.logaddexp(m / T + sum_t.log(), lse_t)
+        ce_rows = lse1 - s_y.squeeze(-1)  # [n] −log p(y)
+        s_top = z_ids - lse_t[:, None]  # [n, k] log softmax(s / T) at the ids
         s_tail = None
         if tail == "bucket" and has_rest:
             s_tail = (m / T + sum_t.log() - lse_t)[:, None]  # [n, 1] log of the student's mass outside the ids
