@@ -36,12 +36,19 @@ Examples::
 A noise floor for ``quality``: ``--top-k 259 --value-dtype fp32`` (k = V of the quickstart tokenizer) distils from a cache
 that is mathematically the live teacher, so its held-out-loss differences are run-to-run numerics only.
 
-Measured (2-core shared CPU, torch 2.13, OMP_NUM_THREADS=1, load average ~2 during the runs), bf16 top-64, tail=bucket:
-throughput, student 96x2 (0.55M) / teacher 256x4 (4.46M, 8.1x), V=4099, batch 8, seq <= 256, 20 steps, 3 A/B pairs:
-live 4322 vs cached 7795 trained tokens/s = 1.80x (pairs 1.96, 1.79, 1.77); teacher 256x8 (6.83M, 12.3x): 2.64x.
-Cache: 388 B/token bf16, 516 B/token fp32 (dense fp32 logits: 16396); built at ~12k teacher tokens/s (~7k trained
-positions/s). Quality (quickstart default, 3 seeds, held-out test CE): live 1.6832 vs cached 1.6997 (+0.98 %), per seed
-+3.55 %, -0.19 %, -0.37 %; k = V control +0.79 %, +0.25 %, -0.21 %.
+Measured (2-core shared CPU, torch 2.13, OMP_NUM_THREADS=1), bf16 top-64, tail=bucket, student 96x2 (0.55M params, 71 %
+of them the tied embedding; 0.55M matmul MACs per token) / teacher 256x4 (4.46M params = 8.1x; 3.41M MACs per token =
+6.2x), V=4099, batch 8, seq <= 256, 20 steps. Since the fused sparse chunk loss (kdtune.losses.sparse_fused), 4 A/B
+pairs at load 2.8-3.7: live 2645 vs cached 6660 trained tokens/s = 2.52x (pairs 2.47, 2.55, 2.54, 2.43); another 4 at
+load 1.9-3.6: 2.46x (1.79, 2.61, 2.70, 2.43); per-step CPU time of the same step (teacher/cache, student forward,
+objective, backward, AdamW; load-independent): 2.6-2.8x. Before it: 1.80x at load ~2. Teacher 256x8 (12.3x): 2.64x
+before. Cache: 388 B/token bf16, 516 B/token fp32 (dense fp32 logits: 16396); built at ~12k teacher tokens/s (~7k
+trained positions/s). Quality (quickstart default, 5 seeds, held-out test CE, live mean 1.7015): k=64 bf16 bucket
+1.6891 (-0.73 %; per seed +3.86, +0.07, -0.46, -4.00, -2.89 %), renormalize 1.7099 (+0.50 %; +3.92, -0.67, -2.89,
+-0.21, +2.36 %); k = V controls (the live teacher up to rounding): fp32 -0.24 % (+0.52, -0.29, -0.17, +0.37, -1.60 %),
+bf16 -0.45 % (+0.14, +0.59, -0.32, -0.52, -2.13 %). Per-seed differences are trajectory noise (the runs' losses agree
+to 4 digits for ~30 steps, then drift apart); the live seeds themselves spread 2.5 % (std). The long preset is no
+yardstick: its students overfit 400 examples for ~100 epochs and a k = V fp32 control differs by +70 % on one seed.
 
 Every recipe run is also an ordinary command: the composed configs are saved as ``<work>/configs/*.yaml`` and each run
 is ``kdtune run <recipe> --config <that file>``.

@@ -43,10 +43,12 @@ from torch.utils.checkpoint import checkpoint
 
 from kdtune.data.collate import model_inputs
 from kdtune.errors import ConfigError
+from kdtune.losses.cached import CachedTeacher
 from kdtune.losses.divergences import Divergence, ForwardKLLoss
 from kdtune.losses.functional import check_fraction, check_temperature, log_probs, upcast
 from kdtune.losses.fused import ce_forward_kl, chunk_slices, fused_linear_loss, fused_output_weight
 from kdtune.losses.on_policy import OnPolicy
+from kdtune.losses.sparse_fused import ce_sparse_kd
 
 __all__ = ["DistillationObjective", "LiveTeacher", "ObjectiveOutput", "TeacherSource", "check_batch_kind"]
 
@@ -293,8 +295,17 @@ class DistillationObjective:
             and type(self).mix is DistillationObjective.mix
         )
 
+        # CE + any divergence against a cached teacher's top-k: the hand-written gradient through the sparse support
+        sparse = isinstance(self.teacher, CachedTeacher) and type(self).mix is DistillationObjective.mix
+
         def chunk_loss(s_logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
             t_chunk = tuple(t[rows] for t in teacher_state) if teacher_state is not None else ()
+            if sparse and t_chunk:
+                return ce_sparse_kd(
+                    s_logits, *t_chunk, tgt[rows], divergence=self.kd_loss.per_token, tail=self.teacher.tail,
+                    kd_ratio=self.kd_ratio, temperature=self.temperature, scale=self.kd_scale, mix=self.mix,
+                    overwrite_logits=True,
+                )  # fmt: skip
             if teacher_state is None or fast:
                 t_logits = self.teacher.logits(t_chunk) if t_chunk else None
                 ratio = self.kd_ratio if t_chunk else 0.0

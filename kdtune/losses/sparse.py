@@ -49,7 +49,9 @@ __all__ = [
     "skew_reverse_kl_per_token",
     "sparse_kd_loss_sum",
     "sparse_support",
+    "student_support",
     "symmetric_kl_per_token",
+    "teacher_support",
     "total_variation_per_token",
 ]
 
@@ -101,20 +103,30 @@ def sparse_support(s_logp: Tensor, t_ids: Tensor, t_logp: Tensor, tail: TailMode
         raise ValueError(f"the teacher support has k={k} entries but the student vocabulary only V={V}")
     ids = t_ids.long()
     s_top = s_logp.gather(-1, ids)  # [n, k]
-    t_top = t_logp.to(s_logp.dtype)  # [n, k]
+    s_tail = None
+    if tail == "bucket" and k < V:
+        # the student's rest, summed directly over the tokens outside the top-k (exact, gradient included)
+        s_rest = s_logp.scatter(-1, ids, float("-inf"))  # [n, V]
+        s_tail = torch.logsumexp(s_rest, -1, keepdim=True)  # [n, 1]
+    return student_support(s_top, s_tail, tail), teacher_support(t_logp.to(s_logp.dtype), tail, k == V)
+
+
+def student_support(s_top: Tensor, s_tail: Tensor | None, tail: TailMode) -> Tensor:
+    """The student's support ``[n, K]`` from its log-probs at the top-k ids ``s_top [n, k]`` and, for ``"bucket"``
+    with ``k < V``, its log-mass outside them ``s_tail [n, 1]`` (None when there is no tail)."""
     if tail == "renormalize":
-        return (
-            s_top - torch.logsumexp(s_top, -1, keepdim=True),
-            t_top - torch.logsumexp(t_top, -1, keepdim=True),
-        )
-    if k == V:  # nothing outside the top-k: the support is the whole vocabulary
-        return s_top, t_top
-    # the student's rest, summed directly over the tokens outside the top-k (exact, gradient included)
-    s_rest = s_logp.scatter(-1, ids, float("-inf"))  # [n, V]
-    s_tail = torch.logsumexp(s_rest, -1, keepdim=True)  # [n, 1]
+        return s_top - torch.logsumexp(s_top, -1, keepdim=True)
+    return s_top if s_tail is None else torch.cat([s_top, s_tail], -1)
+
+
+def teacher_support(t_top: Tensor, tail: TailMode, full: bool) -> Tensor:
+    """The teacher's support ``[n, K]`` from its top-k log-probs ``t_top [n, k]``; ``full``: k = V (no tail)."""
+    if tail == "renormalize":
+        return t_top - torch.logsumexp(t_top, -1, keepdim=True)
+    if full:  # nothing outside the top-k: the support is the whole vocabulary
+        return t_top
     t_mass = torch.logsumexp(t_top, -1, keepdim=True).clamp(max=-TEACHER_TAIL_FLOOR)  # [n, 1]
-    t_tail = log1mexp(t_mass)  # [n, 1]
-    return torch.cat([s_top, s_tail], -1), torch.cat([t_top, t_tail], -1)
+    return torch.cat([t_top, log1mexp(t_mass)], -1)  # [n, k + 1]
 
 
 # ----------------------------------------------------------------------------------- divergences on a support

@@ -154,6 +154,44 @@ def test_objective_with_a_full_vocab_cache_equals_the_live_teacher(built, tiny, 
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_a_cache_at_temperature_2_gives_the_live_teachers_kd_at_2(tiny, recipe, tmp_path: Path, tail: str) -> None:
+    """The cache's temperature: a k = V cache built at T = 2 (stored log-probs at T) gives the live teacher's loss and
+    gradients at T = 2 through the fused sparse path; a top-16 cache at T = 2 gives its unfused (autograd) path's."""
+    import kdtune.losses as L
+    from kdtune.data import load_hf_tokenizer
+    from kdtune.models import load_hf_model
+
+    V = load_hf_tokenizer(tiny["student"]).vocab_size
+    cfg = load_config(ROOT / "configs" / "tiny" / "cache_teacher_logits.yaml")
+    base = [f"teacher_checkpointer.checkpoint_dir={tiny['teacher']}", f"tokenizer.checkpoint_dir={tiny['student']}",
+            f"dataset.data_files={tiny['data']}", "value_dtype=fp32", "temperature=2.0"]  # fmt: skip
+    for name, k in (("full", V), ("top16", 16)):
+        recipe("cache_teacher_logits").build_cache(apply_overrides(cfg, [*base, f"output_dir={tmp_path / name}",
+                                                                         f"top_k={k}"]))  # fmt: skip
+    tok, train, _ = _datasets(tiny)
+    batch = padded_collate([train[i] for i in (5, 0, 17, 3)], pad_id=tok.pad_id)
+
+    def run(source, fused=True):
+        student = load_hf_model(tiny["student"])
+        objective = L.DistillationObjective(L.ForwardKLLoss(), teacher=source, kd_ratio=0.5, temperature=2.0,
+                                            fused=fused, num_output_chunks=3)  # fmt: skip
+        out = objective(student, batch)
+        out.loss_sum.backward()
+        return out, [p.grad.clone() for p in student.parameters()]
+
+    pairs = [
+        (run(L.LiveTeacher(_teacher(tiny))), run(L.CachedTeacher(str(tmp_path / "full"), tail=tail))),
+        (run(L.CachedTeacher(str(tmp_path / "top16"), tail=tail), fused=False),
+         run(L.CachedTeacher(str(tmp_path / "top16"), tail=tail))),
+    ]  # fmt: skip
+    for (ref, g_ref), (got, g_got) in pairs:
+        torch.testing.assert_close(got.kd_loss_sum, ref.kd_loss_sum, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(got.loss_sum, ref.loss_sum, atol=1e-4, rtol=1e-5)
+        for a, b in zip(g_got, g_ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_kd_recipe_trains_from_the_cache_without_a_teacher(built, tiny, tiny_cfg, recipe, tmp_path: Path) -> None:
     """`teacher_logits` in place of `teacher_model`: no teacher is built; resume is exact; a k = V cache trains like
     the live teacher; a cache at another temperature and a config naming both teachers are refused."""
