@@ -43,12 +43,14 @@ pairs at load 2.8-3.7: live 2645 vs cached 6660 trained tokens/s = 2.52x (pairs 
 load 1.9-3.6: 2.46x (1.79, 2.61, 2.70, 2.43); per-step CPU time of the same step (teacher/cache, student forward,
 objective, backward, AdamW; load-independent): 2.6-2.8x. Before it: 1.80x at load ~2. Teacher 256x8 (12.3x): 2.64x
 before. Cache: 388 B/token bf16, 516 B/token fp32 (dense fp32 logits: 16396); built at ~12k teacher tokens/s (~7k
-trained positions/s). Quality (quickstart default, 5 seeds, held-out test CE, live mean 1.7015): k=64 bf16 bucket
-1.6891 (-0.73 %; per seed +3.86, +0.07, -0.46, -4.00, -2.89 %), renormalize 1.7099 (+0.50 %; +3.92, -0.67, -2.89,
--0.21, +2.36 %); k = V controls (the live teacher up to rounding): fp32 -0.24 % (+0.52, -0.29, -0.17, +0.37, -1.60 %),
-bf16 -0.45 % (+0.14, +0.59, -0.32, -0.52, -2.13 %). Per-seed differences are trajectory noise (the runs' losses agree
-to 4 digits for ~30 steps, then drift apart); the live seeds themselves spread 2.5 % (std). The long preset is no
-yardstick: its students overfit 400 examples for ~100 epochs and a k = V fp32 control differs by +70 % on one seed.
+trained positions/s). Quality (the quickstart task family with the budgets its default had then:
+``quality --teacher-steps 1200 --student-steps 300 --seeds 0 1 2 3 4``, held-out test CE, live mean 1.7015): k=64
+bf16 bucket 1.6891 (-0.73 %; per seed +3.86, +0.07, -0.46, -4.00, -2.89 %), renormalize 1.7099 (+0.50 %; +3.92,
+-0.67, -2.89, -0.21, +2.36 %); k = V controls (the live teacher up to rounding): fp32 -0.24 % (+0.52, -0.29, -0.17,
++0.37, -1.60 %), bf16 -0.45 % (+0.14, +0.59, -0.32, -0.52, -2.13 %). Per-seed differences are trajectory noise (the
+runs' losses agree to 4 digits for ~30 steps, then drift apart); the live seeds themselves spread 2.5 % (std). Longer
+student budgets (1,200 steps on 400 labels) are no yardstick: the students overfit for ~100 epochs and a k = V fp32
+control differed by +70 % on one seed.
 
 Every recipe run is also an ordinary command: the composed configs are saved as ``<work>/configs/*.yaml`` and each run
 is ``kdtune run <recipe> --config <that file>``.
@@ -57,6 +59,7 @@ is ``kdtune run <recipe> --config <that file>``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -406,6 +409,8 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from kdtune.quickstart.tasks import read_jsonl
 
     preset = qs.PRESETS[args.preset]
+    steps = {"teacher_steps": args.teacher_steps, "student_steps": args.student_steps}
+    preset = dataclasses.replace(preset, **{k: v for k, v in steps.items() if v is not None})
     out = work / "quickstart"
     data = qs.prepare_data(out, preset)
     tokenizer_dir = qs.prepare_tokenizer(out)
@@ -521,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("quality")
     g.add_argument("--preset", default="default", help="kdtune.quickstart preset")
     g.add_argument("--seeds", type=int, nargs="+", default=[0])
+    g.add_argument("--teacher-steps", type=int, default=None, help="override the preset's teacher steps")
+    g.add_argument("--student-steps", type=int, default=None, help="override the preset's student steps")
     return p
 
 
