@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdtune.errors import KDTuneError
+from kdtune.perf import physical_cpu_cores
 from kdtune.quickstart.tasks import (
     corpus_for_tokenizer,
     make_prompt_pool,
@@ -175,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     teacher_init = prepare_model(out / "init" / "teacher", preset.teacher_dims, tokenizer_dir, seed=1000)
 
     parallel = max(1, args.jobs)
+    if not os.environ.get("OMP_NUM_THREADS"):
+        # runs side by side share the cores: each gets its share (more threads than cores run several times slower)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, physical_cpu_cores() // parallel))
+    print(f"{parallel} run(s) at a time, {os.environ['OMP_NUM_THREADS']} CPU thread(s) each", flush=True)
     quiet = parallel > 1  # runs side by side write their output to <run>/run.log
     jobs: list[tuple[str, Arm, list[str]]] = []
     for seed in seeds:
