@@ -176,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_init = prepare_model(out / "init" / "teacher", preset.teacher_dims, tokenizer_dir, seed=1000)
 
     parallel = max(1, args.jobs)
-    if not os.environ.get("OMP_NUM_THREADS"):
-        # runs side by side share the cores: each gets its share (more threads than cores run several times slower)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, physical_cpu_cores() // parallel))
+    share_cores(parallel)
     print(f"{parallel} run(s) at a time, {os.environ['OMP_NUM_THREADS']} CPU thread(s) each", flush=True)
     quiet = parallel > 1  # runs side by side write their output to <run>/run.log
     jobs: list[tuple[str, Arm, list[str]]] = []
@@ -251,6 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  results      {out / 'results.json'}")
     print(f"  plot         {plot_path or '(matplotlib not installed: pip install kdtune[quickstart])'}")
     return 0
+
+
+def share_cores(jobs: int, environ: dict[str, str] | None = None) -> str:
+    """Give each of ``jobs`` runs side by side its share of the physical cores via ``OMP_NUM_THREADS``.
+
+    The runs are subprocesses and inherit the variable; one the user set is kept. More threads than cores run
+    several times slower (each run would otherwise take every core).
+
+    Returns:
+        The ``OMP_NUM_THREADS`` value in force.
+    """
+    environ = os.environ if environ is None else environ
+    if not environ.get("OMP_NUM_THREADS"):
+        environ["OMP_NUM_THREADS"] = str(max(1, physical_cpu_cores() // max(1, jobs)))
+    return environ["OMP_NUM_THREADS"]
 
 
 def prepare_data(out: Path, preset: Preset) -> dict[str, Path]:
@@ -391,4 +404,4 @@ def summarize(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-__all__ = ["ARMS", "PRESETS", "Arm", "Preset", "main", "summarize"]
+__all__ = ["ARMS", "PRESETS", "Arm", "Preset", "main", "share_cores", "summarize"]

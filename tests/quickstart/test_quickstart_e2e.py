@@ -42,3 +42,14 @@ def test_quickstart_ci_preset_runs_every_step(tmp_path):
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("[cached]") == 2 + len(arms)  # teacher, teacher answers, one run per arm
+
+
+def test_parallel_runs_share_the_cores_unless_the_user_chose_threads():
+    from kdtune.perf import physical_cpu_cores
+    from kdtune.quickstart.pipeline import share_cores
+
+    env: dict[str, str] = {}
+    assert share_cores(2, env) == str(max(1, physical_cpu_cores() // 2)) == env["OMP_NUM_THREADS"]
+    assert share_cores(1, {}) == str(physical_cpu_cores())
+    assert share_cores(10_000, {}) == "1"  # never zero threads
+    assert share_cores(2, {"OMP_NUM_THREADS": "3"}) == "3"  # the user's choice is kept
