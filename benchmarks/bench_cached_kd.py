@@ -41,7 +41,10 @@ of them the tied embedding; 0.55M matmul MACs per token) / teacher 256x4 (4.46M 
 6.2x), V=4099, batch 8, seq <= 256, 20 steps. Since the fused sparse chunk loss (kdtune.losses.sparse_fused), 4 A/B
 pairs at load 2.8-3.7: live 2645 vs cached 6660 trained tokens/s = 2.52x (pairs 2.47, 2.55, 2.54, 2.43); another 4 at
 load 1.9-3.6: 2.46x (1.79, 2.61, 2.70, 2.43); per-step CPU time of the same step (teacher/cache, student forward,
-objective, backward, AdamW; load-independent): 2.6-2.8x. Before it: 1.80x at load ~2. Teacher 256x8 (12.3x): 2.64x
+objective, backward, AdamW; load-independent): 2.6-2.8x. On 2 quiet cores (load ~1.1, 4 pairs each): this pair 2.39x (2.35-2.51; live
+4361 vs cached 10413 tokens/s); ``--student-dim 128 --student-layers 4 --teacher-dim 320 --teacher-layers 6`` (7.3x
+params, 6.1x MACs) 2.38x (2.26-2.44); ``--teacher-layers 5`` (256x5: 9.1x params, 7.3x MACs) 2.77x (2.68-2.82). The
+ratio follows the teacher's per-token compute: the cached step is the student's own step plus ~15 % for the loss. Before it: 1.80x at load ~2. Teacher 256x8 (12.3x): 2.64x
 before. Cache: 388 B/token bf16, 516 B/token fp32 (dense fp32 logits: 16396); built at ~12k teacher tokens/s (~7k
 trained positions/s). Quality (the quickstart task family with the budgets its default had then:
 ``quality --teacher-steps 1200 --student-steps 300 --seeds 0 1 2 3 4``, held-out test CE, live mean 1.7015): k=64
@@ -340,6 +343,7 @@ def part_throughput(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "save_every_n_steps=null",
         "log_every_n_steps=1",
         "log_peak_memory_stats=false",
+        "num_output_chunks=null",  # kdtune's default, as a user's config has it (chunks sized by the memory budget)
     ]
     configs = {
         "live": _compose("tiny/kd", [f"output_dir={work / 'runs' / f'throughput_{_tag(args)}_live'}", *common]),
