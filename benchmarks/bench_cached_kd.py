@@ -43,7 +43,9 @@ pairs at load 2.8-3.7: live 2645 vs cached 6660 trained tokens/s = 2.52x (pairs 
 load 1.9-3.6: 2.46x (1.79, 2.61, 2.70, 2.43); per-step CPU time of the same step (teacher/cache, student forward,
 objective, backward, AdamW; load-independent): 2.6-2.8x. On 2 quiet cores (load ~1.1, 4 pairs each): this pair 2.39x (2.35-2.51; live
 4361 vs cached 10413 tokens/s); ``--student-dim 128 --student-layers 4 --teacher-dim 320 --teacher-layers 6`` (7.3x
-params, 6.1x MACs) 2.38x (2.26-2.44); ``--teacher-layers 5`` (256x5: 9.1x params, 7.3x MACs) 2.77x (2.68-2.82). The
+params, 6.1x MACs) 2.38x (2.26-2.44); ``--teacher-layers 5`` (256x5: 9.1x params, 7.3x MACs) 2.77x (2.68-2.82). With kdtune's
+default output chunks (memory budget; the runs above pinned the tiny config's 4, as the benchmark did then), quiet:
+2.55x (pairs 2.54, 2.44, 2.37, 2.77; live 4100 vs cached 10460 tokens/s); with the other core busy: 2.45x. The
 ratio follows the teacher's per-token compute: the cached step is the student's own step plus ~15 % for the loss. Before it: 1.80x at load ~2. Teacher 256x8 (12.3x): 2.64x
 before. Cache: 388 B/token bf16, 516 B/token fp32 (dense fp32 logits: 16396); built at ~12k teacher tokens/s (~7k
 trained positions/s). Quality (the quickstart task family with the budgets its default had then:
