@@ -50,7 +50,7 @@ from kdtune.errors import ConfigError, KDTuneError
 from kdtune.losses import ForwardKLLoss
 from kdtune.losses.fused import VOCAB_TENSORS_PER_ROW, chunk_slices, fused_output_weight
 from kdtune.models import enable_activation_checkpointing
-from kdtune.perf import keep_freed_memory
+from kdtune.perf import configure_cpu_process
 from kdtune.training import (
     Runtime,
     StepAccumulator,
@@ -681,7 +681,7 @@ def calibrate(cfg: DictConfig, steps: int = 3) -> Calibration:
     precision = get_precision(s.dtype, dev)
     set_seed(s.seed, deterministic=getattr(s, "deterministic", False))
     if dev.type == "cpu":
-        keep_freed_memory()  # as setup_runtime does, so the calibrated step time is the run's
+        configure_cpu_process()  # as setup_runtime does, so the calibrated step time is the run's
     rss_before = _rss_bytes()
     with tempfile.TemporaryDirectory(prefix="kdtune-estimate-") as tmp:
         rt = Runtime(device=dev, dtype=precision.param_dtype, output_dir=Path(tmp), precision=precision)

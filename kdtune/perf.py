@@ -32,6 +32,7 @@ from torch import nn
 from kdtune.errors import ConfigError
 
 __all__ = [
+    "configure_cpu_process",
     "configure_threads",
     "flush_denormals",
     "keep_freed_memory",
@@ -208,6 +209,13 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
     except (OSError, AttributeError):
         return False
+
+
+def configure_cpu_process() -> None:
+    """The process-wide CPU settings every run and calibration uses: :func:`flush_denormals` and
+    :func:`keep_freed_memory` (threads are :func:`configure_threads`, which takes the user's setting)."""
+    flush_denormals()
+    keep_freed_memory()
 
 
 def teacher_forward(teacher: nn.Module | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -288,15 +288,12 @@ class DistillationObjective:
         self, h_s: Tensor, weight: Tensor, tgt: Tensor, teacher_state: Sequence[Tensor] | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The fused path: ``(loss_sum, ce_sum, kd_sum)`` with the chunks' gradients computed in the forward pass."""
-        # CE + forward KL against a live teacher under the objective's own mixing rule: the hand-written gradient
-        fast = (
-            type(self.kd_loss) is ForwardKLLoss
-            and isinstance(self.teacher, LiveTeacher)
-            and type(self).mix is DistillationObjective.mix
-        )
-
-        # CE + any divergence against a cached teacher's top-k: the hand-written gradient through the sparse support
-        sparse = isinstance(self.teacher, CachedTeacher) and type(self).mix is DistillationObjective.mix
+        # the hand-written gradients hold for the objective's own mixing rule only
+        own_mix = type(self).mix is DistillationObjective.mix
+        # CE + forward KL against a live teacher
+        fast = own_mix and type(self.kd_loss) is ForwardKLLoss and isinstance(self.teacher, LiveTeacher)
+        # CE + any divergence against a cached teacher's top-k, through the sparse support
+        sparse = own_mix and isinstance(self.teacher, CachedTeacher)
 
         def chunk_loss(s_logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
             t_chunk = tuple(t[rows] for t in teacher_state) if teacher_state is not None else ()

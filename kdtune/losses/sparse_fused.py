@@ -33,12 +33,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from kdtune.losses.fused import BLOCK_ELEMENTS
 from kdtune.losses.sparse import TailMode, student_support, teacher_support
 
 __all__ = ["ce_sparse_kd"]
-
-#: logits per row block (fp32: 1 MiB per block-sized intermediate, a few alive at once), as the dense fast path.
-BLOCK_ELEMENTS = 2**18
 
 
 def ce_sparse_kd(

@@ -133,6 +133,13 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (give 1 or more)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdtune quickstart",
@@ -148,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every arm (adds supervised KD and on-policy KD) and 5 seeds: about three times as long",
     )
-    parser.add_argument("--jobs", type=int, default=2, help="student runs trained at the same time (default 2)")
+    parser.add_argument(
+        "--jobs", type=_positive_int, default=2, help="student runs trained at the same time (default 2)"
+    )
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -175,9 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_dir = prepare_tokenizer(out)
     teacher_init = prepare_model(out / "init" / "teacher", preset.teacher_dims, tokenizer_dir, seed=1000)
 
-    parallel = max(1, args.jobs)
-    share_cores(parallel)
-    print(f"{parallel} run(s) at a time, {os.environ['OMP_NUM_THREADS']} CPU thread(s) each", flush=True)
+    parallel = args.jobs
+    print(f"{parallel} run(s) at a time, {share_cores(parallel)} CPU thread(s) each", flush=True)
     quiet = parallel > 1  # runs side by side write their output to <run>/run.log
     jobs: list[tuple[str, Arm, list[str]]] = []
     for seed in seeds:
@@ -262,7 +270,7 @@ def share_cores(jobs: int, environ: dict[str, str] | None = None) -> str:
     """
     environ = os.environ if environ is None else environ
     if not environ.get("OMP_NUM_THREADS"):
-        environ["OMP_NUM_THREADS"] = str(max(1, physical_cpu_cores() // max(1, jobs)))
+        environ["OMP_NUM_THREADS"] = str(max(1, physical_cpu_cores() // jobs))
     return environ["OMP_NUM_THREADS"]
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from kdtune.config import save_config
 from kdtune.errors import ConfigError, KDTuneError
 from kdtune.fsio import prepare_output_dir
-from kdtune.perf import configure_threads, flush_denormals, keep_freed_memory
+from kdtune.perf import configure_cpu_process, configure_threads
 from kdtune.runlock import RunLock, acquire_run_lock, cleanup_stale_tmp, new_run_id
 from kdtune.training.preflight import check_checkpoint_dirs
 
@@ -542,8 +542,7 @@ def setup_runtime(
     dev = get_device(device)
     if dev.type == "cpu":
         configure_threads(num_threads)
-        flush_denormals()
-        keep_freed_memory()
+        configure_cpu_process()
     precision = get_precision(dtype, dev) if mixed_precision else Precision.from_config(get_dtype(dtype, dev), dev)
     out = Path(str(output_dir)).expanduser().absolute()
     lock: RunLock | None = None

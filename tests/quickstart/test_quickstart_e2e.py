@@ -53,3 +53,13 @@ def test_parallel_runs_share_the_cores_unless_the_user_chose_threads():
     assert share_cores(1, {}) == str(physical_cpu_cores())
     assert share_cores(10_000, {}) == "1"  # never zero threads
     assert share_cores(2, {"OMP_NUM_THREADS": "3"}) == "3"  # the user's choice is kept
+
+
+def test_jobs_below_one_is_refused_with_the_reason(capsys):
+    import pytest
+
+    from kdtune.quickstart.pipeline import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--jobs", "0"])
+    assert "--jobs: 0 is not a positive integer" in capsys.readouterr().err
