@@ -42,12 +42,45 @@ class ModelFamily(abc.ABC):
         The returned model carries ``hf_family`` and ``hf_config`` attributes.
         """
 
-    @abc.abstractmethod
+    #: what ``tie_word_embeddings`` means when config.json leaves it out (transformers' default for the architecture)
+    hf_tie_default: bool = False
+
     def state_dict_from_hf(
         self, hf_state: dict[str, torch.Tensor], hf_config: dict[str, Any]
     ) -> dict[str, torch.Tensor]:
         """Convert (a subset of) HF tensors to kdtune names/layouts. Tensors that are fused in HF (GPT-2 ``c_attn``)
-        arrive together in one call. Buffers HF stores but kdtune recomputes (rotary ``inv_freq``) are dropped."""
+        arrive together in one call. Buffers HF stores but kdtune recomputes (rotary ``inv_freq``) are dropped.
+
+        The default renames each tensor's module with :meth:`module_name_from_hf` (of :meth:`for_config`), skips
+        :meth:`hf_key_ignored` keys and a tied ``lm_head.weight``, and keeps :attr:`hf_passthrough` tensors as they
+        are; families whose HF layout fuses or transposes tensors (GPT-2, Phi-3, T5) override it.
+        """
+        family = self.for_config(hf_config)
+        tie = bool(hf_config.get("tie_word_embeddings", self.hf_tie_default))
+        out: dict[str, torch.Tensor] = {}
+        for key, tensor in hf_state.items():
+            if family.hf_key_ignored(key) or (tie and key == "lm_head.weight"):
+                continue
+            if key in self.hf_passthrough:
+                out[key] = tensor
+                continue
+            module, _, leaf = key.rpartition(".")
+            try:
+                out[f"{family.module_name_from_hf(module)}.{leaf}"] = tensor
+            except KeyError:
+                raise CheckpointError(
+                    f"checkpoint: unexpected tensor {key!r} for the {self.name} model family; is config.json's architecture "
+                    "right?"
+                ) from None
+        return out
+
+    def hf_key_ignored(self, key: str) -> bool:
+        """Whether an HF tensor is not loaded (a buffer kdtune recomputes, a duplicate of a tied weight)."""
+        return False
+
+    def module_name_from_hf(self, name: str) -> str:
+        """The inverse of :meth:`module_name_to_hf`; ``KeyError`` for an HF module kdtune has no counterpart of."""
+        raise KeyError(name)
 
     def state_dict_to_hf(self, state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Convert kdtune base-model tensors (no LoRA keys) to HF names/layouts.

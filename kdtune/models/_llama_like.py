@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
 from torch import nn
 
 from kdtune.errors import CheckpointError
@@ -155,19 +154,5 @@ class LlamaLikeFamily(ModelFamily):
             return f"layers.{m.group(1)}.{_LAYER_INV[m.group(2)]}"
         raise KeyError(name)
 
-    def state_dict_from_hf(
-        self, hf_state: dict[str, torch.Tensor], hf_config: dict[str, Any]
-    ) -> dict[str, torch.Tensor]:
-        tie = bool(hf_config.get("tie_word_embeddings", False))
-        out: dict[str, torch.Tensor] = {}
-        for key, tensor in hf_state.items():
-            if key.endswith(_HF_IGNORED_SUFFIXES) or (tie and key == "lm_head.weight"):
-                continue
-            module, _, leaf = key.rpartition(".")
-            try:
-                out[f"{self.module_name_from_hf(module)}.{leaf}"] = tensor
-            except KeyError:
-                raise CheckpointError(
-                    f"checkpoint: unexpected tensor {key!r} for a {self.name} model; is config.json's architecture right?"
-                ) from None
-        return out
+    def hf_key_ignored(self, key: str) -> bool:
+        return key.endswith(_HF_IGNORED_SUFFIXES)

@@ -126,3 +126,21 @@ def test_greedy_generation_matches_transformers(tmp_path: Path, name: str) -> No
     for p, g in zip(prompts, got):  # one at a time: no padding in the reference
         want = ref.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, num_beams=1, min_new_tokens=8)
         assert g == want[0, len(p) :].tolist()
+
+
+def test_state_dict_from_hf_reads_keys_without_the_model_prefix():
+    """Some OPT checkpoints name tensors ``decoder.layers...`` instead of ``model.decoder.layers...``."""
+    from kdtune.models._family import registered_families
+
+    family = registered_families()["opt"]
+    hf_config = {"model_type": "opt", "tie_word_embeddings": True}
+    hf_state = {
+        "model.decoder.embed_tokens.weight": torch.randn(5, 4),
+        "model.decoder.layers.0.self_attn.q_proj.weight": torch.randn(4, 4),
+        "lm_head.weight": torch.randn(5, 4),  # tied: not loaded
+    }
+    bare = {k.removeprefix("model."): v for k, v in hf_state.items()}
+    ours, from_bare = family.state_dict_from_hf(hf_state, hf_config), family.state_dict_from_hf(bare, hf_config)
+    assert ours.keys() == from_bare.keys() and "layers.0.attn.q_proj.weight" in ours and len(ours) == 2
+    with pytest.raises(Exception, match="unexpected tensor 'model.decoder.nope.weight' for the opt model family"):
+        family.state_dict_from_hf({"model.decoder.nope.weight": torch.zeros(1)}, hf_config)

@@ -8,7 +8,6 @@ import math
 import re
 from typing import Any
 
-import torch
 from torch import nn
 
 from kdtune.errors import CheckpointError
@@ -92,6 +91,7 @@ class BartFamily(ModelFamily):
     """BART checkpoints (``model.encoder.layers.{i}.self_attn.q_proj`` ...)."""
 
     name = "bart"
+    hf_tie_default = True
     hf_architectures = ("BartForConditionalGeneration",)
     hf_model_types = ("bart",)
     hf_passthrough = ("final_logits_bias",)
@@ -166,29 +166,17 @@ class BartFamily(ModelFamily):
             return f"model.{m.group(1)}.layers.{m.group(2)}.{_LAYER[m.group(3)]}"
         raise KeyError(f"bart: no HF module for kdtune module {name!r}")
 
-    def state_dict_from_hf(
-        self, hf_state: dict[str, torch.Tensor], hf_config: dict[str, Any]
-    ) -> dict[str, torch.Tensor]:
-        tie = bool(hf_config.get("tie_word_embeddings", True))
-        out: dict[str, torch.Tensor] = {}
-        for key, tensor in hf_state.items():
-            if key in _HF_TIED or (tie and key == "lm_head.weight"):
-                continue
-            if key == "final_logits_bias":
-                out[key] = tensor
-                continue
-            module, _, leaf = key.rpartition(".")
-            if module in _TOP_INV:
-                out[f"{_TOP_INV[module]}.{leaf}"] = tensor
-                continue
-            m = _HF_LAYER_RE.match(module)
-            if m and m.group(3) in _LAYER_INV:
-                out[f"{m.group(1)}.layers.{m.group(2)}.{_LAYER_INV[m.group(3)]}.{leaf}"] = tensor
-                continue
-            raise CheckpointError(
-                f"checkpoint: unexpected tensor {key!r} for a bart model; is config.json's architecture right?"
-            )
-        return out
+    def hf_key_ignored(self, key: str) -> bool:
+        return key in _HF_TIED  # copies of the shared embedding
+
+    def module_name_from_hf(self, name: str) -> str:
+        """Inverse of ``module_name_to_hf``."""
+        if name in _TOP_INV:
+            return _TOP_INV[name]
+        m = _HF_LAYER_RE.match(name)
+        if m and m.group(3) in _LAYER_INV:
+            return f"{m.group(1)}.layers.{m.group(2)}.{_LAYER_INV[m.group(3)]}"
+        raise KeyError(name)
 
 
 FAMILY = register_family(BartFamily())

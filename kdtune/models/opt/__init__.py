@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
 from torch import nn
 
 from kdtune.errors import CheckpointError
@@ -55,6 +54,7 @@ class OPTFamily(ModelFamily):
     """OPT checkpoints (``model.decoder.layers.{i}.self_attn.q_proj`` ...; a bare ``decoder.`` prefix also reads)."""
 
     name = "opt"
+    hf_tie_default = True
     hf_architectures = ("OPTForCausalLM",)
     hf_model_types = ("opt",)
 
@@ -118,27 +118,15 @@ class OPTFamily(ModelFamily):
             return f"model.decoder.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
         raise KeyError(f"opt: no HF module for kdtune module {name!r}")
 
-    def state_dict_from_hf(
-        self, hf_state: dict[str, torch.Tensor], hf_config: dict[str, Any]
-    ) -> dict[str, torch.Tensor]:
-        tie = bool(hf_config.get("tie_word_embeddings", True))
-        out: dict[str, torch.Tensor] = {}
-        for key, tensor in hf_state.items():
-            full = key if key.startswith(("model.", "lm_head.")) else f"model.{key}"
-            if tie and full == "lm_head.weight":
-                continue
-            module, _, leaf = full.rpartition(".")
-            if module in _TOP_INV:
-                out[f"{_TOP_INV[module]}.{leaf}"] = tensor
-                continue
-            m = _HF_LAYER_RE.match(module)
-            if m and m.group(2) in _LAYER_INV:
-                out[f"layers.{m.group(1)}.{_LAYER_INV[m.group(2)]}.{leaf}"] = tensor
-                continue
-            raise CheckpointError(
-                f"checkpoint: unexpected tensor {key!r} for an opt model; is config.json's architecture right?"
-            )
-        return out
+    def module_name_from_hf(self, name: str) -> str:
+        """Inverse of ``module_name_to_hf``; HF OPT checkpoints may leave out the ``model.`` prefix."""
+        full = name if name.startswith(("model.", "lm_head")) else f"model.{name}"
+        if full in _TOP_INV:
+            return _TOP_INV[full]
+        m = _HF_LAYER_RE.match(full)
+        if m and m.group(2) in _LAYER_INV:
+            return f"layers.{m.group(1)}.{_LAYER_INV[m.group(2)]}"
+        raise KeyError(name)
 
 
 FAMILY = register_family(OPTFamily())
