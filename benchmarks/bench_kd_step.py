@@ -118,6 +118,7 @@ def kdtune_config(a: dict[str, Any], out: Path, args: argparse.Namespace) -> str
         clip_grad_norm: null
         device: cpu
         dtype: fp32
+        compile: {str(args.compile).lower()}
         metric_logger: {{_component_: kdtune.training.DiskLogger, log_dir: {out}/logs}}
         log_every_n_steps: 1
         log_peak_memory_stats: false
@@ -162,7 +163,7 @@ def torchtune_config(a: dict[str, Any], out: Path, args: argparse.Namespace) -> 
         max_steps_per_epoch: {args.steps}
         gradient_accumulation_steps: 1
         clip_grad_norm: null
-        compile: false
+        compile: {str(args.compile).lower()}
         metric_logger: {{_component_: torchtune.training.metric_logging.DiskLogger, log_dir: {out}/logs}}
         log_every_n_steps: 1
         log_peak_memory_stats: false
@@ -304,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--torchtune-python", default="/work/wt/tt-venv/bin/python")
+    p.add_argument("--compile", action="store_true", help="compile: true in both frameworks' configs")
     p.add_argument("--no-mfu", action="store_true")
     p.add_argument("--json", default=None)
     p.add_argument("--work-dir", default=None)

@@ -85,7 +85,9 @@ def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> RunSumm
 
     # ---- the teacher (a frozen sharded model, or its cached top-k logits) and the objective that mixes CE and KD
     def load_teacher() -> nn.Module:
-        return D.build_sharded_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model", **fsdp)[0]
+        return D.build_sharded_model(
+            s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model", compile=s.compile, **fsdp
+        )[0]
 
     teacher = build_teacher(s, student, tokenizer, data, load_teacher)
     objective = build_objective(s, teacher, tokenizer)  # divergence, kd_ratio, T, chunks, on_policy: validated once

@@ -74,7 +74,7 @@ def train(cfg: DictConfig) -> RunSummary:
 
     # ---- the teacher (a frozen model, or its cached top-k logits) and the objective that mixes CE and KD
     def load_teacher() -> nn.Module:
-        return build_model(s.teacher_model, s.teacher_checkpointer, rt, key="teacher_model")[0]
+        return build_model(s.teacher_model, s.teacher_checkpointer, rt, compile=s.compile, key="teacher_model")[0]
 
     teacher = build_teacher(s, student, tokenizer, data, load_teacher)
     objective = build_objective(s, teacher, tokenizer)  # divergence, kd_ratio, T, chunks, on_policy: validated once

@@ -104,7 +104,7 @@ class FinetuneSettings:
         ge=1,
     )
     enable_activation_checkpointing: bool = _f(False, help="Recompute each decoder layer in backward (less memory).")
-    compile: bool = _f(False, help="torch.compile each decoder layer.")
+    compile: bool = _f(False, help="torch.compile each decoder layer (the student's, and a live teacher's in KD).")
     # --- logging, eval, checkpoints
     metric_logger: Any = _f(None, help="Metric logger `_component_`; null = kdtune.training.DiskLogger in logs/.")
     log_every_n_steps: int = setting(1, help="Log metrics every N optimizer steps.", ge=1)
