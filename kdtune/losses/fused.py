@@ -13,7 +13,7 @@ get enough rows to run efficiently; an explicit row count or a ``num_output_chun
 
 The chunk loss is the objective's (:class:`kdtune.losses.DistillationObjective` builds it: cross-entropy, the
 teacher source's support, the divergence, the mix); :func:`ce_forward_kl` is its hand-written fast path for
-cross-entropy + forward KL against a live teacher, with one ``exp`` pass per softmax and no logarithm over ``[n, V]``.
+cross-entropy + forward KL against a live teacher, with one ``exp`` pass per softmax at ``T == 1``.
 
 What the caller passes as ``weight`` (see :func:`fused_output_weight`): the output projection's weight, or the
 token-embedding weight for tied embeddings (autograd then adds the fused path's gradient to the embedding lookup's);
@@ -269,8 +269,8 @@ def ce_forward_kl(
     """``(mixed, ce_sum, kd_sum)`` of one chunk for cross-entropy + forward KL with the gradient written out by hand.
 
     The same values and gradients as computing CE and ``KL(p_t‖p_s)`` with autograd, with one ``exp`` pass over the
-    student's and one over the teacher's logits (plus one over the student's at ``T ≠ 1`` or on a smaller teacher
-    vocabulary) and no logarithm over ``[n, V]``. Only valid for the linear mix ``(1 − r) · ce + r · kd`` (``mix``
+    student's and one over the teacher's logits at ``T = 1`` (two each at ``T ≠ 1`` or on a smaller teacher
+    vocabulary) and no elementwise logarithm. Only valid for the linear mix ``(1 − r) · ce + r · kd`` (``mix``
     computes the value; the gradient assumes that rule), which is why the objective takes this path only for its own
     mixing rule.
 
@@ -300,14 +300,15 @@ class _CEForwardKL(torch.autograd.Function):
     ``d mixed / d s = (1 − r) (softmax(s) − onehot(y)) + r · c · (softmax(s / T) − p_t)`` on the KD support, with
     ``c = T² / T`` (or ``1 / T`` without the T² factor).
 
-    Per block of rows, with each row shifted by its own max (``a = s − max s``; ``u = (s_K − max s_K) / T`` and
-    ``w = (t − max t) / T`` on the KD support ``K``): one ``exp`` pass per softmax (``exp(a)``, ``exp(w)`` and, unless
-    ``T = 1`` on the whole vocabulary, ``exp(u)``) and their row sums ``z``. Then ``log Σ exp(s) = max s + log z_a``
-    >= the max, so the cross-entropy ``log Σ exp(s) − s_y`` stays finite and exact where ``p_s(y)`` underflows, and
-    ``KL = Σ p_t (w − u) − log z_w + log z_u`` with ``p_t = exp(w) / z_w`` (``w − u`` is taken before the ``exp``;
-    terms where ``p_t = 0`` count 0, as in :func:`kdtune.losses.functional.kl`, which ``nansum`` does for the
-    ``0 · (−inf)`` of a teacher logit −inf). The gradient is ``exp(a)`` scaled in place by ``(1 − r) / z_a`` plus
-    ``c (exp(u) / z_u − exp(w) / z_w)``.
+    Per block of rows, with each row shifted by its own max (``a = s − max s``, ``w = t − max t``): one ``exp`` pass
+    per softmax and the row sums ``z_a``, ``z_w``. Then ``log Σ exp(s) = max s + log z_a`` >= the max, so the
+    cross-entropy ``log Σ exp(s) − s_y`` stays finite and exact where ``p_s(y)`` underflows. At ``T = 1`` on the
+    whole vocabulary ``KL = Σ p_t (w − a) + log(z_a / z_w)`` with ``p_t = exp(w) / z_w`` (``w − a`` taken before the
+    ``exp``) and the gradient is ``exp(a)`` scaled in place by ``1 / z_a`` minus ``c · p_t``. Otherwise (``T ≠ 1`` or
+    a smaller teacher vocabulary) the KD terms come from ``log_softmax`` of ``t / T`` and ``s_K / T`` on the support
+    ``K``, as in the unfused objective (the same rounding, so both paths agree to fp32 precision), with one ``exp``
+    each for ``p_t`` and ``softmax(s_K / T)``. Terms where ``p_t = 0`` count 0, as in
+    :func:`kdtune.losses.functional.kl`: ``nansum`` leaves out the ``0 · (−inf)`` of a teacher logit −inf.
     """
 
     @staticmethod
@@ -335,12 +336,12 @@ class _CEForwardKL(torch.autograd.Function):
         s_y = logits.gather(-1, targets[:, None]).squeeze(-1)  # [n] logit of the target (before any overwrite)
         m = logits.new_empty(n)  # [n] max s
         z = logits.new_empty(n)  # [n] Σ exp(s − max s)
-        # block buffers: exp(a) without a gradient to write; exp(w), w − u (then p_t (w − u)), exp(u)
+        # block buffers: a then exp(a) when there is no gradient to write; w or log p_t (then exp), w − a or
+        # log p_t − log q_s (then × exp(w) or p_t); log q_s (then q_s)
         e_buf = logits.new_empty(block, v) if g is None and not overwrite_logits else None
         if teacher:
-            z_t, dot = logits.new_empty(n), logits.new_empty(n)  # [n] Σ exp(w), Σ exp(w) (w − u)
+            z_t, dot = logits.new_empty(n), logits.new_empty(n)  # [n] Σ exp(w); Σ exp(w) (w − a) or KL
             p_buf, d_buf = logits.new_empty(block, vocab), logits.new_empty(block, vocab)
-            z_u = z if shared else logits.new_empty(n)  # [n] Σ exp(u)
             u_buf = None if shared else logits.new_empty(block, vocab)
         for i in range(0, n, block):
             j = min(i + block, n)
@@ -350,18 +351,18 @@ class _CEForwardKL(torch.autograd.Function):
             if teacher:
                 t = t_logits[i:j, :vocab]  # [b, vocab]
                 p, d = p_buf[: j - i], d_buf[: j - i]  # [b, vocab]
-                _shifted(t, torch.amax(t, -1, keepdim=True), T, out=p)  # w
                 if shared:
+                    torch.sub(t, torch.amax(t, -1, keepdim=True), out=p)  # w
                     u = torch.sub(s, m_b, out=e)  # u = a
-                else:  # u before a: a may overwrite s
-                    sv = s[:, :vocab]
-                    u = _shifted(sv, m_b if vocab == v else torch.amax(sv, -1, keepdim=True), T, out=u_buf[: j - i])
+                else:  # log-softmax over the support, as the unfused objective (the same rounding); before a
+                    _log_softmax(t, T, out=p)  # log p_t
+                    u = _log_softmax(s[:, :vocab], T, out=u_buf[: j - i])  # log q_s
                     torch.sub(s, m_b, out=e)
-                torch.sub(p, u, out=d)  # w − u = log p_t − log q_s + a per-row constant
-                torch.sum(p.exp_(), -1, out=z_t[i:j])
+                torch.sub(p, u, out=d)  # w − a or log p_t − log q_s
+                p.exp_()
+                if shared:
+                    torch.sum(p, -1, out=z_t[i:j])
                 torch.nansum(d.mul_(p), -1, out=dot[i:j])  # 0 · (−inf) where p_t = 0: NaN, left out
-                if not shared:
-                    torch.sum(u.exp_(), -1, out=z_u[i:j])
             else:
                 torch.sub(s, m_b, out=e)
             torch.sum(e.exp_(), -1, out=z[i:j])
@@ -370,16 +371,17 @@ class _CEForwardKL(torch.autograd.Function):
             k = w_ce + c if shared else w_ce  # the weight of softmax(s) in the gradient
             inv_z = z[i:j, None].reciprocal()  # [b, 1]
             e.mul_(inv_z if k == 1.0 else inv_z.mul_(k))
-            if c:
-                ev = e if vocab == v else e[:, :vocab]  # [b, vocab]
-                if not shared:
-                    ev.addcmul_(u, z_u[i:j, None].reciprocal(), value=c)
-                ev.addcmul_(p, z_t[i:j, None].reciprocal(), value=-c)
+            if c and shared:
+                e.addcmul_(p, z_t[i:j, None].reciprocal(), value=-c)
+            elif c:
+                (e if vocab == v else e[:, :vocab]).add_(u.exp_().sub_(p), alpha=c)
         if g is not None and w_ce:
             g.scatter_add_(-1, targets[:, None], logits.new_full((n, 1), -w_ce))  # − (1 − r) onehot(y)
         ce = torch.sub(m, s_y).add_(torch.log(z)).sum()  # Σ log Σ exp(s) − s_y = Σ −log p_s(y)
-        if teacher:  # one log of z_u / z_t (near 1 for similar distributions) rather than a difference of two logs
-            kd = dot.div_(z_t).add_(torch.div(z_u, z_t).log_()).sum() * scale  # Σ KL(p_t‖q_s) × scale
+        if teacher and shared:  # one log of z / z_t (near 1 for similar distributions), not a difference of two logs
+            kd = dot.div_(z_t).add_(torch.div(z, z_t).log_()).sum() * scale  # Σ KL(p_t‖q_s) × scale
+        elif teacher:
+            kd = dot.sum() * scale
         else:
             kd = torch.zeros_like(ce)
         mixed = mix(ce, kd).clone()  # a tensor of its own: ce and kd are marked non-differentiable
@@ -397,11 +399,11 @@ class _CEForwardKL(torch.autograd.Function):
         return g, None, None, None, None, None, None, None
 
 
-def _shifted(x: Tensor, x_max: Tensor, temperature: float, *, out: Tensor) -> Tensor:
-    """``(x − x_max) / T`` into ``out`` in one pass (``x [b, K]``, ``x_max [b, 1]``)."""
-    if temperature == 1.0:
-        return torch.sub(x, x_max, out=out)
-    return torch.add(x_max / -temperature, x, alpha=1.0 / temperature, out=out)
+def _log_softmax(x: Tensor, temperature: float, *, out: Tensor) -> Tensor:
+    """``log_softmax(x / T)`` into ``out`` (``x [b, K]``), the same values as :func:`kdtune.losses.functional.log_probs`."""
+    if temperature != 1.0:
+        x = torch.div(x, temperature, out=out)
+    return torch.ops.aten._log_softmax.out(x, -1, False, out=out)
 
 
 # ---------------------------------------------------------------------------------------- the objective, fused
