@@ -24,6 +24,7 @@ is no single effective weight (NF4 base, dropout on the adapter in training, a b
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -288,10 +289,9 @@ def ce_forward_kl(
     return _CEForwardKL.apply(logits, teacher_logits, targets, kd_ratio, temperature, scale, mix, overwrite_logits)
 
 
-#: logits per row block of :func:`ce_forward_kl` and :mod:`kdtune.losses.sparse_fused` (fp32: 512 KiB per block-sized
-#: buffer; 3-4 of them plus the teacher's block fit a 2 MiB L2 cache; measured at V = 4096: 32 rows 1-3 % faster than
-#: 64, at V = 32000: 4 rows 4 % faster than 8).
-BLOCK_ELEMENTS = 2**17
+#: logits per row block of :func:`ce_forward_kl` (fp32: 256 KiB per block-sized buffer, a few of them in L2). Measured
+#: (1 thread, real chunk shapes): at V = 4096 16 rows beat 8 and 32 by 5-10 %, at V = 32000 2 rows beat 1 and 4.
+BLOCK_ELEMENTS = 2**16
 
 
 class _CEForwardKL(torch.autograd.Function):
@@ -333,46 +333,49 @@ class _CEForwardKL(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         g = (logits if overwrite_logits else torch.empty_like(logits)) if need_grad else None  # [n, V]
         block = max(1, min(n, BLOCK_ELEMENTS // max(v, 1)))
-        s_y = logits.gather(-1, targets[:, None]).squeeze(-1)  # [n] logit of the target (before any overwrite)
-        m = logits.new_empty(n)  # [n] max s
-        z = logits.new_empty(n)  # [n] Σ exp(s − max s)
+        s_y = logits.gather(-1, targets[:, None])  # [n, 1] logit of the target (before any overwrite)
+        m = logits.new_empty(n, 1)  # [n, 1] max s
+        z = logits.new_empty(n, 1)  # [n, 1] Σ exp(s − max s)
+        z_t, dot = logits.new_empty(n, 1), logits.new_empty(n, 1)  # [n, 1] Σ exp(w); Σ exp(w) (w − a) or KL
         # block buffers: a then exp(a) when there is no gradient to write; w or log p_t (then exp), w − a or
         # log p_t − log q_s (then × exp(w) or p_t); log q_s (then q_s)
         e_buf = logits.new_empty(block, v) if g is None and not overwrite_logits else None
+        p_buf = d_buf = u_buf = None
         if teacher:
-            z_t, dot = logits.new_empty(n), logits.new_empty(n)  # [n] Σ exp(w); Σ exp(w) (w − a) or KL
             p_buf, d_buf = logits.new_empty(block, vocab), logits.new_empty(block, vocab)
             u_buf = None if shared else logits.new_empty(block, vocab)
-        for i in range(0, n, block):
-            j = min(i + block, n)
-            s = logits[i:j]  # [b, V]
-            e = g[i:j] if g is not None else s if e_buf is None else e_buf[: j - i]  # [b, V] a, then exp(a)
-            m_b = torch.amax(s, -1, keepdim=True, out=m[i:j, None])  # [b, 1]
+        t_blocks = t_logits[:, :vocab].split(block) if teacher else itertools.repeat(None)
+        e_blocks = g.split(block) if g is not None else logits.split(block) if e_buf is None else None
+        for bi, (s, t, m_b, z_b, zt_b, dot_b) in enumerate(
+            zip(logits.split(block), t_blocks, m.split(block), z.split(block), z_t.split(block), dot.split(block))
+        ):  # [b, V], [b, vocab], [b, 1] ...
+            b = s.shape[0]
+            e = e_blocks[bi] if e_blocks is not None else e_buf[:b]  # [b, V] a, then exp(a)
+            torch.amax(s, -1, keepdim=True, out=m_b)
             if teacher:
-                t = t_logits[i:j, :vocab]  # [b, vocab]
-                p, d = p_buf[: j - i], d_buf[: j - i]  # [b, vocab]
+                p, d = (p_buf, d_buf) if b == block else (p_buf[:b], d_buf[:b])  # [b, vocab]
                 if shared:
                     torch.sub(t, torch.amax(t, -1, keepdim=True), out=p)  # w
                     u = torch.sub(s, m_b, out=e)  # u = a
                 else:  # log-softmax over the support, as the unfused objective (the same rounding); before a
                     _log_softmax(t, T, out=p)  # log p_t
-                    u = _log_softmax(s[:, :vocab], T, out=u_buf[: j - i])  # log q_s
+                    u = _log_softmax(s[:, :vocab], T, out=u_buf if b == block else u_buf[:b])  # log q_s
                     torch.sub(s, m_b, out=e)
                 torch.sub(p, u, out=d)  # w − a or log p_t − log q_s
                 p.exp_()
                 if shared:
-                    torch.sum(p, -1, out=z_t[i:j])
-                torch.nansum(d.mul_(p), -1, out=dot[i:j])  # 0 · (−inf) where p_t = 0: NaN, left out
+                    torch.sum(p, -1, keepdim=True, out=zt_b)
+                torch.nansum(d.mul_(p), -1, keepdim=True, out=dot_b)  # 0 · (−inf) where p_t = 0: NaN, left out
             else:
                 torch.sub(s, m_b, out=e)
-            torch.sum(e.exp_(), -1, out=z[i:j])
+            torch.sum(e.exp_(), -1, keepdim=True, out=z_b)
             if g is None:
                 continue
             k = w_ce + c if shared else w_ce  # the weight of softmax(s) in the gradient
-            inv_z = z[i:j, None].reciprocal()  # [b, 1]
+            inv_z = z_b.reciprocal()  # [b, 1]
             e.mul_(inv_z if k == 1.0 else inv_z.mul_(k))
             if c and shared:
-                e.addcmul_(p, z_t[i:j, None].reciprocal(), value=-c)
+                e.addcmul_(p, zt_b.reciprocal(), value=-c)
             elif c:
                 (e if vocab == v else e[:, :vocab]).add_(u.exp_().sub_(p), alpha=c)
         if g is not None and w_ce:
