@@ -270,8 +270,8 @@ def ce_forward_kl(
     """``(mixed, ce_sum, kd_sum)`` of one chunk for cross-entropy + forward KL with the gradient written out by hand.
 
     The same values and gradients as computing CE and ``KL(p_t‖p_s)`` with autograd, with one ``exp`` pass over the
-    student's and one over the teacher's logits at ``T = 1`` (two each at ``T ≠ 1`` or on a smaller teacher
-    vocabulary) and no elementwise logarithm. Only valid for the linear mix ``(1 − r) · ce + r · kd`` (``mix``
+    student's and one over the teacher's logits at ``T = 1`` on a shared vocabulary (three and two at ``T ≠ 1`` or
+    with a smaller teacher vocabulary) and no elementwise logarithm. Only valid for the linear mix ``(1 − r) · ce + r · kd`` (``mix``
     computes the value; the gradient assumes that rule), which is why the objective takes this path only for its own
     mixing rule.
 
@@ -306,8 +306,8 @@ class _CEForwardKL(torch.autograd.Function):
     whole vocabulary ``KL = Σ p_t (w − a) + log(z_a / z_w)`` with ``p_t = exp(w) / z_w`` (``w − a`` taken before the
     ``exp``) and the gradient is ``exp(a)`` scaled in place by ``1 / z_a`` minus ``c · p_t``. Otherwise (``T ≠ 1`` or
     a smaller teacher vocabulary) the KD terms come from ``log_softmax`` of ``t / T`` and ``s_K / T`` on the support
-    ``K``, as in the unfused objective (the same rounding, so both paths agree to fp32 precision), with one ``exp``
-    each for ``p_t`` and ``softmax(s_K / T)``. Terms where ``p_t = 0`` count 0, as in
+    ``K``, as in the unfused objective (the same rounding: the two paths agree to well below fp32's error on small
+    KL values), with one ``exp`` each for ``p_t`` and ``softmax(s_K / T)``. Terms where ``p_t = 0`` count 0, as in
     :func:`kdtune.losses.functional.kl`: ``nansum`` leaves out the ``0 · (−inf)`` of a teacher logit −inf.
     """
 
