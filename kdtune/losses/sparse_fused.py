@@ -33,10 +33,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from kdtune.losses.fused import BLOCK_ELEMENTS
 from kdtune.losses.sparse import TailMode, student_support, teacher_support
 
 __all__ = ["ce_sparse_kd"]
+
+#: logits per row block (fp32: 1 MiB per block-sized intermediate). Its block loops do fewer passes per row than
+#: :func:`kdtune.losses.fused.ce_forward_kl`'s, so larger blocks pay: measured 64 rows 1.2x faster than 16 at V = 4096,
+#: 8 rows 1.25x faster than 2 at V = 32000 (T = 1).
+BLOCK_ELEMENTS = 2**18
 
 
 def ce_sparse_kd(

@@ -520,6 +520,111 @@ def test_ce_forward_kl_row_blocks_and_overwrite_are_exact(monkeypatch, T, vocab_
             assert blocked[3].data_ptr() == blocked[4].data_ptr()  # the gradient lives in the logits' storage
 
 
+def _ce_forward_kl_reference(s, t, y, *, kd_ratio, T, scale):
+    """float64 autograd reference of ce_forward_kl (KF.forward_kl on the shared vocabulary): mixed, ce, kd, grad."""
+    s64 = s.detach().double().requires_grad_()
+    vocab = min(s.shape[-1], t.shape[-1])
+    ce = F.cross_entropy(s64, y, reduction="sum")
+    kd = scale * KF.forward_kl(KF.log_probs(s64[:, :vocab], T), KF.log_probs(t[:, :vocab].double(), T)).sum()
+    mixed = _mix(kd_ratio)(ce, kd)
+    (grad,) = torch.autograd.grad(mixed, s64)
+    return mixed.detach(), ce.detach(), kd.detach(), grad
+
+
+def _ce_forward_kl_float32(s, t, y, *, kd_ratio, T, scale, overwrite=True):
+    s1 = s.clone().requires_grad_()
+    mixed, ce, kd = FU.ce_forward_kl(
+        s1, t, y, kd_ratio=kd_ratio, temperature=T, scale=scale, mix=_mix(kd_ratio), overwrite_logits=overwrite
+    )
+    (grad,) = torch.autograd.grad(mixed, s1)
+    return mixed.detach(), ce, kd, grad
+
+
+@pytest.mark.parametrize("T, vocab_t", [(1.0, V), (2.0, V), (1.0, V - 5), (0.7, V - 5), (2.0, V + 4)])
+def test_ce_forward_kl_extreme_logits_float32(T, vocab_t):
+    """Targets whose student probability underflows to 0 in fp32 (CE ≈ 300, finite and exact), large logits and a
+    teacher offset by a constant (softmax is shift-invariant: the row maxima are subtracted before anything else)."""
+    g = torch.Generator().manual_seed(5)
+    n = 12
+    s = torch.randn(n, V, generator=g) * 8 + 60  # logits around 60: exp(s) alone would overflow
+    t = torch.randn(n, vocab_t, generator=g) * 8 - 500  # the teacher offset by −560 from the student
+    vocab = min(V, vocab_t)
+    t[:, :vocab] += 0.5 * (s[:, :vocab] - 60)  # and correlated with it
+    y = torch.randint(0, V, (n,), generator=g)
+    s[:6, y[:6]] = 0.0  # p_s(y) ≈ exp(−300 or less): 0 in fp32
+    s[torch.arange(6), y[:6]] = -250.0
+    ref = _ce_forward_kl_reference(s, t, y, kd_ratio=0.5, T=T, scale=T**2)
+    got = _ce_forward_kl_float32(s, t, y, kd_ratio=0.5, T=T, scale=T**2)
+    assert all(torch.isfinite(x).all() for x in got)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-5)
+    # CE only (no teacher) on the same logits
+    s1 = s.clone().requires_grad_()
+    _, ce, kd = FU.ce_forward_kl(s1, None, y, kd_ratio=0.0, temperature=T, scale=1.0, mix=lambda c, k: c)
+    torch.testing.assert_close(ce.double(), ref[1], rtol=1e-6, atol=1e-5)
+    assert kd.item() == 0.0
+
+
+def test_ce_forward_kl_same_distribution_is_zero_and_shift_invariant():
+    """KL(p‖p) = 0 exactly; a teacher whose logits are the student's plus 64 gives the float64 reference's (≈ 0)."""
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(7, V, generator=g) * 3
+    y = torch.randint(0, V, (7,), generator=g)
+    for T in (1.0, 2.0):
+        _, ce, kd, grad = _ce_forward_kl_float32(s, s.clone(), y, kd_ratio=0.4, T=T, scale=T**2)
+        assert kd.item() == 0.0
+        # the KD part of the gradient cancels: what is left is (1 − r) · the CE gradient
+        ce_ref = _ce_forward_kl_reference(s, s, y, kd_ratio=0.0, T=T, scale=T**2)
+        torch.testing.assert_close(grad.double(), 0.6 * ce_ref[3], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ce.double(), ce_ref[1], rtol=1e-6, atol=1e-6)
+        t = s + 64.0
+        got = _ce_forward_kl_float32(s, t, y, kd_ratio=0.4, T=T, scale=T**2)
+        ref = _ce_forward_kl_reference(s, t, y, kd_ratio=0.4, T=T, scale=T**2)
+        for a, b in zip(got, ref, strict=True):  # fp32 rounding of the shifted logits: ~1e-7 per row, × T²
+            torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=4e-6)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_ce_forward_kl_infinite_logits_follow_the_functional_kl(T):
+    """−inf where both teacher and student have it, and where only the teacher has it, count 0 (KF.kl); a student
+    −inf where the teacher has mass makes that row's KL +inf, as in KF.kl."""
+    g = torch.Generator().manual_seed(9)
+    s = torch.randn(6, V, generator=g) * 2
+    t = torch.randn(6, V, generator=g) * 2
+    y = torch.randint(0, V, (6,), generator=g)
+    t[:, 3] = float("-inf")
+    s[:, 3] = float("-inf")  # both −inf: 0 − (−inf) − (−inf) is NaN in the written-out KL; it must count 0
+    t[:, 7] = float("-inf")  # teacher only
+    y[y == 3] = 4  # no target at a −inf student logit (its CE would be +inf)
+    ref = _ce_forward_kl_reference(s, t, y, kd_ratio=0.5, T=T, scale=T**2)
+    got = _ce_forward_kl_float32(s, t, y, kd_ratio=0.5, T=T, scale=T**2)
+    assert all(torch.isfinite(x).all() for x in got)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
+    s[2, 11] = float("-inf")  # the teacher has mass there
+    _, _, kd, _ = _ce_forward_kl_float32(s, t, y, kd_ratio=0.5, T=T, scale=T**2)
+    assert kd.item() == float("inf")
+
+
+def test_ce_forward_kl_without_gradient_overwrite_gives_the_same_values():
+    """Evaluation (no gradient) computes the same sums whether it may use the logits' storage or not."""
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(9, V, generator=g) * 2
+    t = torch.randn(9, V - 5, generator=g) * 2
+    y = torch.randint(0, V, (9,), generator=g)
+    for T in (1.0, 2.0):
+        with torch.no_grad():
+            a = FU.ce_forward_kl(s.clone(), t, y, kd_ratio=0.3, temperature=T, scale=T**2, mix=_mix(0.3))
+            s2 = s.clone()
+            b = FU.ce_forward_kl(
+                s2, t, y, kd_ratio=0.3, temperature=T, scale=T**2, mix=_mix(0.3), overwrite_logits=True
+            )
+        with_grad = _ce_forward_kl_float32(s, t, y, kd_ratio=0.3, T=T, scale=T**2)
+        for x, y2, z in zip(a, b, with_grad[:3], strict=True):
+            torch.testing.assert_close(x, y2, rtol=0, atol=0)
+            torch.testing.assert_close(x, z, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------- fused_output_weight
 def _model(vocab: int, dim: int, tie: bool, seed: int):
     torch.manual_seed(seed)
