@@ -325,15 +325,15 @@ def _build_fake(model_cfg: DictConfig, key: str, dtype: torch.dtype, device: tor
     return model
 
 
-def _chunk_tensors(kd: bool, settings: Any, fast: bool) -> int:
+def _chunk_tensors(kd: bool, fast: bool) -> int:
     """fp32 ``[rows, vocab]`` tensors alive at once in one chunk of the objective's output layer + loss."""
     if not kd:
         return 2  # logits, log-softmax (its buffer becomes the gradient)
     if not fast:
         return VOCAB_TENSORS_PER_ROW  # any divergence through autograd: the objective's own budget figure
-    # ce_forward_kl: logits, student log-probs (-> gradient), teacher logits, teacher log-probs, teacher probs;
-    # at T != 1 the tempered copies and the student's tempered log-probs
-    return 5 if float(settings.temperature) == 1.0 else 7
+    # ce_forward_kl: the student's logits (overwritten by their gradient) and the teacher's logits; everything else
+    # it holds is a few row blocks of at most BLOCK_ELEMENTS logits each
+    return 2
 
 
 def _batch(b: int, t: int, vocab: int, packed: bool, device: torch.device) -> dict[str, Tensor]:
@@ -426,7 +426,7 @@ def estimate_memory(
         rows.append(MemoryRow("optimizer state", opt_bytes, opt_note))
 
         fast = kd and type(instantiate(s.kd_loss)) is ForwardKLLoss and teacher is not None
-        k_vocab = _chunk_tensors(kd, s, fast)
+        k_vocab = _chunk_tensors(kd, fast)
         vocab = int(student.vocab_size)
         t_vocab = int(teacher.vocab_size) if teacher is not None else 0
         packed = _packed(s)
