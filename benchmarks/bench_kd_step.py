@@ -19,10 +19,26 @@ MFU: kdtune's step FLOPs (``kdtune.estimate``: matmuls + attention of the teache
 backward, and both output layers) divided by the measured step time, against this CPU's fp32 GEMM peak measured here
 (``torch.mm`` of 2048 x 2048 at the same thread count).
 
-Measured (2026-12-01, 2 shared cores, load 2-4, ``--repeats 3``, 1 thread): kdtune / torchtune 0.6.1 tokens/s
-1.24x small (per pair 1.24, 1.34, 1.23), 1.55x medium (2.08, 1.51, 1.55); peak RSS 0.84x / 0.56x; medium MFU 51 %
-of a 127.5 GFLOP/s GEMM peak measured under that load. Before ``kdtune.perf.keep_freed_memory`` (every fresh
-``[rows, V]`` fp32 block of the loss mmap-ed and page-faulted in each step): 1.19x / 1.25x.
+Measured (2026-12-02, 2 quiet cores, load ~1.0 = this benchmark alone, 1 thread), kdtune / torchtune 0.6.1:
+
+==========================  ===========================  ==========================
+setting (both frameworks)   small 5.1M / 1.3M, V 4096    medium 49.7M / 12.6M, V 32000
+==========================  ===========================  ==========================
+``compile: false`` (eager)  1.29x (1.27, 1.29, 1.35)     1.49x (1.49, 1.49)
+``compile: true``           1.38x (1.33, 1.38, 1.48)     1.58x (1.58, 1.58)
+peak RSS, eager / compile   0.82x / 0.95x                0.56x / 0.76x
+==========================  ===========================  ==========================
+
+(``--repeats 3`` small, ``--repeats 2`` medium; per A/B pair in brackets.) Medium MFU (eager): 55 % of a 167.2 GFLOP/s
+fp32 GEMM peak (step 1.29 s). ``--compile`` sets ``compile: true`` in both configs: torchtune then compiles its
+student's layers and its two losses, kdtune each decoder layer of the student and of the teacher. Earlier (2026-12-01,
+load 2-4, eager): 1.24x / 1.55x; before ``kdtune.perf.keep_freed_memory``: 1.19x / 1.25x.
+
+Where the small pair's eager step goes (profiled, per step of ~205 ms): matmuls ~100 ms and
+``scaled_dot_product_attention`` (CPU flash kernel, forward + backward) ~33 ms, the same kernels torchtune calls; the
+rest is elementwise work of the model bodies (norms, RoPE, SwiGLU, residuals: ~50 ms eager, ~20 ms compiled) and of
+the loss (~14 ms). torchtune's step is ~275 ms, so a 1.5x step (~183 ms) leaves ~50 ms for everything but those
+kernels: reachable only by fusing the model bodies' elementwise work, which ``compile: true`` does (~-18 ms).
 
 Example::
 
