@@ -279,8 +279,8 @@ from kdtune.config import load_config, read_settings
 from kdtune.data.collate import model_inputs
 from kdtune.training import *
 from kdtune.training.settings import KDSettings
-from kdtune.perf import keep_freed_memory
-keep_freed_memory()  # as setup_runtime does
+from kdtune.perf import configure_cpu_process
+configure_cpu_process()  # as setup_runtime does (allocator, subnormal flush)
 s = read_settings(KDSettings, load_config({cfg!r}))
 rt = Runtime(device=torch.device("cpu"), dtype=torch.float32, output_dir=__import__("pathlib").Path("/tmp"))
 student, _ = build_model(s.model, s.checkpointer, rt, lora_seed=s.seed)
