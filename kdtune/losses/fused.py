@@ -43,6 +43,8 @@ __all__ = [
     "fused_linear_loss",
     "fused_output_weight",
     "rows_per_chunk_for",
+    "stored_gradient_outputs",
+    "take_stored_gradient",
 ]
 
 #: ``chunk_loss(logits_fp32 [n, V], rows) -> (mixed_sum, ce_sum, kd_sum)``; ``rows`` indexes the ``N`` hidden rows;
@@ -253,6 +255,34 @@ def fused_linear_loss(
     return loss, FusedLossParts(ce_total, kd_total, n)
 
 
+# ------------------------------------------------------------------- chunk losses with a gradient written in forward
+def stored_gradient_outputs(
+    ctx: torch.autograd.function.FunctionCtx,
+    grad: Tensor | None,
+    ce: Tensor,
+    kd: Tensor,
+    mix: Callable[[Tensor, Tensor], Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``(mixed, ce, kd)`` outputs of a chunk loss whose forward already computed ``d mixed / d logits``.
+
+    Stores ``grad`` on ``ctx`` for :func:`take_stored_gradient`; ``ce`` and ``kd`` are logged sums, not differentiated.
+    """
+    mixed = mix(ce, kd).clone()  # a tensor of its own: ce and kd are marked non-differentiable
+    ctx.grad = grad
+    ctx.mark_non_differentiable(ce, kd)
+    return mixed, ce, kd
+
+
+def take_stored_gradient(ctx: torch.autograd.function.FunctionCtx, grad_mixed: Tensor, name: str) -> Tensor:
+    """The gradient stored by :func:`stored_gradient_outputs`, scaled in place by ``grad_mixed`` (once only)."""
+    g, ctx.grad = ctx.grad, None
+    if g is None:
+        raise RuntimeError(f"{name}: backward ran twice")
+    if not (grad_mixed.device.type == "cpu" and grad_mixed.item() == 1.0):  # × 1 (inside fused_linear_loss): exact
+        g.mul_(grad_mixed)
+    return g
+
+
 # ---------------------------------------------------------------------------------------------- default chunk losses
 
 
@@ -387,19 +417,11 @@ class _CEForwardKL(torch.autograd.Function):
             kd = dot.sum() * scale
         else:
             kd = torch.zeros_like(ce)
-        mixed = mix(ce, kd).clone()  # a tensor of its own: ce and kd are marked non-differentiable
-        ctx.grad = g
-        ctx.mark_non_differentiable(ce, kd)
-        return mixed, ce, kd
+        return stored_gradient_outputs(ctx, g, ce, kd, mix)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_mixed: Tensor, *_: Tensor) -> tuple:  # type: ignore[override]
-        g, ctx.grad = ctx.grad, None
-        if g is None:
-            raise RuntimeError("forward_kl_chunk_loss: backward ran twice")
-        if not (grad_mixed.device.type == "cpu" and grad_mixed.item() == 1.0):  # × 1 (inside fused_linear_loss): exact
-            g.mul_(grad_mixed)
-        return g, None, None, None, None, None, None, None
+        return take_stored_gradient(ctx, grad_mixed, "ce_forward_kl"), None, None, None, None, None, None, None
 
 
 def _log_softmax(x: Tensor, temperature: float, *, out: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from kdtune.losses.fused import stored_gradient_outputs, take_stored_gradient
 from kdtune.losses.sparse import TailMode, student_support, teacher_support
 
 __all__ = ["ce_sparse_kd"]
@@ -181,16 +182,9 @@ class _CESparseKD(torch.autograd.Function):
                     gb.scatter_add_(-1, targets[i:j, None], minus_w_ce[: j - i])
         ce = ce_rows.sum()
         kd = kd_sum * scale if scale != 1.0 else kd_sum
-        mixed = mix(ce, kd).clone()  # a tensor of its own: ce and kd are marked non-differentiable
-        ctx.grad = g
-        ctx.mark_non_differentiable(ce, kd)
-        return mixed, ce, kd
+        return stored_gradient_outputs(ctx, g, ce, kd, mix)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_mixed: Tensor, *_: Tensor) -> tuple:  # type: ignore[override]
-        g, ctx.grad = ctx.grad, None
-        if g is None:
-            raise RuntimeError("ce_sparse_kd: backward ran twice")
-        if not (grad_mixed.device.type == "cpu" and grad_mixed.item() == 1.0):  # × 1 (inside fused_linear_loss): exact
-            g.mul_(grad_mixed)
-        return g, None, None, None, None, None, None, None, None, None, None
+        g = take_stored_gradient(ctx, grad_mixed, "ce_sparse_kd")
+        return (g,) + (None,) * 10  # only the logits are differentiable
