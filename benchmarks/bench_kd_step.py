@@ -53,6 +53,7 @@ import json
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -200,6 +201,7 @@ _LAUNCH = (
 def run_one(framework: str, a: dict[str, Any], work: Path, i: int, args: argparse.Namespace) -> dict[str, Any]:
     """One fresh-process run; returns its median tokens/s (steps 3..N), peak RSS and the load average."""
     out = work / f"{framework}_{i}"
+    shutil.rmtree(out, ignore_errors=True)  # a reused --work-dir must not hand back an earlier run's log
     cfg = work / f"{framework}.yaml"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     if framework == "kdtune":

@@ -12,11 +12,23 @@ hidden states for ``--loss-tokens`` positions at ``--loss-vocab`` (default 12825
 ``--num-output-chunks``). On CPU each variant runs in a fresh subprocess and reports its peak RSS growth over the
 state just before the loss; on CUDA the allocator's peak above the same baseline.
 
+Real model shapes: ``--student-model`` / ``--teacher-model`` name kdtune builders (random weights, built on the device
+by the recipes' ``build_model``), e.g. ``kdtune.models.llama3_2.llama3_2_1b`` and ``kdtune.models.llama3_1.llama3_1_8b``;
+``--lora-rank r`` makes the student that builder's LoRA variant (``lora_`` prefix; q/v adapters, alpha 2r, as
+torchtune's KD configs). ``--mfu`` counts the FLOPs of one step (``torch.utils.flop_counter``: every matmul and
+attention kernel the step runs, forward and backward, teacher included; activation checkpointing's recompute counts
+too) and divides the achieved rate by the device's measured matmul peak at the step's dtype (8192^3 on CUDA, 2048^3 on
+CPU) and, with ``--peak-tflops``, by a datasheet peak.
+
 Examples::
 
     python benchmarks/kd_throughput.py                          # defaults: ~15M student, ~60M teacher, V=32k, T=512
     python benchmarks/kd_throughput.py --steps 3 --warmup-steps 1 --loss-tokens 1024
     python benchmarks/kd_throughput.py --device cuda --dtype bf16 --batch-size 8 --json out.json
+    # the issue's GPU figures (H100/H200: 989 dense bf16 TFLOP/s), one call: benchmarks/gpu_check.sh
+    python benchmarks/kd_throughput.py --device cuda --dtype bf16 --batch-size 4 --seq-len 2048 --mfu \
+        --student-model kdtune.models.llama3_2.llama3_2_1b --teacher-model kdtune.models.llama3_1.llama3_1_8b \
+        --peak-tflops 989 --loss-vocab 128256 --loss-tokens 4096 --loss-hidden 2048
 """
 
 from __future__ import annotations
@@ -28,21 +40,28 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from kdtune.losses import DistillationObjective, ForwardKLLoss
 from kdtune.losses.functional import forward_kl, log_probs
 from kdtune.models.llama import llama
 from kdtune.training import (
+    Runtime,
     StepAccumulator,
+    build_model,
     get_device,
     get_dtype,
     peak_memory,
     reset_peak_memory,
     set_seed,
     setup_teacher,
+    trainable_parameters,
 )
 
 GIB = float(2**30)
@@ -71,27 +90,74 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_train(args: argparse.Namespace) -> dict[str, Any]:
-    """Part 1: KD optimizer steps of a student/teacher pair; returns tokens/s and peak memory."""
-    device = get_device(args.device)
-    dtype = get_dtype(args.dtype, device)
-    set_seed(0)
+def build_pair(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+    """The student and the frozen teacher: named builders through the recipes' ``build_model`` (random weights on
+    ``device``; LoRA adapters initialised as a run does), else Llama-architecture models of the given dimensions."""
+    rt = Runtime(device=device, dtype=dtype, output_dir=Path(os.devnull))
+    if args.student_model or args.teacher_model:
+        if not (args.student_model and args.teacher_model):
+            raise SystemExit("--student-model and --teacher-model go together")
+        if args.lora_rank:
+            module, _, name = args.student_model.rpartition(".")
+            student_cfg = {
+                "_component_": f"{module}.lora_{name}",
+                "lora_attn_modules": ["q_proj", "v_proj"],
+                "lora_rank": args.lora_rank,
+                "lora_alpha": 2 * args.lora_rank,
+            }
+        else:
+            student_cfg = {"_component_": args.student_model}
+        kw = {"compile": args.compile}
+        ac = args.activation_checkpointing
+        student, _ = build_model(
+            OmegaConf.create(student_cfg), None, rt, activation_checkpointing=ac, lora_seed=0, **kw
+        )
+        teacher_cfg = OmegaConf.create({"_component_": args.teacher_model})
+        teacher, _ = build_model(teacher_cfg, None, rt, key="teacher_model", **kw)
+        args.vocab = student.tok_embeddings.weight.shape[0]
+        return student, setup_teacher(teacher)
+    if args.lora_rank or args.compile:
+        raise SystemExit("--lora-rank and --compile need --student-model/--teacher-model")
     with torch.device(device):
         student = build(args.vocab, args.student_dim, args.student_layers, args.student_heads, args.seq_len, True)
         teacher = build(args.vocab, args.teacher_dim, args.teacher_layers, args.teacher_heads, args.seq_len, True)
     student.to(dtype)
-    teacher = setup_teacher(teacher.to(dtype))
     if args.activation_checkpointing:
         from kdtune.models import enable_activation_checkpointing  # noqa: PLC0415
 
         enable_activation_checkpointing(student)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    return student, setup_teacher(teacher.to(dtype))
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Best ``torch.mm`` rate of square matrices (8192 on CUDA, 2048 on CPU) at ``dtype`` on ``device``, TFLOP/s."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12
+
+
+def bench_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Part 1: KD optimizer steps of a student/teacher pair; returns tokens/s, peak memory and (``--mfu``) MFU."""
+    device = get_device(args.device)
+    dtype = get_dtype(args.dtype, device)
+    set_seed(0)
+    student, teacher = build_pair(args, device, dtype)
+    opt = torch.optim.AdamW(trainable_parameters(student), lr=1e-4)
     objective = DistillationObjective(
         ForwardKLLoss(),
         teacher=teacher,
         kd_ratio=args.kd_ratio,
         temperature=args.temperature,
-        num_output_chunks=args.num_output_chunks,
+        num_output_chunks=args.num_output_chunks or None,
     )
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -107,6 +173,12 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
 
     for _ in range(args.warmup_steps):
         one_step()
+    flops_per_step = None
+    if args.mfu:  # one more untimed step under the FLOP counter
+        counter = FlopCounterMode(display=False)
+        with counter:
+            one_step()
+        flops_per_step = float(counter.get_total_flops())
     _sync(device)
     reset_peak_memory(device)
     tokens = 0
@@ -115,8 +187,25 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
         tokens += one_step()
     _sync(device)
     elapsed = time.perf_counter() - start
+    mfu: dict[str, Any] = {}
+    if flops_per_step is not None:
+        achieved = flops_per_step * args.steps / elapsed / 1e12
+        peak = matmul_peak_tflops(device, dtype)
+        mfu = {
+            "tflops_per_step": round(flops_per_step / 1e12, 3),
+            "achieved_tflops": round(achieved, 3),
+            "measured_matmul_peak_tflops": round(peak, 3),
+            "mfu_vs_measured_peak": round(achieved / peak, 4),
+        }
+        if args.peak_tflops:
+            mfu["mfu_vs_datasheet_peak"] = round(achieved / args.peak_tflops, 4)
     return {
         "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "student": args.student_model or "llama dims",
+        "lora_rank": args.lora_rank,
+        "compile": args.compile,
+        "activation_checkpointing": args.activation_checkpointing,
         "dtype": str(dtype).removeprefix("torch."),
         "student_params_M": n_params(student) / 1e6,
         "teacher_params_M": n_params(teacher) / 1e6,
@@ -129,6 +218,7 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_second": tokens / elapsed if elapsed > 0 else float("nan"),
         **{k: round(v, 3) for k, v in peak_memory(device).items()},
         "torch_threads": torch.get_num_threads(),
+        **mfu,
     }
 
 
@@ -155,7 +245,7 @@ def loss_probe(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 
     student, teacher = Head(), setup_teacher(Head())
     objective = DistillationObjective(
-        ForwardKLLoss(), teacher=teacher, kd_ratio=0.5, num_output_chunks=args.num_output_chunks
+        ForwardKLLoss(), teacher=teacher, kd_ratio=0.5, num_output_chunks=args.num_output_chunks or None
     )
 
     def run(n: int) -> tuple[float, float, float]:
@@ -236,7 +326,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-dim", type=int, default=512)
     p.add_argument("--teacher-layers", type=int, default=14)
     p.add_argument("--teacher-heads", type=int, default=8)
-    p.add_argument("--num-output-chunks", type=int, default=8)
+    p.add_argument("--student-model", default=None, help="a kdtune builder, e.g. kdtune.models.llama3_2.llama3_2_1b")
+    p.add_argument("--teacher-model", default=None, help="a kdtune builder, e.g. kdtune.models.llama3_1.llama3_1_8b")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA student (q/v, alpha 2r) of --student-model")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (as compile: true)")
+    p.add_argument("--mfu", action="store_true", help="count the step's FLOPs and report MFU")
+    p.add_argument("--peak-tflops", type=float, default=None, help="datasheet peak for MFU (H100/H200 bf16: 989)")
+    p.add_argument(
+        "--num-output-chunks", type=int, default=8, help="output chunks of part 1 (0: the recipes' memory budget)"
+    )
     p.add_argument("--kd-ratio", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--activation-checkpointing", action="store_true")
