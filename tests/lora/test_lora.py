@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +177,18 @@ def test_qlora_on_meta_device_loads_like_eager(src: Path) -> None:
         for (_, p_meta), p_eager in zip(get_adapter_params(meta).items(), get_adapter_params(eager).values()):
             p_meta.copy_(p_eager)
     torch.testing.assert_close(meta.eval()(TOKENS), eager.eval()(TOKENS), atol=0, rtol=0)
+
+
+def test_is_nf4_does_not_import_torchao_for_other_tensor_subclasses() -> None:
+    # `kdtune estimate` replays LoRA models on fake tensors: checking them must not import torchao (~2 s and its
+    # kernel-loading warnings), since no NF4 tensor can exist before torchao is imported
+    code = (
+        "import sys\n"
+        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+        "import torch\n"
+        "from kdtune.models.modules.lora import is_nf4\n"
+        "with FakeTensorMode():\n"
+        "    t = torch.empty(4, 4)\n"
+        "assert not is_nf4(t) and 'torchao' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,6 +64,10 @@ def _nf4_api() -> tuple[Any, Any, Any]:
 def is_nf4(t: Any) -> bool:
     """True if ``t`` is a torchao NF4 tensor (a QLoRA base weight)."""
     if t is None or not isinstance(t, torch.Tensor) or type(t) in (torch.Tensor, nn.Parameter):
+        return False
+    if "torchao" not in sys.modules:
+        # no NF4 tensor can exist before torchao is imported; other subclasses (fake tensors of `kdtune estimate`,
+        # FSDP's DTensors) must not pay torchao's import (~2 s, and its warnings where its kernels do not load)
         return False
     NF4Tensor, _, _ = _nf4_api()
     return isinstance(t, NF4Tensor)
