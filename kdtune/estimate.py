@@ -766,6 +766,14 @@ def _fmt_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def _fmt_flops(n: float) -> str:
+    """``n`` FLOP(s) in the largest unit that keeps a leading digit: "812.40 GFLOP", "2.65 PFLOP"."""
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 1e9:.2f} GFLOP"
+
+
 def format_report(est: MemoryEstimate, cal: Calibration | None = None) -> str:
     """The table ``kdtune estimate`` prints."""
     width = max(len(r.name) for r in est.rows) + 2
@@ -777,7 +785,7 @@ def format_report(est: MemoryEstimate, cal: Calibration | None = None) -> str:
     for r in est.rows:
         lines.append(f"  {r.name:<{width}}{_fmt_bytes(r.nbytes):>12}  {r.note}")
     lines.append(f"  {'peak (tensors)':<{width}}{_fmt_bytes(est.peak_bytes):>12}  during the {est.peak_phase}")
-    lines.append(f"  FLOPs per optimizer step: {est.flops_per_step / 1e9:.2f} GFLOP (matmuls and attention)")
+    lines.append(f"  FLOPs per optimizer step: {_fmt_flops(est.flops_per_step)} (matmuls and attention)")
     lines += [f"  note: {n}" for n in est.notes]
     if cal is not None:
         e = cal.estimate
@@ -785,7 +793,7 @@ def format_report(est: MemoryEstimate, cal: Calibration | None = None) -> str:
         lines.append(f"calibration ({cal.steps} steps on {e.device}):")
         lines.append(
             f"  step time {cal.step_seconds:.3f} s (median after the first), {cal.tokens_per_second:.0f} trained tokens/s"
-            + (f", {e.flops_per_step / cal.step_seconds / 1e9:.1f} GFLOP/s" if e.flops_per_step else "")
+            + (f", {_fmt_flops(e.flops_per_step / cal.step_seconds)}/s" if e.flops_per_step else "")
         )
         shapes = ", ".join(f"{t}x{n}" for t, n in cal.shapes)
         lines.append(
