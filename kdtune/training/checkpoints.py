@@ -18,6 +18,7 @@ checkpoints are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -43,6 +44,7 @@ from kdtune.fsio import output_error
 from kdtune.handoff import RunCard, base_model_id, command_line, write_handoff
 from kdtune.training.data import DataPosition, TrainData
 from kdtune.training.runtime import NonFiniteLossError, Runtime, complete_checkpoints, nonfinite_advice
+from kdtune.training.settings import KDDistributedSettings
 from kdtune.training.setup import is_lora_model
 
 log = logging.getLogger("kdtune")
@@ -453,7 +455,14 @@ def restore_components(components: dict[str, Any], states: dict[str, Any]) -> No
 
 
 #: settings that define the data order: a resumed run must keep them, or its saved data position means other examples
-DATA_ORDER_KEYS = ("seed", "shuffle", "batch_size", "gradient_accumulation_steps", "max_steps_per_epoch")
+DATA_ORDER_KEYS = (
+    "seed",
+    "shuffle",
+    "group_by_length",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_steps_per_epoch",
+)
 
 _REFUSE_DATA = "it defines the data order, so the saved data position would point at other examples"
 _REFUSE_EXAMPLES = "it changes which examples the run trains on, so the saved data position would point at others"
@@ -571,10 +580,18 @@ def _moved(old: Any, new: Any, old_out: Any, new_out: Any) -> bool:
     return bool(old_out) and old.replace(old_out, new_out) == new
 
 
+def _is_declared_default(key: str, value: Any) -> bool:
+    """Whether ``value`` is the default the training recipes' settings declare for the top-level ``key``: a config
+    that omits the key and one that spells out its default describe the same run."""
+    declared = {f.name: f.default for f in dataclasses.fields(KDDistributedSettings)}  # every training recipe's keys
+    return key in declared and declared[key] is not dataclasses.MISSING and declared[key] == value
+
+
 def resume_changes(saved: Any, cfg: Any) -> list[ResumeChange]:
     """Every key in which ``cfg`` (the resumed run) differs from ``saved`` (the checkpoint's config), with its decision.
 
-    ``resume_from_checkpoint`` and ``output_dir`` (and paths that only follow a moved ``output_dir``) are not changes.
+    ``resume_from_checkpoint`` and ``output_dir`` (and paths that only follow a moved ``output_dir``) are not changes,
+    nor is a setting absent on one side and set to its declared default on the other.
 
     Args:
         saved: the checkpoint's config.
@@ -589,6 +606,10 @@ def resume_changes(saved: Any, cfg: Any) -> list[ResumeChange]:
     for change in config_diff(old, new, ignore=_IGNORED):
         if _moved(change.old, change.new, old_out, new_out):
             continue
+        if MISSING_VALUE in (change.old, change.new):
+            present = change.new if change.old == MISSING_VALUE else change.old
+            if _is_declared_default(change.key, present):
+                continue
         apply, note = _rule(change.key)
         out.append(ResumeChange(change, apply, note))
     return out

@@ -17,10 +17,12 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from kdtune.config import instantiate
 from kdtune.data import padded_collate
+from kdtune.data.packing import PackedDataset
 from kdtune.errors import ConfigError
 
 __all__ = [
     "IGNORE_INDEX",
+    "LENGTH_GROUP_BATCHES",
     "DataPosition",
     "ResumableSampler",
     "TrainData",
@@ -28,10 +30,15 @@ __all__ = [
     "build_datasets",
     "build_train_data",
     "count_valid_tokens",
+    "example_lengths",
     "to_device",
 ]
 
 IGNORE_INDEX = -100
+
+#: ``group_by_length``: micro-batches (of every rank) per length group; sorted within a group, random between
+#: groups (the mega-batch of Hugging Face's ``group_by_length``, 50 batches)
+LENGTH_GROUP_BATCHES = 50
 
 
 def _instantiate_dataset(cfg: DictConfig | ListConfig, tokenizer: Any, **kwargs: Any) -> Dataset:
@@ -85,19 +92,40 @@ class ResumableSampler(Sampler[int]):
     resumed run sees exactly the data order of an uninterrupted one. With ``world_size > 1`` every rank takes a
     disjoint strided slice of the same permutation (the tail that does not divide evenly is dropped).
 
+    With ``lengths`` (``group_by_length``) the permutation is cut into groups of :data:`LENGTH_GROUP_BATCHES`
+    micro-batches of every rank, each group sorted longest first: consecutive examples, hence a micro-batch and the
+    micro-batches of all ranks at one step, have similar lengths and little padding, while which examples meet in a
+    group still changes with every epoch.
+
     Args:
         num_samples: length of the dataset.
         shuffle: permute each epoch.
         seed: base seed of the permutation.
         rank: this process's rank.
         world_size: number of data-parallel processes.
+        lengths: token count of every example, to group by length; None = no grouping.
+        batch_size: micro-batch size per rank (sizes the length groups).
     """
 
-    def __init__(self, num_samples: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+    ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if lengths is not None and len(lengths) != num_samples:
+            raise ValueError(f"lengths has {len(lengths)} entries for {num_samples} samples")
         self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
         self.rank, self.world_size = rank, world_size
+        self.lengths = None if lengths is None else list(lengths)
+        self.group_size = LENGTH_GROUP_BATCHES * batch_size * world_size
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -111,8 +139,16 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
             order = list(range(self.num_samples))
-        per_rank = self.num_samples // self.world_size
-        return order[self.rank : per_rank * self.world_size : self.world_size]
+        order = order[: self.num_samples // self.world_size * self.world_size]
+        if self.lengths is not None:
+            lengths, size = self.lengths, self.group_size
+            # stable: equal lengths keep their (seeded) order
+            order = [
+                i
+                for g in range(0, len(order), size)
+                for i in sorted(order[g : g + size], key=lengths.__getitem__, reverse=True)
+            ]
+        return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
         yield from self.epoch_indices(self.epoch)[self.start :]
@@ -198,6 +234,34 @@ class TrainData:
         return pos.step_in_epoch >= self.steps_per_epoch
 
 
+def example_lengths(dataset: Dataset) -> list[int]:
+    """Token count of every example of a training dataset (a list of datasets: concatenated), for ``group_by_length``.
+
+    Raises:
+        ConfigError: the dataset cannot report its lengths (packed rows, lazily tokenized rows, a custom dataset
+            without ``lengths()``), saying what to change.
+    """
+    if isinstance(dataset, ConcatDataset):
+        return [n for d in dataset.datasets for n in example_lengths(d)]
+    if isinstance(dataset, PackedDataset):
+        raise ConfigError(
+            "group_by_length=true with a packed dataset: packed rows are all max_seq_len long and train no padding "
+            "already; set group_by_length=false (or dataset.packed=false)"
+        )
+    if getattr(dataset, "lazy", False):
+        raise ConfigError(
+            f"group_by_length=true needs every example's length up front, but {getattr(dataset, 'source', 'the dataset')}"
+            " is tokenized lazily (on access); set dataset.lazy=false (tokenize up front) or group_by_length=false"
+        )
+    lengths = getattr(dataset, "lengths", None)
+    if not callable(lengths):
+        raise ConfigError(
+            f"group_by_length=true: {type(dataset).__name__} does not report example lengths (a `lengths()` method "
+            "returning the token count of every example); use a kdtune dataset builder or set group_by_length=false"
+        )
+    return [int(n) for n in lengths()]
+
+
 def build_train_data(
     train_ds: Dataset,
     val_ds: Dataset | None,
@@ -214,6 +278,7 @@ def build_train_data(
     rank: int = 0,
     world_size: int = 1,
     collate_fn: Any = None,
+    group_by_length: bool = False,
 ) -> TrainData:
     """Wrap datasets into DataLoaders with a resumable order and compute the run's step counts.
 
@@ -232,6 +297,7 @@ def build_train_data(
         rank: data-parallel rank.
         world_size: data-parallel world size.
         collate_fn: override of the default ``kdtune.data.padded_collate``.
+        group_by_length: batch examples of similar length together (see :class:`ResumableSampler`).
 
     Returns:
         The :class:`TrainData`.
@@ -240,7 +306,11 @@ def build_train_data(
     """
     if collate_fn is None:
         collate_fn = partial(padded_collate, pad_id=pad_id, ignore_index=IGNORE_INDEX)
-    sampler = ResumableSampler(len(train_ds), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    lengths = example_lengths(train_ds) if group_by_length else None
+    sampler = ResumableSampler(
+        len(train_ds), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, lengths=lengths,
+        batch_size=batch_size,
+    )  # fmt: skip
     # the loader's own generator: creating an iterator must not draw from the global RNG (dropout), or a resumed run
     # (which creates its iterator at another point of the RNG stream) would diverge from an uninterrupted one
     loader = DataLoader(
@@ -310,6 +380,7 @@ def build_data(settings: Any, tokenizer: Any, *, rank: int = 0, world_size: int 
         num_workers=settings.num_workers,
         rank=rank,
         world_size=world_size,
+        group_by_length=settings.group_by_length,
     )
 
 

@@ -64,6 +64,12 @@ class FinetuneSettings:
     seed: int = setting(42, help="Seed for weights init (LoRA), data order and dropout; saved for exact resume.", ge=0)
     deterministic: bool = _f(False, help="torch.use_deterministic_algorithms(True) (slower, bit-reproducible).")
     shuffle: bool = _f(True, help="Shuffle the training data each epoch (seed + epoch).")
+    group_by_length: bool = _f(
+        False,
+        help="Batch examples of similar length together so little padding is trained: the shuffled order is cut into "
+        "groups of 50 micro-batches (of every rank), each sorted longest first. For unpacked data (packing already "
+        "trains no padding), e.g. the seq2seq KD configs; needs the dataset tokenized up front (lazy=false).",
+    )
     num_workers: int = setting(0, help="DataLoader worker processes.", ge=0)
     # --- steps
     batch_size: int = setting(2, help="Micro-batch size (sequences per forward pass).", ge=1)
@@ -320,8 +326,9 @@ state, RNG and data order (the order depends only on `seed` + epoch). Every key 
 config is either applied, with a printed line (`optimizer.*` such as a new lr, in the parameter groups and the \
 schedule; `max_steps`/`epochs`/`lr_scheduler.*`, re-planning the schedule; logging/eval/save cadence, \
 `keep_last_n_checkpoints`, `clip_grad_norm`, precision and speed settings), or refused in one line naming the key \
-(the data order: `seed`, `shuffle`, `batch_size`, `gradient_accumulation_steps`, `max_steps_per_epoch`; \
-`dataset`/`val_dataset`/`val_split_ratio`, `tokenizer`, `model`, `checkpointer`; the KD objective: `teacher_*`, \
+(the data order: `seed`, `shuffle`, `group_by_length`, `batch_size`, `gradient_accumulation_steps`, \
+`max_steps_per_epoch`; `dataset`/`val_dataset`/`val_split_ratio`, `tokenizer`, `model`, `checkpointer`; the KD \
+objective: `teacher_*`, \
 `kd_loss`, `kd_ratio`, `temperature`, `scale_by_temperature_squared`; any key kdtune does not know). \
 `kdtune runs <output_dir>` lists the checkpoints, their loss and config differences and which one resume picks.
 

@@ -158,13 +158,14 @@ def test_batch8_accum1_equals_batch2_accum4(family, cfg_for, recipe, tmp_path) -
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("family, dtype", [("bart", "fp32"), ("t5", "fp16")])
-def test_stop_and_resume_equals_straight_run(family, dtype, cfg_for, recipe, tmp_path) -> None:
+@pytest.mark.parametrize("family, dtype, group", [("bart", "fp32", False), ("t5", "fp16", False), ("t5", "fp32", True)])
+def test_stop_and_resume_equals_straight_run(family, dtype, group, cfg_for, recipe, tmp_path) -> None:
     """6 steps over 2 epochs straight vs resumed from the mid-epoch checkpoint of step 2: identical later steps and
-    final weights. The fp16 run also restores its loss scaler (a fresh scaler would skip step 3 again)."""
+    final weights. The fp16 run also restores its loss scaler (a fresh scaler would skip step 3 again); with
+    group_by_length the length-sorted order resumes where it was."""
     kd = recipe("knowledge_distillation_single_device")
     common = [f"dtype={dtype}", "epochs=2", "max_steps_per_epoch=3", "max_steps=null", "save_every_n_steps=2",
-              "keep_last_n_checkpoints=5", "eval_every_n_steps=null"]  # fmt: skip
+              "keep_last_n_checkpoints=5", "eval_every_n_steps=null", *(["+group_by_length=true"] if group else [])]  # fmt: skip
     out = tmp_path / "run"
     straight = kd.train(cfg_for(family, out, *common))
     resumed_dir = tmp_path / "resumed"

@@ -59,6 +59,7 @@ def changed(**new) -> dict:
         ({"model__lora_rank": 16}, "model.lora_rank", "belong to the model"),
         ({"checkpointer__checkpoint_dir": "/w2"}, "checkpointer.checkpoint_dir", "belong to the model"),
         ({"kd_ratio": 0.9}, "kd_ratio", "changes the objective"),
+        ({"group_by_length": True}, "group_by_length", "defines the data order"),  # absent = false before
         ({"optimizer___component_": "torch.optim.SGD"}, "optimizer._component_", "optimizer state belongs"),
         ({"mystery": 1}, "mystery", "cannot tell"),
     ],
@@ -92,6 +93,13 @@ def test_applied_keys_and_a_moved_run_dir() -> None:
     assert (
         changes[1].line() == "optimizer.lr: 0.003 -> 0.001 (set in the optimizer's parameter groups from the next step)"
     )
+
+
+def test_a_setting_spelt_out_at_its_default_is_no_change() -> None:
+    # the checkpoint's config omits shuffle / group_by_length / temperature; the resumed one states their defaults
+    spelt_out = changed(shuffle=True, group_by_length=False, temperature=1.0)
+    assert resume_changes(SAVED, spelt_out) == [] and resume_changes(spelt_out, SAVED) == []
+    assert [c.change.key for c in resume_changes(SAVED, changed(shuffle=False))] == ["shuffle"]
 
 
 def test_a_run_length_that_ends_before_the_checkpoint_names_the_key() -> None:

@@ -252,6 +252,13 @@ class Seq2SeqDataset(Dataset):
             self._tgt[self._tgt_off[index] : self._tgt_off[index + 1]].tolist(),
         )
 
+    def lengths(self) -> list[int]:
+        """Source + target tokens of every example (eager mode): the size ``group_by_length`` sorts by."""
+        if self.lazy:
+            raise DataError("lengths() needs an eagerly encoded dataset (lazy=False)")
+        enc, tgt = self._enc_off, self._tgt_off
+        return [enc[i + 1] - enc[i] + tgt[i + 1] - tgt[i] for i in range(len(self))]
+
 
 def seq2seq_dataset(
     tokenizer: Any,
