@@ -11,9 +11,16 @@ chunks sized by its memory budget); torchtune its recipe's (8 output chunks).
 
 Figures, per run: the median of the per-step tokens/s each framework logs (steps 3..N; both count trained = non-masked
 label tokens per step wall time, data loading and optimizer step included; torchtune counts labels before its shift,
-one more token per sequence than are trained, i.e. ``T / (T - 1)`` more, which is corrected here) and the process's
-peak RSS (``ru_maxrss`` of the run's process tree). Reported: the ratio per A/B pair and their median, with the load
-average at each run.
+one more token per sequence than are trained, which is corrected here by ``m / (m + 1)`` with ``m`` the trained tokens
+per sequence of the paired kdtune run, ``T - 1`` for full-length data) and the process's peak RSS (``ru_maxrss`` of
+the run's process tree). Reported: the ratio per A/B pair and their median, with the load average at each run.
+
+``--data varied`` draws each text's length (``seq-len / 16`` to ``3 seq-len / 4`` words), so batches carry padding as
+real data does; the runs then train one epoch in file order (``shuffle: false``, the same batches in both) and the
+figure is trained tokens over the step time of steps 3..N (steps differ in size, so a median of per-step rates would
+weigh them wrongly); ``--kdtune-set`` / ``--torchtune-set`` add command-line overrides to one framework's runs (e.g.
+``+group_by_length=true``, a kdtune setting torchtune has no counterpart of: that is then a comparison of features,
+not of equal settings).
 
 MFU: kdtune's step FLOPs (``kdtune.estimate``: matmuls + attention of the teacher forward and the student forward +
 backward, and both output layers) divided by the measured step time, against this CPU's fp32 GEMM peak measured here
@@ -29,7 +36,12 @@ setting (both frameworks)   small 5.1M / 1.3M, V 4096    medium 49.7M / 12.6M, V
 peak RSS, eager / compile   0.82x / 0.95x                0.56x / 0.76x
 ==========================  ===========================  ==========================
 
-(``--repeats 3`` small, ``--repeats 2`` medium; per A/B pair in brackets.) Medium MFU (eager): 55 % of a 167.2 GFLOP/s
+(``--repeats 3`` small, ``--repeats 2`` medium; per A/B pair in brackets.) Varied-length data (``--data varied``,
+small pair, 2026-12-02, load 0.2-0.8, ``--repeats 2``): equal settings (both unpacked, the same batches) **1.37x**
+(1.41, 1.33); kdtune with ``--kdtune-set +group_by_length=true`` (no torchtune counterpart) **1.85x** (1.85, 1.86).
+On varied data kdtune's fused loss computes no logits for padded positions, torchtune's chunked loss does. The
+per-step token counts derived for torchtune equal kdtune's logged ones step for step (checked), and torchtune's
+tokenizer gives the same lengths as kdtune's on these files. Medium MFU (eager): 55 % of a 167.2 GFLOP/s
 fp32 GEMM peak (step 1.29 s). ``--compile`` sets ``compile: true`` in both configs: torchtune then compiles its
 student's layers and its two losses, kdtune each decoder layer of the student and of the teacher. Earlier (2026-12-01,
 load 2-4, eager): 1.24x / 1.55x; before ``kdtune.perf.keep_freed_memory``: 1.19x / 1.25x.
@@ -81,14 +93,17 @@ def _params(vocab: int, dims: tuple[int, ...], tie: bool) -> int:
     return vocab * d * (1 if tie else 2) + n * (attn + 3 * d * f + 2 * d) + d
 
 
-def make_assets(pair: str, root: Path, seq_len: int, examples: int) -> dict[str, Any]:
-    """Tokenizer, teacher and student HF directories and the text data of ``pair`` under ``root``."""
+def make_assets(pair: str, root: Path, seq_len: int, examples: int, varied: bool = False) -> dict[str, Any]:
+    """Tokenizer, teacher and student HF directories and the text data of ``pair`` under ``root``: every text longer
+    than ``seq_len`` tokens, or (``varied``) of a uniformly drawn length from ``seq_len // 16`` to ``3 * seq_len // 4``
+    words."""
     from kdtune.testing.models import make_tiny_hf_checkpoint  # noqa: PLC0415
     from kdtune.testing.tokenizers import write_bpe_tokenizer  # noqa: PLC0415
 
     vocab, t_dims, s_dims = PAIRS[pair]
     rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(seq_len * 2)) for _ in range(examples)]
+    lengths = [rng.randint(seq_len // 16, 3 * seq_len // 4) if varied else seq_len * 2 for _ in range(examples)]
+    texts = [" ".join(rng.choice(WORDS) for _ in range(n)) for n in lengths]
     data = root / "text.jsonl"
     data.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
     write_bpe_tokenizer(root / "tok", texts[:50], vocab_size=512, style="qwen2")
@@ -122,7 +137,7 @@ def kdtune_config(a: dict[str, Any], out: Path, args: argparse.Namespace) -> str
         teacher_checkpointer: {{_component_: kdtune.models.HFCheckpointer, checkpoint_dir: {a["teacher"]}, output_dir: {out}}}
         dataset: {{_component_: kdtune.data.text_completion_dataset, source: json, data_files: {a["data"]}, column: text}}
         seed: 0
-        shuffle: true
+        shuffle: {str(args.data == "full").lower()}
         batch_size: {args.batch_size}
         gradient_accumulation_steps: 1
         epochs: 1
@@ -169,7 +184,7 @@ def torchtune_config(a: dict[str, Any], out: Path, args: argparse.Namespace) -> 
         save_adapter_weights_only: true
         dataset: {{_component_: torchtune.datasets.text_completion_dataset, source: json, data_files: {a["data"]}, column: text, split: train}}
         seed: 0
-        shuffle: true
+        shuffle: {str(args.data == "full").lower()}
         batch_size: {args.batch_size}
         optimizer: {{_component_: torch.optim.AdamW, lr: 3.0e-4, weight_decay: 0.01}}
         lr_scheduler: {{_component_: torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup, num_warmup_steps: 2}}
@@ -207,11 +222,13 @@ def run_one(framework: str, a: dict[str, Any], work: Path, i: int, args: argpars
     if framework == "kdtune":
         cfg.write_text(kdtune_config(a, out, args))
         cmd = [sys.executable, "-m", "kdtune", "run", "knowledge_distillation_single_device", "--config", str(cfg)]
+        cmd += args.kdtune_set
         env["PYTHONPATH"] = str(ROOT)
     else:
         cfg.write_text(torchtune_config(a, out, args))
         tune = str(Path(args.torchtune_python).parent / "tune")
         cmd = [args.torchtune_python, tune, "run", "knowledge_distillation_single_device", "--config", str(cfg)]
+        cmd += args.torchtune_set
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _LAUNCH, *cmd], env=env, capture_output=True, text=True)
@@ -219,26 +236,56 @@ def run_one(framework: str, a: dict[str, Any], work: Path, i: int, args: argpars
         raise RuntimeError(f"{framework} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     rss = int(re.findall(r"MAXRSS_KIB (\d+)", proc.stdout)[-1]) * 1024
     tps: list[float] = []
+    trained: list[float] = []
     if framework == "kdtune":
         for line in next((out / "logs").glob("*.jsonl")).read_text().splitlines():
             row = json.loads(line)
             if "tokens_per_second" in row:
                 tps.append(float(row["tokens_per_second"]))
-    else:
+                trained.append(float(row["num_tokens"]))
+    else:  # label tokens before the shift; converted to trained tokens by the caller
         text = next((out / "logs").glob("*.txt")).read_text()
-        tps = [
-            float(x) * (args.seq_len - 1) / args.seq_len
-            for x in re.findall(r"tokens_per_second_per_gpu:([\d.]+)", text)
-        ]
+        tps = [float(x) for x in re.findall(r"tokens_per_second_per_gpu:([\d.]+)", text)]
     timed = tps[2:] if len(tps) > 2 else tps
     return {
         "framework": framework,
         "tokens_per_second": statistics.median(timed),
+        "step_tokens_per_second": tps,
+        "step_trained_tokens": trained,
+        # trained tokens per sequence (kdtune's count): torchtune counts one label more per sequence
+        "trained_per_sequence": statistics.mean(trained) / args.batch_size if trained else None,
         "steps": len(tps),
         "peak_rss_gib": rss / 2**30,
         "load_avg_1m": load,
         "wall_s": time.perf_counter() - t0,
     }
+
+
+def file_order_lengths(a: dict[str, Any], args: argparse.Namespace) -> list[int]:
+    """Token count of every example of the benchmark data in file order, as both frameworks tokenize it (the text, then
+    EOS; Qwen2 has no BOS), truncated to ``seq_len``."""
+    from kdtune.data import load_hf_tokenizer, text_completion_dataset  # noqa: PLC0415
+
+    tok = load_hf_tokenizer(checkpoint_dir=str(a["student"]), max_seq_len=args.seq_len)
+    return text_completion_dataset(tok, source="json", data_files=str(a["data"]), column="text").lengths()
+
+
+def aggregate_tokens_per_second(run: dict[str, Any], lengths: list[int], args: argparse.Namespace) -> float:
+    """Trained tokens over step time of steps 3..N (``--data varied``, where steps differ in size).
+
+    kdtune logs each step's trained tokens; torchtune only its label tokens per second, so its steps' sizes come from
+    the data: with ``shuffle: false`` its step ``k`` is the examples ``[k B, (k + 1) B)`` in file order.
+    """
+    tps = run["step_tokens_per_second"]
+    if run["framework"] == "kdtune":
+        trained = run["step_trained_tokens"]
+        seconds = [n / t for n, t in zip(trained, tps, strict=True)]
+    else:
+        b = args.batch_size
+        labels = [sum(lengths[k * b : (k + 1) * b]) for k in range(len(tps))]
+        trained = [n - b for n in labels]  # one label per sequence is dropped by the shift
+        seconds = [n / t for n, t in zip(labels, tps, strict=True)]
+    return sum(trained[2:]) / sum(seconds[2:])
 
 
 def gemm_peak_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
@@ -324,6 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--torchtune-python", default="/work/wt/tt-venv/bin/python")
     p.add_argument("--compile", action="store_true", help="compile: true in both frameworks' configs")
+    p.add_argument(
+        "--data",
+        choices=["full", "varied"],
+        default="full",
+        help="full: every sequence seq-len tokens (identical work); varied: random lengths (padding, as real data)",
+    )
+    p.add_argument("--kdtune-set", nargs="*", default=[], help="extra kdtune overrides, e.g. +group_by_length=true")
+    p.add_argument("--torchtune-set", nargs="*", default=[], help="extra torchtune overrides, e.g. dataset.packed=True")
     p.add_argument("--no-mfu", action="store_true")
     p.add_argument("--json", default=None)
     p.add_argument("--work-dir", default=None)
@@ -334,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         for pair in args.pairs:
             work = base / pair
             work.mkdir(parents=True, exist_ok=True)
-            a = make_assets(pair, work, args.seq_len, examples=args.batch_size * (args.steps + 2))
+            varied = args.data == "varied"  # exactly one epoch of `steps` steps, in file order (shuffle: false)
+            examples = args.batch_size * (args.steps if varied else args.steps + 2)
+            a = make_assets(pair, work, args.seq_len, examples, varied=varied)
+            lengths = file_order_lengths(a, args) if varied else []
             vocab, t_dims, s_dims = PAIRS[pair]
             sizes = (
                 f"teacher {_params(vocab, t_dims, False) / 1e6:.1f}M, student {_params(vocab, s_dims, True) / 1e6:.1f}M"
@@ -344,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.repeats):
                 for fw in ("kdtune", "torchtune"):
                     r = run_one(fw, a, work, i, args)
+                    if varied:
+                        r["tokens_per_second"] = aggregate_tokens_per_second(r, lengths, args)
+                    elif fw == "torchtune":  # its count per sequence is trained + 1 (labels before the shift)
+                        m = runs[-1]["trained_per_sequence"]
+                        r["tokens_per_second"] *= m / (m + 1)
                     runs.append(r)
                     print(
                         f"  {fw:<9} run {i}: {r['tokens_per_second']:8.1f} tok/s  peak RSS {r['peak_rss_gib']:.2f} GiB  "
