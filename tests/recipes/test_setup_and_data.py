@@ -100,6 +100,16 @@ def test_group_by_length_sorts_each_group_of_the_same_permutation() -> None:
         ResumableSampler(4, lengths=[1, 2, 3])
 
 
+def test_group_by_length_steps_hold_the_same_examples_on_one_device_and_on_many() -> None:
+    # batch 4 on one device vs batch 2 on each of 2 ranks: the same groups, so every step trains the same examples
+    lengths = _random_lengths(600, seed=2)
+    one = ResumableSampler(600, seed=7, lengths=lengths, batch_size=4).epoch_indices(1)
+    ranks = [ResumableSampler(600, seed=7, lengths=lengths, batch_size=2, rank=r, world_size=2) for r in range(2)]
+    r0, r1 = (s.epoch_indices(1) for s in ranks)
+    for k in range(600 // 4):
+        assert sorted(one[4 * k : 4 * k + 4]) == sorted(r0[2 * k : 2 * k + 2] + r1[2 * k : 2 * k + 2])
+
+
 def test_group_by_length_trains_far_less_padding_and_resumes_exactly() -> None:
     lengths = _random_lengths(400, seed=1)
     args = {"pad_id": 0, "batch_size": 4, "gradient_accumulation_steps": 2, "epochs": 2, "shuffle": True, "seed": 0}
