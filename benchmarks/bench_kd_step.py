@@ -20,7 +20,8 @@ real data does; the runs then train one epoch in file order (``shuffle: false``,
 figure is trained tokens over the step time of steps 3..N (steps differ in size, so a median of per-step rates would
 weigh them wrongly); ``--kdtune-set`` / ``--torchtune-set`` add command-line overrides to one framework's runs (e.g.
 ``+group_by_length=true``, a kdtune setting torchtune has no counterpart of: that is then a comparison of features,
-not of equal settings).
+not of equal settings). ``--packed`` packs the varied data in both (torchtune's rows are then ``seq-len`` labels, one
+dropped by the shift; per-step rates as for full-length data).
 
 MFU: kdtune's step FLOPs (``kdtune.estimate``: matmuls + attention of the teacher forward and the student forward +
 backward, and both output layers) divided by the measured step time, against this CPU's fp32 GEMM peak measured here
@@ -41,7 +42,9 @@ small pair, 2026-12-02, load 0.2-0.8, ``--repeats 2``): equal settings (both unp
 (1.41, 1.33); kdtune with ``--kdtune-set +group_by_length=true`` (no torchtune counterpart) **1.85x** (1.85, 1.86).
 On varied data kdtune's fused loss computes no logits for padded positions, torchtune's chunked loss does. The
 per-step token counts derived for torchtune equal kdtune's logged ones step for step (checked), and torchtune's
-tokenizer gives the same lengths as kdtune's on these files. Medium MFU (eager): 55 % of a 167.2 GFLOP/s
+tokenizer gives the same lengths as kdtune's on these files. Both packed (``--data varied --packed``: rows filled to
+``seq-len``, torchtune splitting documents across rows, kdtune masking attention at document boundaries): **1.21x**
+(1.20, 1.23), as at full length (the rows are full). Medium MFU (eager): 55 % of a 167.2 GFLOP/s
 fp32 GEMM peak (step 1.29 s). ``--compile`` sets ``compile: true`` in both configs: torchtune then compiles its
 student's layers and its two losses, kdtune each decoder layer of the student and of the teacher. Earlier (2026-12-01,
 load 2-4, eager): 1.24x / 1.55x; before ``kdtune.perf.keep_freed_memory``: 1.19x / 1.25x.
@@ -135,9 +138,9 @@ def kdtune_config(a: dict[str, Any], out: Path, args: argparse.Namespace) -> str
         tokenizer: {{_component_: kdtune.data.load_hf_tokenizer, checkpoint_dir: {a["student"]}, max_seq_len: {args.seq_len}}}
         teacher_model: {{_component_: kdtune.models.hf_model, checkpoint_dir: {a["teacher"]}}}
         teacher_checkpointer: {{_component_: kdtune.models.HFCheckpointer, checkpoint_dir: {a["teacher"]}, output_dir: {out}}}
-        dataset: {{_component_: kdtune.data.text_completion_dataset, source: json, data_files: {a["data"]}, column: text}}
+        dataset: {{_component_: kdtune.data.text_completion_dataset, source: json, data_files: {a["data"]}, column: text, packed: {str(args.packed).lower()}}}
         seed: 0
-        shuffle: {str(args.data == "full").lower()}
+        shuffle: {str(args.data == "full" or args.packed).lower()}
         batch_size: {args.batch_size}
         gradient_accumulation_steps: 1
         epochs: 1
@@ -182,9 +185,9 @@ def torchtune_config(a: dict[str, Any], out: Path, args: argparse.Namespace) -> 
         teacher_checkpointer: {{{ckpt}, checkpoint_dir: {a["teacher"]}}}
         resume_from_checkpoint: false
         save_adapter_weights_only: true
-        dataset: {{_component_: torchtune.datasets.text_completion_dataset, source: json, data_files: {a["data"]}, column: text, split: train}}
+        dataset: {{_component_: torchtune.datasets.text_completion_dataset, source: json, data_files: {a["data"]}, column: text, split: train, packed: {args.packed}}}
         seed: 0
-        shuffle: {str(args.data == "full").lower()}
+        shuffle: {str(args.data == "full" or args.packed).lower()}
         batch_size: {args.batch_size}
         optimizer: {{_component_: torch.optim.AdamW, lr: 3.0e-4, weight_decay: 0.01}}
         lr_scheduler: {{_component_: torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup, num_warmup_steps: 2}}
@@ -377,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         default="full",
         help="full: every sequence seq-len tokens (identical work); varied: random lengths (padding, as real data)",
     )
+    p.add_argument("--packed", action="store_true", help="dataset packed: true in both frameworks (with --data varied)")
     p.add_argument("--kdtune-set", nargs="*", default=[], help="extra kdtune overrides, e.g. +group_by_length=true")
     p.add_argument("--torchtune-set", nargs="*", default=[], help="extra torchtune overrides, e.g. dataset.packed=True")
     p.add_argument("--no-mfu", action="store_true")
@@ -389,10 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         for pair in args.pairs:
             work = base / pair
             work.mkdir(parents=True, exist_ok=True)
-            varied = args.data == "varied"  # exactly one epoch of `steps` steps, in file order (shuffle: false)
-            examples = args.batch_size * (args.steps if varied else args.steps + 2)
+            varied = args.data == "varied"
+            # unpacked varied data: exactly one epoch of `steps` steps, in file order (shuffle: false); packed: enough
+            # examples for the steps' rows
+            examples = args.batch_size * (
+                args.steps if varied and not args.packed else 4 * args.steps if varied else args.steps + 2
+            )
             a = make_assets(pair, work, args.seq_len, examples, varied=varied)
-            lengths = file_order_lengths(a, args) if varied else []
+            lengths = file_order_lengths(a, args) if varied and not args.packed else []
             vocab, t_dims, s_dims = PAIRS[pair]
             sizes = (
                 f"teacher {_params(vocab, t_dims, False) / 1e6:.1f}M, student {_params(vocab, s_dims, True) / 1e6:.1f}M"
@@ -402,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.repeats):
                 for fw in ("kdtune", "torchtune"):
                     r = run_one(fw, a, work, i, args)
-                    if varied:
+                    if varied and not args.packed:
                         r["tokens_per_second"] = aggregate_tokens_per_second(r, lengths, args)
+                    elif fw == "torchtune" and args.packed:  # full rows of seq_len labels (documents split across
+                        r["tokens_per_second"] *= (args.seq_len - 1) / args.seq_len  # rows), one dropped by the shift
                     elif fw == "torchtune":  # its count per sequence is trained + 1 (labels before the shift)
                         m = runs[-1]["trained_per_sequence"]
                         r["tokens_per_second"] *= m / (m + 1)
