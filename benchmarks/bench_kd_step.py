@@ -39,7 +39,7 @@ peak RSS, eager / compile   0.82x / 0.95x                0.56x / 0.76x
 
 (``--repeats 3`` small, ``--repeats 2`` medium; per A/B pair in brackets.) Varied-length data (``--data varied``,
 small pair, 2026-12-02, load 0.2-0.8, ``--repeats 2``): equal settings (both unpacked, the same batches) **1.37x**
-(1.41, 1.33); kdtune with ``--kdtune-set +group_by_length=true`` (no torchtune counterpart) **1.85x** (1.85, 1.86).
+(1.41, 1.33), medium pair **1.82x** (1.85, 1.78), peak RSS 0.61x; kdtune with ``--kdtune-set +group_by_length=true`` (no torchtune counterpart) **1.85x** (1.85, 1.86).
 On varied data kdtune's fused loss computes no logits for padded positions, torchtune's chunked loss does. The
 per-step token counts derived for torchtune equal kdtune's logged ones step for step (checked), and torchtune's
 tokenizer gives the same lengths as kdtune's on these files. Both packed (``--data varied --packed``: rows filled to
