@@ -192,6 +192,7 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
         achieved = flops_per_step * args.steps / elapsed / 1e12
         peak = matmul_peak_tflops(device, dtype)
         mfu = {
+            "flops_per_step": flops_per_step,
             "tflops_per_step": round(flops_per_step / 1e12, 3),
             "achieved_tflops": round(achieved, 3),
             "measured_matmul_peak_tflops": round(peak, 3),
