@@ -238,7 +238,8 @@ def loss_probe(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     class Head(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(v, d, device=device, dtype=dtype) * d**-0.5)
+            # drawn in place: a temporary of randn * scale would set the process peak RSS before the baseline
+            self.w = torch.nn.Parameter(torch.empty(v, d, device=device, dtype=dtype).normal_(0.0, d**-0.5))
             self.vocab_size = v
 
         def output_logits(self, h: torch.Tensor) -> torch.Tensor:
