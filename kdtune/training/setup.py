@@ -9,7 +9,7 @@ build + sharding) in :mod:`kdtune.training.distributed`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "build_optimizer",
     "build_teacher",
     "build_tokenizer",
+    "compile_layers",
     "count_parameters",
     "init_lora_parameters",
     "is_lora_model",
@@ -98,9 +99,21 @@ def build_model(
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     if compile:
-        for layer in transformer_layers(model, key):
-            layer.compile()
+        compile_layers(transformer_layers(model, key), runtime.device)
     return model, checkpointer
+
+
+def compile_layers(layers: Iterable[nn.Module], device: torch.device) -> None:
+    """``torch.compile`` each transformer block in place: what ``compile: true`` does, single-device and sharded.
+
+    On a CPU, inductor's C++ wrapper calls the compiled kernels from C++ instead of generated Python: the same kernels
+    and numbers (per-step losses identical to the Python wrapper's), less per-call overhead, which small models' many
+    short kernels feel (KD step of the 5M / 1.3M benchmark pair: +0.6 to +15 %, median ~+7 %, over 4 A/B pairs;
+    cold compilation 39 vs 38 s).
+    """
+    options = {"cpp_wrapper": True} if device.type == "cpu" else None
+    for layer in layers:
+        layer.compile(options=options)
 
 
 def transformer_layers(model: nn.Module, key: str = "model") -> list[nn.Module]:

@@ -21,7 +21,7 @@ from kdtune.models.checkpointer import read_hf_config
 from kdtune.models.modules.lora import get_lora_modules
 from kdtune.training.distributed.env import _comm_device, get_world_size, is_distributed
 from kdtune.training.runtime import is_rank_zero
-from kdtune.training.setup import _copy_full_into, init_lora_parameters, transformer_layers
+from kdtune.training.setup import _copy_full_into, compile_layers, init_lora_parameters, transformer_layers
 
 __all__ = [
     "build_sharded_model",
@@ -313,6 +313,5 @@ def build_sharded_model(
         model.init_weights()
     init_lora_parameters(model, seed)
     if compile:
-        for layer in _decoder_layers(model):
-            layer.compile()
+        compile_layers(_decoder_layers(model), runtime.device)
     return model, checkpointer
