@@ -110,7 +110,11 @@ class FinetuneSettings:
         ge=1,
     )
     enable_activation_checkpointing: bool = _f(False, help="Recompute each decoder layer in backward (less memory).")
-    compile: bool = _f(False, help="torch.compile each decoder layer (the student's, and a live teacher's in KD).")
+    compile: bool = _f(
+        False,
+        help="torch.compile each decoder layer (the student's, and a live teacher's in KD); on a CPU through "
+        "inductor's C++ wrapper.",
+    )
     # --- logging, eval, checkpoints
     metric_logger: Any = _f(None, help="Metric logger `_component_`; null = kdtune.training.DiskLogger in logs/.")
     log_every_n_steps: int = setting(1, help="Log metrics every N optimizer steps.", ge=1)
