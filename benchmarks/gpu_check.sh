@@ -5,8 +5,9 @@
 #      figure) and peak memory; then the KD loss alone at V = 128,256 and 4,096 positions, unchunked vs kdtune's
 #      memory-budget chunks (torch.cuda.max_memory_allocated above the baseline).
 #   2. The same pair with a LoRA r8 student (torchtune's KD setting) and `compile: true` (each decoder layer).
-#   3. `kdtune estimate --calibrate` on the tiny KD / LoRA / full configs on CUDA: the estimate next to
+#   3. `kdtune estimate --calibrate` on the tiny KD and LoRA configs on CUDA: the estimate next to
 #      torch.cuda.max_memory_allocated of real steps.
+# Time limits per part (200 + 240 + 2 x 50 s) keep the whole call inside one 600 s device command.
 #
 # The device image has torch but not omegaconf or datasets: their wheels travel in the ignored folder .whl/. Once,
 # here, in the repository root:
@@ -14,7 +15,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
 #       omegaconf==2.4.0 antlr4-python3-runtime==4.13.2 datasets==5.2.0 dill multiprocess
-# then one `run` with carry [".whl"] and timeout_s 540: `bash benchmarks/gpu_check.sh`. Everything lands in $OUT
+# then one `run` with carry [".whl"] and timeout_s 600: `bash benchmarks/gpu_check.sh`. Everything lands in $OUT
 # (log.txt and one JSON per part). Sizes can be overridden for a dry run elsewhere, e.g. on a CPU:
 #   KD_DEVICE=cpu KD_DTYPE=fp32 BATCH=1 SEQ=32 STEPS=1 LOSS_TOKENS=64 \
 #   STUDENT=kdtune.models.qwen2.qwen2_0_5b TEACHER=kdtune.models.qwen2.qwen2_0_5b bash benchmarks/gpu_check.sh
@@ -51,20 +52,20 @@ kd() {  # kd_throughput.py with the pair and the shared settings; $1 = JSON name
 }
 
 echo "== 1. full fine-tuning student, eager; the KD loss alone at V = 128,256" | tee -a "$LOG"
-kd kd_full 240 --warmup-steps 2 --loss-vocab 128256 --loss-tokens "$LOSS_TOKENS" --loss-hidden 2048 \
+kd kd_full 200 --warmup-steps 2 --loss-vocab 128256 --loss-tokens "$LOSS_TOKENS" --loss-hidden 2048 \
   || echo "part 1 failed (exit $?)" | tee -a "$LOG"
 
 echo "== 2. LoRA r8 student, compile: true" | tee -a "$LOG"
-kd kd_lora_compiled 200 --lora-rank 8 --compile --warmup-steps 3 --skip-loss || echo "part 2 failed (exit $?)" | tee -a "$LOG"
+kd kd_lora_compiled 240 --lora-rank 8 --compile --warmup-steps 3 --skip-loss || echo "part 2 failed (exit $?)" | tee -a "$LOG"
 
 echo "== 3. kdtune estimate vs the measured peak, tiny configs" | tee -a "$LOG"
 TINY=/tmp/kdtune-tiny-gpu
 python3 -m kdtune make-tiny --dir "$TINY" >>"$LOG" 2>&1 || echo "make-tiny failed" | tee -a "$LOG"
-for kind in kd lora full; do
+for kind in kd lora; do
   over=("checkpointer.checkpoint_dir=$TINY/student" "dataset.data_files=$TINY/train.jsonl" "output_dir=/tmp/kdtune-est-$kind")
   [ "$kind" = kd ] && over+=("teacher_checkpointer.checkpoint_dir=$TINY/teacher")
   echo "-- tiny/$kind" | tee -a "$LOG"
-  timeout 120 python3 -m kdtune estimate --config "tiny/$kind" "${over[@]}" "device=$DEVICE" "dtype=$DTYPE" \
+  timeout 50 python3 -m kdtune estimate --config "tiny/$kind" "${over[@]}" "device=$DEVICE" "dtype=$DTYPE" \
     --calibrate 3 2>&1 | tee -a "$LOG" | tee "$OUT/estimate_$kind.txt"
 done
 echo "== done" | tee -a "$LOG"
