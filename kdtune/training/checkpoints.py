@@ -580,11 +580,16 @@ def _moved(old: Any, new: Any, old_out: Any, new_out: Any) -> bool:
     return bool(old_out) and old.replace(old_out, new_out) == new
 
 
+#: the defaults the training recipes' settings declare (every training recipe's keys are KDDistributedSettings')
+_DECLARED_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(KDDistributedSettings) if f.default is not dataclasses.MISSING
+}
+
+
 def _is_declared_default(key: str, value: Any) -> bool:
     """Whether ``value`` is the default the training recipes' settings declare for the top-level ``key``: a config
     that omits the key and one that spells out its default describe the same run."""
-    declared = {f.name: f.default for f in dataclasses.fields(KDDistributedSettings)}  # every training recipe's keys
-    return key in declared and declared[key] is not dataclasses.MISSING and declared[key] == value
+    return key in _DECLARED_DEFAULTS and _DECLARED_DEFAULTS[key] == value
 
 
 def resume_changes(saved: Any, cfg: Any) -> list[ResumeChange]:

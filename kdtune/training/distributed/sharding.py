@@ -32,10 +32,6 @@ __all__ = [
 ]
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    return transformer_layers(model)
-
-
 def shard_model(
     model: nn.Module,
     *,
@@ -88,7 +84,7 @@ def shard_model(
         "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy(),
         "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
     }
-    for layer in _decoder_layers(model):
+    for layer in transformer_layers(model):
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)
     if callable(getattr(model, "output_logits", None)):
@@ -313,5 +309,5 @@ def build_sharded_model(
         model.init_weights()
     init_lora_parameters(model, seed)
     if compile:
-        compile_layers(_decoder_layers(model), runtime.device)
+        compile_layers(transformer_layers(model, key), runtime.device)
     return model, checkpointer
