@@ -42,6 +42,7 @@ __all__ = [
     "ce_forward_kl",
     "fused_linear_loss",
     "fused_output_weight",
+    "rows_per_block",
     "rows_per_chunk_for",
     "stored_gradient_outputs",
     "take_stored_gradient",
@@ -128,6 +129,28 @@ def chunk_slices(
         return [slice((i * num_rows) // k, ((i + 1) * num_rows) // k) for i in range(k)]
     step = rows_per_chunk if rows_per_chunk is not None else rows_per_chunk_for(vocab_size, memory_budget_bytes)
     return [slice(s, min(s + step, num_rows)) for s in range(0, num_rows, step)]
+
+
+def rows_per_block(num_rows: int, vocab_size: int, device: torch.device, block_elements: int) -> int:
+    """Rows per block of a chunk loss's row loop (:func:`ce_forward_kl`, the sparse KD loss).
+
+    On a CPU, ``block_elements // vocab_size`` rows (at least 1), so the block-sized intermediates stay in the core's
+    cache between the loop's passes. On an accelerator the whole chunk: there each pass is a kernel launch and there
+    is no per-core cache to fit, so row blocks would only multiply the launches (at V = 128k one row per block, ~15
+    launches per position); one block runs each pass once per chunk, over tensors the chunk budget already counts.
+
+    Args:
+        num_rows: rows of the chunk (``n``).
+        vocab_size: ``V`` of the chunk's logits.
+        device: where the logits live.
+        block_elements: the CPU block's size in logits.
+
+    Returns:
+        A row count in ``[1, max(num_rows, 1)]``.
+    """
+    if device.type != "cpu":
+        return max(1, num_rows)
+    return max(1, min(num_rows, block_elements // max(vocab_size, 1)))
 
 
 # ------------------------------------------------------------------------------------------------ the fused function
@@ -305,8 +328,9 @@ def ce_forward_kl(
     computes the value; the gradient assumes that rule), which is why the objective takes this path only for its own
     mixing rule.
 
-    The rows are processed in blocks of a few rows (:data:`BLOCK_ELEMENTS` logits per block) so that every
-    intermediate is block-sized and stays in the CPU's cache; only the gradient ``[n, V]`` is written to memory.
+    On a CPU the rows are processed in blocks of a few rows (:data:`BLOCK_ELEMENTS` logits per block) so that every
+    intermediate is block-sized and stays in the core's cache; only the gradient ``[n, V]`` is written to memory. On
+    an accelerator the chunk is one block (:func:`rows_per_block`).
 
     Args:
         logits: ``[n, V]`` fp32 student logits (a leaf with ``requires_grad`` for training).
@@ -319,7 +343,7 @@ def ce_forward_kl(
     return _CEForwardKL.apply(logits, teacher_logits, targets, kd_ratio, temperature, scale, mix, overwrite_logits)
 
 
-#: logits per row block of :func:`ce_forward_kl` (fp32: 256 KiB per block-sized buffer, a few of them in L2). Measured
+#: logits per row block of :func:`ce_forward_kl` on a CPU (fp32: 256 KiB per block-sized buffer, a few of them in L2). Measured
 #: (1 thread, real chunk shapes): at V = 4096 16 rows beat 8 and 32 by 5-10 %, at V = 32000 2 rows beat 1 and 4.
 BLOCK_ELEMENTS = 2**16
 
@@ -362,7 +386,7 @@ class _CEForwardKL(torch.autograd.Function):
         c = kd_ratio * scale / T if teacher else 0.0
         need_grad = ctx.needs_input_grad[0]
         g = (logits if overwrite_logits else torch.empty_like(logits)) if need_grad else None  # [n, V]
-        block = max(1, min(n, BLOCK_ELEMENTS // max(v, 1)))
+        block = rows_per_block(n, v, logits.device, BLOCK_ELEMENTS)
         s_y = logits.gather(-1, targets[:, None])  # [n, 1] logit of the target (before any overwrite)
         m = logits.new_empty(n, 1)  # [n, 1] max s
         z = logits.new_empty(n, 1)  # [n, 1] Σ exp(s − max s)

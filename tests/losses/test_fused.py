@@ -520,6 +520,15 @@ def test_ce_forward_kl_row_blocks_and_overwrite_are_exact(monkeypatch, T, vocab_
             assert blocked[3].data_ptr() == blocked[4].data_ptr()  # the gradient lives in the logits' storage
 
 
+def test_rows_per_block_is_cache_sized_on_a_cpu_and_the_whole_chunk_on_an_accelerator():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    assert FU.rows_per_block(1020, 4096, cpu, 2**16) == 16
+    assert FU.rows_per_block(5, 4096, cpu, 2**16) == 5  # never more rows than the chunk has
+    assert FU.rows_per_block(4096, 128256, cpu, 2**16) == 1  # at least one row
+    assert FU.rows_per_block(4096, 128256, cuda, 2**16) == 4096  # one block: each pass is one kernel launch
+    assert FU.rows_per_block(0, 4096, cuda, 2**16) == 1
+
+
 def _ce_forward_kl_reference(s, t, y, *, kd_ratio, T, scale):
     """float64 autograd reference of ce_forward_kl (KF.forward_kl on the shared vocabulary): mixed, ce, kd, grad."""
     s64 = s.detach().double().requires_grad_()

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import kdtune.losses as L
 import kdtune.losses.objective as objective_module
+import kdtune.losses.sparse_fused as sparse_fused
 from kdtune.losses import functional as KF
 from kdtune.losses.sparse import TAIL_MODES, sparse_support
 from kdtune.losses.sparse_fused import ce_sparse_kd
@@ -81,6 +82,21 @@ def test_equals_the_autograd_sparse_reference(name: str, r: float, T: float, t2:
     got = _fast(s, ids, vals, y, div, tail, r, T, t2)
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("tail", TAIL_MODES)
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("k", [7, V])
+def test_row_blocks_equal_one_block(monkeypatch, T: float, k: int, tail: str) -> None:
+    """Blocks of a few rows (a CPU's, with a partial last one) and the whole chunk as one block (an accelerator's)
+    give bit-identical values and gradients."""
+    div = DIVERGENCES["forward_kl"]
+    s, ids, vals, y, _ = _inputs(2, k, T, dtype=torch.float32)
+    whole = _fast(s, ids, vals, y, div, tail, 0.5, T, True, overwrite=True)  # N * V < BLOCK_ELEMENTS: one block
+    monkeypatch.setattr(sparse_fused, "BLOCK_ELEMENTS", 4 * V)  # blocks of 4 rows: 4, ..., 4, 3
+    blocked = _fast(s, ids, vals, y, div, tail, 0.5, T, True, overwrite=True)
+    for a, b in zip(whole, blocked, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("tail", TAIL_MODES)
