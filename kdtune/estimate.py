@@ -325,15 +325,23 @@ def _build_fake(model_cfg: DictConfig, key: str, dtype: torch.dtype, device: tor
     return model
 
 
-def _chunk_tensors(kd: bool, fast: bool) -> int:
-    """fp32 ``[rows, vocab]`` tensors alive at once in one chunk of the objective's output layer + loss."""
+def _chunk_tensors(kd: bool, fast: bool, *, compiled: bool, cpu: bool, shared: bool) -> int:
+    """fp32 ``[rows, vocab]`` tensors alive at once in one chunk of the objective's output layer + loss.
+
+    ``compiled``: ``compile: true`` (the chunk loss through torch.compile); ``cpu``: the device is a CPU (row blocks
+    of the eager loss stay cache-sized there, one block is the whole chunk elsewhere); ``shared``: T = 1 on a shared
+    vocabulary (the eager loss then needs no buffer for the student's tempered log-probabilities).
+    """
     if not kd:
         return 2  # logits, log-softmax (its buffer becomes the gradient)
     if not fast:
         return VOCAB_TENSORS_PER_ROW  # any divergence through autograd: the objective's own budget figure
-    # ce_forward_kl: the student's logits (overwritten by their gradient) and the teacher's logits; everything else
-    # it holds is a few row blocks of at most BLOCK_ELEMENTS logits each
-    return 2
+    if compiled:
+        return 3  # the student's and the teacher's logits, and the gradient (a tensor of its own)
+    # ce_forward_kl: the student's logits (overwritten by their gradient) and the teacher's logits; on a CPU everything
+    # else it holds is a few row blocks of at most BLOCK_ELEMENTS logits each, on an accelerator two (three) buffers
+    # of the whole chunk
+    return 2 if cpu else (4 if shared else 5)
 
 
 def _batch(b: int, t: int, vocab: int, packed: bool, device: torch.device) -> dict[str, Tensor]:
@@ -426,9 +434,10 @@ def estimate_memory(
         rows.append(MemoryRow("optimizer state", opt_bytes, opt_note))
 
         fast = kd and type(instantiate(s.kd_loss)) is ForwardKLLoss and teacher is not None
-        k_vocab = _chunk_tensors(kd, fast)
         vocab = int(student.vocab_size)
         t_vocab = int(teacher.vocab_size) if teacher is not None else 0
+        shared = not kd or (s.temperature == 1.0 and t_vocab >= vocab)
+        k_vocab = _chunk_tensors(kd, fast, compiled=s.compile, cpu=device.type == "cpu", shared=shared)
         packed = _packed(s)
         tracker = LiveTensorTracker()
         tracker.ignore([*_model_tensors(student), *(_model_tensors(teacher) if teacher is not None else [])])

@@ -155,6 +155,8 @@ class DistillationObjective:
         on_policy: an :class:`~kdtune.losses.on_policy.OnPolicy` sampler: training micro-batches (student in train
             mode, gradients enabled) get their completions from the student with probability ``lmbda`` (or from the
             teacher with ``seq_kd``) before they are scored; needs a live teacher. None = the dataset's completions.
+        compile_loss: fused path: compute the cross-entropy + forward-KL chunks (and cross-entropy alone) with
+            ``torch.compile`` (:func:`kdtune.losses.fused.ce_forward_kl_terms`), as ``compile: true`` does.
     """
 
     def __init__(
@@ -171,6 +173,7 @@ class DistillationObjective:
         fused: bool = True,
         memory_budget_bytes: int | None = None,
         on_policy: OnPolicy | None = None,
+        compile_loss: bool = False,
     ) -> None:
         if isinstance(teacher, nn.Module):
             teacher = LiveTeacher(teacher)
@@ -193,6 +196,7 @@ class DistillationObjective:
         self.checkpoint_chunks = bool(checkpoint_chunks)
         self.fused = bool(fused)
         self.memory_budget_bytes = memory_budget_bytes
+        self.compile_loss = bool(compile_loss)
         if on_policy is not None and on_policy.active and not isinstance(teacher, LiveTeacher):
             source = "no teacher" if teacher is None else f"a {type(teacher).__name__} (teacher_logits)"
             raise ConfigError(
@@ -309,6 +313,7 @@ class DistillationObjective:
                 return ce_forward_kl(
                     s_logits, t_logits, tgt[rows], kd_ratio=ratio, temperature=self.temperature,
                     scale=self.kd_scale, mix=self.mix if t_chunk else (lambda ce, kd: ce), overwrite_logits=True,
+                    compiled=self.compile_loss,
                 )  # fmt: skip
             ce, kd = self._chunk_terms(s_logits, tgt[rows], t_chunk)
             return self.mix(ce, kd), ce, kd

@@ -112,8 +112,8 @@ class FinetuneSettings:
     enable_activation_checkpointing: bool = _f(False, help="Recompute each decoder layer in backward (less memory).")
     compile: bool = _f(
         False,
-        help="torch.compile each decoder layer (the student's, and a live teacher's in KD); on a CPU through "
-        "inductor's C++ wrapper.",
+        help="torch.compile each decoder layer (the student's, and a live teacher's in KD) and the fused loss's "
+        "cross-entropy + forward-KL chunk; on a CPU through inductor's C++ wrapper.",
     )
     # --- logging, eval, checkpoints
     metric_logger: Any = _f(None, help="Metric logger `_component_`; null = kdtune.training.DiskLogger in logs/.")

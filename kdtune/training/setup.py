@@ -178,7 +178,7 @@ def build_objective(
 
     Fine-tuning settings (no ``kd_loss``) give the cross-entropy objective; KD settings give the divergence
     ``kd_loss`` mixed by ``kd_ratio`` at ``temperature`` with ``teacher`` as the teacher source. ``num_output_chunks``
-    sets the chunking for both. The objective validates every value (one line naming the key when one is wrong).
+    sets the chunking for both; ``compile`` compiles the fused chunk loss. The objective validates every value (one line naming the key when one is wrong).
 
     Args:
         settings: the recipe's settings (:mod:`kdtune.training.settings`).
@@ -190,7 +190,7 @@ def build_objective(
     """
     kd_loss_cfg = getattr(settings, "kd_loss", None)
     if kd_loss_cfg is None:
-        return DistillationObjective(num_output_chunks=settings.num_output_chunks)
+        return DistillationObjective(num_output_chunks=settings.num_output_chunks, compile_loss=settings.compile)
     return DistillationObjective(
         instantiate(kd_loss_cfg),
         teacher=teacher,
@@ -199,6 +199,7 @@ def build_objective(
         scale_by_temperature_squared=settings.scale_by_temperature_squared,
         num_output_chunks=settings.num_output_chunks,
         on_policy=_build_on_policy(settings, tokenizer),
+        compile_loss=settings.compile,
     )
 
 

@@ -549,6 +549,57 @@ def _ce_forward_kl_float32(s, t, y, *, kd_ratio, T, scale, overwrite=True):
     return mixed.detach(), ce, kd, grad
 
 
+def _terms_inputs(n, vocab_t, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, V, generator=g) * 3
+    t = torch.randn(n, vocab_t, generator=g) * 3
+    t[:, 2] = float("-inf")  # a zero teacher probability
+    return s, t, torch.randint(0, V, (n,), generator=g)
+
+
+@pytest.mark.parametrize("kd_ratio", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("T, vocab_t", [(1.0, V), (2.0, V), (1.0, V - 5), (0.7, V - 5), (1.0, None)])
+def test_ce_forward_kl_terms_equal_the_float64_reference(T, vocab_t, kd_ratio):
+    """The whole-tensor formulation that ``compile: true`` compiles, run eagerly in float64: values and gradient."""
+    s, t, y = _terms_inputs(9, vocab_t or V)
+    s, t = s.double(), t.double()
+    scale = T**2
+    if vocab_t is None:  # cross-entropy only
+        ce, kd, grad = FU.ce_forward_kl_terms(s, None, y, 1.0, 0.0, 1.0)
+        s64 = s.clone().requires_grad_()
+        ce_ref = F.cross_entropy(s64, y, reduction="sum")
+        (grad_ref,) = torch.autograd.grad(ce_ref, s64)
+        torch.testing.assert_close(ce, ce_ref.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-12)
+        assert kd.item() == 0.0
+        return
+    ref = _ce_forward_kl_reference(s, t, y, kd_ratio=kd_ratio, T=T, scale=scale)
+    ce, kd, grad = FU.ce_forward_kl_terms(s, t[:, : min(V, t.shape[-1])], y, 1 - kd_ratio, kd_ratio * scale / T, T)
+    mixed = _mix(kd_ratio)(ce, kd * scale)
+    for a, b in zip((mixed, ce, kd * scale, grad), ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow  # inductor compiles each branch (~5-20 s each on a loaded 2-core CPU)
+@pytest.mark.parametrize("T, vocab_t", [(1.0, V), (2.0, V - 5), (1.0, None)])
+def test_compiled_ce_forward_kl_equals_the_eager_one(T, vocab_t):
+    """``compiled=True`` (torch.compile of ce_forward_kl_terms) gives the block loop's values and gradient to fp32
+    precision, for another chunk size too (the row count is not baked into the compiled code)."""
+    for n in (13, 21):
+        s, t, y = _terms_inputs(n, vocab_t or V, seed=n)
+        t = None if vocab_t is None else t
+        kw = dict(kd_ratio=0.4 if t is not None else 0.0, temperature=T, scale=T**2)
+        mix = _mix(kw["kd_ratio"])
+        out = {}
+        for compiled in (False, True):
+            s1 = s.clone().requires_grad_()
+            mixed, ce, kd = FU.ce_forward_kl(s1, t, y, mix=mix, overwrite_logits=True, compiled=compiled, **kw)
+            (grad,) = torch.autograd.grad(mixed * 2.0, s1)  # an incoming gradient scales the stored one
+            out[compiled] = (mixed.detach(), ce, kd, grad)
+        for a, b in zip(out[False], out[True], strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("T, vocab_t", [(1.0, V), (2.0, V), (1.0, V - 5), (0.7, V - 5), (2.0, V + 4)])
 def test_ce_forward_kl_extreme_logits_float32(T, vocab_t):
     """Targets whose student probability underflows to 0 in fp32 (CE ≈ 300, finite and exact), large logits and a

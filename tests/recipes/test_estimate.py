@@ -16,6 +16,7 @@ from kdtune.estimate import LiveTensorTracker, calibrate, estimate_memory, optim
         ("kd", []),
         ("kd", ["enable_activation_checkpointing=true"]),
         ("kd", ["num_output_chunks=null", "temperature=2.0"]),
+        ("kd", ["compile=true"]),
         ("lora", []),
         ("full", []),
         ("full", ["enable_activation_checkpointing=true"]),
