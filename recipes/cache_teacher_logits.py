@@ -175,7 +175,7 @@ def _cat(parts: list) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``--config <name|path> [overrides...]``."""
-    build_cache(parse_recipe_args(sys.argv[1:] if argv is None else argv))
+    build_cache(parse_recipe_args(sys.argv[1:] if argv is None else argv, settings=CacheTeacherLogitsSettings))
     return 0
 
 

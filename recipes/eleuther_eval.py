@@ -37,7 +37,7 @@ RECIPE_SETTINGS = "kdtune.eval.settings.EvalSettings"  # read by `kdtune validat
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg: DictConfig = parse_recipe_args(argv)
+    cfg: DictConfig = parse_recipe_args(argv, settings=EvalSettings)
     s = read_settings(EvalSettings, cfg)
     require_lm_eval()
     from kdtune.eval.lm import KDTuneLM

@@ -120,7 +120,7 @@ def _train(cfg: DictConfig, s: FinetuneDistributedSettings, env: D.DistEnv) -> R
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point (on every rank): ``--config <name|path> [overrides...]``."""
-    train(parse_recipe_args(sys.argv[1:] if argv is None else argv))
+    train(parse_recipe_args(sys.argv[1:] if argv is None else argv, settings=FinetuneDistributedSettings))
     return 0
 
 

@@ -105,7 +105,7 @@ def train(cfg: DictConfig) -> RunSummary:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``--config <name|path> [overrides...]``."""
-    train(parse_recipe_args(sys.argv[1:] if argv is None else argv))
+    train(parse_recipe_args(sys.argv[1:] if argv is None else argv, settings=FinetuneSettings))
     return 0
 
 

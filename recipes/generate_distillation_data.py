@@ -167,7 +167,7 @@ def generate_data(cfg: DictConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``--config <name|path> [overrides...]``."""
-    generate_data(parse_recipe_args(argv))
+    generate_data(parse_recipe_args(argv, settings=GenerateSettings))
     return 0
 
 

@@ -138,7 +138,7 @@ def _train(cfg: DictConfig, s: KDDistributedSettings, env: D.DistEnv) -> RunSumm
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point (on every rank): ``--config <name|path> [overrides...]``."""
-    train(parse_recipe_args(sys.argv[1:] if argv is None else argv))
+    train(parse_recipe_args(sys.argv[1:] if argv is None else argv, settings=KDDistributedSettings))
     return 0
 
 

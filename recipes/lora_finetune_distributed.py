@@ -121,7 +121,7 @@ def _train(cfg: DictConfig, s: LoRAFinetuneDistributedSettings, env: D.DistEnv) 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point (on every rank): ``--config <name|path> [overrides...]``."""
-    train(parse_recipe_args(sys.argv[1:] if argv is None else argv))
+    train(parse_recipe_args(sys.argv[1:] if argv is None else argv, settings=LoRAFinetuneDistributedSettings))
     return 0
 
 

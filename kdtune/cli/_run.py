@@ -193,6 +193,15 @@ def _launch_distributed(torchrun: list[str], recipe: Path, recipe_argv: list[str
     return 0
 
 
+def _settings_class(recipe: Any) -> type | None:
+    """The recipe's settings dataclass, or None (none declared, or it does not import: the recipe then reports its own
+    import problem when it runs)."""
+    try:
+        return recipe.settings_class()
+    except ConfigError:
+        return None
+
+
 def check_recipe_settings(recipe: Any, cfg: Any, config: str, *, named: str | None) -> None:
     """Read the config with the recipe's settings (``RECIPE_SETTINGS``) before any process starts.
 
@@ -203,14 +212,10 @@ def check_recipe_settings(recipe: Any, cfg: Any, config: str, *, named: str | No
         ConfigError: the first problem of the settings.
     """
     from kdtune.config import check_settings
-    from kdtune.config._instantiate import import_component
 
-    if not recipe.settings:
+    settings_cls = _settings_class(recipe)
+    if settings_cls is None:
         return
-    try:
-        settings_cls = import_component(recipe.settings, "RECIPE_SETTINGS")
-    except ConfigError:
-        return  # the recipe reports its own import problem when it runs
     problems = check_settings(settings_cls, cfg)
     if not problems:
         return
@@ -226,6 +231,7 @@ def run_command(argv: list[str]) -> int:
     """``kdtune run``: resolve recipe and config, check the overrides, run in-process or through torchrun."""
     from kdtune.config import apply_overrides, check_resolvable, find_config, find_recipe, load_config
     from kdtune.config._args import split_recipe_args
+    from kdtune.config._overrides import explicit_adds
 
     argv = list(argv)
     if argv and argv[0] in ("-h", "--help"):
@@ -238,7 +244,8 @@ def run_command(argv: list[str]) -> int:
     config, overrides = split_recipe_args(rest)
     config_path = find_config(config).resolve()
     # check the overrides here, once, before any process is started
-    cfg = apply_overrides(load_config(config_path), overrides)
+    base, settings_cls = load_config(config_path), _settings_class(recipe)
+    cfg = apply_overrides(base, overrides, settings=settings_cls)
     problems = [p for p in check_resolvable(cfg) if "interpolation" in p]
     if problems:
         raise ConfigError(problems[0])
@@ -249,7 +256,7 @@ def run_command(argv: list[str]) -> int:
             f"kdtune: warning: config {config_path.name} names recipe '{named}', running '{recipe.name}'",
             file=sys.stderr,
         )
-    recipe_argv = ["--config", str(config_path), *overrides]
+    recipe_argv = ["--config", str(config_path), *explicit_adds(base, overrides, settings_cls)]
     # the command as typed, for the model card of final/ (inherited by torchrun workers; restored after the run)
     from kdtune.handoff import COMMAND_ENV
 

@@ -12,6 +12,7 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 from kdtune import __version__
 from kdtune.errors import ConfigError, KDTuneError
@@ -270,30 +271,34 @@ def _cmd_cat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_settings(cfg: Any) -> tuple[type | None, str, list[str]]:
+    """The settings dataclass of the recipe a config names in ``recipe:`` (None without one), the recipe's name, and
+    the problems met finding it."""
+    from kdtune.config import find_recipe
+
+    recipe_name = cfg.get("recipe") if "recipe" in cfg.keys() else None
+    if recipe_name is None:
+        return None, "", []
+    try:
+        recipe = find_recipe(str(recipe_name))
+    except ConfigError as e:
+        return None, "", [f"recipe: {e}"]
+    try:
+        return recipe.settings_class(), recipe.name, []
+    except ConfigError as e:
+        return None, recipe.name, [f"settings of recipe {recipe.name}: {e}"]
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from kdtune.config import apply_overrides, check_settings, find_config, find_recipe, load_config, validate
-    from kdtune.config._instantiate import import_component
+    from kdtune.config import apply_overrides, check_settings, find_config, load_config, validate
 
     path = find_config(args.config)
-    cfg = apply_overrides(load_config(path), args.overrides)
-    problems = validate(cfg)
-    recipe_name = cfg.get("recipe") if "recipe" in cfg.keys() else None
-    if recipe_name is not None:
-        try:
-            recipe = find_recipe(str(recipe_name))
-        except ConfigError as e:
-            problems.append(f"recipe: {e}")
-        else:
-            if recipe.settings:
-                try:
-                    settings_cls = import_component(recipe.settings, "RECIPE_SETTINGS")
-                except ConfigError as e:
-                    problems.append(f"settings of recipe {recipe.name}: {e}")
-                else:  # keys, types and values, exactly as the run reads them
-                    problems.extend(
-                        f"settings of recipe {recipe.name}: {p}"
-                        for p in check_settings(settings_cls, cfg)  # type: ignore[arg-type]
-                    )
+    base = load_config(path)
+    settings_cls, recipe_name, recipe_problems = _recipe_settings(base)
+    cfg = apply_overrides(base, args.overrides, settings=settings_cls)
+    problems = validate(cfg) + recipe_problems
+    if settings_cls is not None:  # keys, types and values, exactly as the run reads them
+        problems.extend(f"settings of recipe {recipe_name}: {p}" for p in check_settings(settings_cls, cfg))
     if problems:
         print(f"kdtune: error: {len(problems)} problem(s) in {path}:", file=sys.stderr)
         for p in problems:
@@ -307,7 +312,8 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     from kdtune.config import apply_overrides, find_config, load_config
     from kdtune.estimate import calibrate, estimate_memory, format_report
 
-    cfg = apply_overrides(load_config(find_config(args.config)), args.overrides)
+    base = load_config(find_config(args.config))
+    cfg = apply_overrides(base, args.overrides, settings=_recipe_settings(base)[0])
     if args.seq_len is not None and args.seq_len < 2:
         raise ConfigError(f"--seq-len {args.seq_len}: give at least 2 tokens")
     est = estimate_memory(cfg, seq_len=args.seq_len)

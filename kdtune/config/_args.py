@@ -14,8 +14,9 @@ from kdtune.errors import ConfigError
 
 USAGE = (
     "usage: <recipe> --config <name | path.yaml> [key=value ...] [+new.key=value ...] [~key ...]\n"
-    "  key=value   set an existing key (optimizer.lr=1e-3, lora_attn_modules=[q_proj,v_proj], seed=null)\n"
-    "  +key=value  add a key that is not in the config; ~key deletes one\n"
+    "  key=value   set a key of the config or a setting of the recipe (optimizer.lr=1e-3, seed=null,\n"
+    "              lora_attn_modules=[q_proj,v_proj], group_by_length=true)\n"
+    "  +key=value  add any other key (e.g. a component argument: +dataset.lazy=false); ~key deletes one\n"
     "  optimizer=torch.optim.SGD swaps a component and keeps its other arguments"
 )
 
@@ -56,13 +57,17 @@ def split_recipe_args(argv: list[str]) -> tuple[str, list[str]]:
     return config, overrides
 
 
-def parse_recipe_args(argv: list[str] | None = None, *, print_config: bool = True) -> DictConfig:
+def parse_recipe_args(
+    argv: list[str] | None = None, *, print_config: bool = True, settings: type | None = None
+) -> DictConfig:
     """Parse a recipe's command line into its config.
 
     Args:
         argv: ``["--config", "llama3_2/kd", "optimizer.lr=1e-3", ...]``; defaults to ``sys.argv[1:]``.
             ``-h``/``--help`` prints the usage and exits.
         print_config: print the resolved config (on the main process only).
+        settings: the recipe's settings dataclass: ``key=value`` may then set any of its settings, also one the
+            config leaves at its default (see :func:`kdtune.config.apply_overrides`).
 
     Returns:
         The loaded config with the overrides applied.
@@ -75,7 +80,7 @@ def parse_recipe_args(argv: list[str] | None = None, *, print_config: bool = Tru
         print(USAGE)
         raise SystemExit(0)
     config, overrides = split_recipe_args(argv)
-    cfg = apply_overrides(load_config(config), overrides)
+    cfg = apply_overrides(load_config(config), overrides, settings=settings)
     bad = [p for p in check_resolvable(cfg) if "interpolation" in p]
     if bad:
         raise ConfigError(bad[0])

@@ -48,6 +48,18 @@ class RecipeInfo:
     settings: str | None
     summary: str
 
+    def settings_class(self) -> type | None:
+        """The ``RECIPE_SETTINGS`` dataclass, imported (None when the recipe declares none).
+
+        Raises:
+            ConfigError: the dotted path does not import.
+        """
+        if not self.settings:
+            return None
+        from kdtune.config._instantiate import import_component
+
+        return import_component(self.settings, "RECIPE_SETTINGS")  # type: ignore[return-value]
+
 
 @dataclass(frozen=True)
 class ConfigInfo:

@@ -13,8 +13,10 @@ an octal number):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import re
+from collections.abc import Collection
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig
@@ -137,9 +139,10 @@ def flat_keys(node: DictConfig | ListConfig, prefix: list[str | int] | None = No
     return out
 
 
-def closest_keys(cfg: DictConfig, key: str, n: int = 3) -> str:
-    """The existing dotted keys closest to ``key``, comma-separated ("none" if nothing is close)."""
+def closest_keys(cfg: DictConfig, key: str, n: int = 3, extra: Collection[str] = ()) -> str:
+    """The existing dotted keys (and ``extra`` ones) closest to ``key``, comma-separated ("none" if nothing is close)."""
     keys = flat_keys(cfg)
+    keys += [k for k in extra if k not in keys]
     close = difflib.get_close_matches(key, keys, n=n, cutoff=0.6)
     if not close:
         leaf = key.rsplit(".", 1)[-1]
@@ -153,15 +156,19 @@ def _has(container: DictConfig | ListConfig, part: str | int) -> bool:
     return isinstance(part, str) and part in container.keys()
 
 
-def _missing_key_error(cfg: DictConfig, override: str, parts: list[str | int], add_hint: bool) -> ConfigError:
+def _missing_key_error(
+    cfg: DictConfig, override: str, parts: list[str | int], add_hint: bool, declared: Collection[str] = ()
+) -> ConfigError:
     key = _fmt(parts)
-    msg = f"override '{override}': '{key}' is not in the config (closest: {closest_keys(cfg, key)})"
+    msg = f"override '{override}': '{key}' is not in the config (closest: {closest_keys(cfg, key, extra=declared)})"
     if add_hint:
         msg += f"; to add a new key write '+{override.lstrip('+')}'"
     return ConfigError(msg)
 
 
-def _navigate(cfg: DictConfig, parts: list[str | int], override: str, create: bool) -> DictConfig | ListConfig:
+def _navigate(
+    cfg: DictConfig, parts: list[str | int], override: str, create: bool, declared: Collection[str] = ()
+) -> DictConfig | ListConfig:
     """The container holding ``parts[-1]``; with ``create``, missing intermediate mappings are created."""
     node: DictConfig | ListConfig = cfg
     for i, part in enumerate(parts[:-1]):
@@ -173,7 +180,7 @@ def _navigate(cfg: DictConfig, parts: list[str | int], override: str, create: bo
             if create and isinstance(node, DictConfig) and isinstance(part, str):
                 node[part] = {}
             else:
-                raise _missing_key_error(cfg, override, parts[: i + 1], add_hint=not create)
+                raise _missing_key_error(cfg, override, parts[: i + 1], add_hint=not create, declared=declared)
         child = node._get_node(part)
         if not isinstance(child, DictConfig | ListConfig) or child._is_none() or child._is_missing():
             if create and isinstance(node, DictConfig):
@@ -188,7 +195,32 @@ def _navigate(cfg: DictConfig, parts: list[str | int], override: str, create: bo
     return node
 
 
-def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+def settings_keys(settings: type | None) -> tuple[str, ...]:
+    """The top-level keys a recipe's settings dataclass reads (its field names, plus ``recipe``); () for None."""
+    if settings is None:
+        return ()
+    return ("recipe", *(f.name for f in dataclasses.fields(settings)))
+
+
+def explicit_adds(cfg: DictConfig, overrides: list[str], settings: type | None) -> list[str]:
+    """``overrides`` with each plain ``key=value`` that sets a setting absent from ``cfg`` written ``+key=value``.
+
+    The same effect under :func:`apply_overrides` with ``settings``, and also without it: ``kdtune run`` hands the
+    recipe these, so a recipe (or a copy of one) that parses its command line without its settings runs them too.
+    """
+    declared = settings_keys(settings)
+    out = []
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "=" in override and not key.startswith(("+", "~")) and key:
+            top = re.split(r"[.\[]", key, maxsplit=1)[0]
+            if top in declared and not _has(cfg, top):
+                override = "+" + override
+        out.append(override)
+    return out
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str], *, settings: type | None = None) -> DictConfig:
     """Apply command-line overrides to a copy of ``cfg``.
 
     Forms:
@@ -199,6 +231,10 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     Args:
         cfg: the loaded config (not modified).
         overrides: override strings, applied in order.
+        settings: the recipe's settings dataclass (what :func:`kdtune.config.read_settings` reads). A plain
+            ``key=value`` may then also set a top-level setting the config leaves out (at its default), e.g.
+            ``group_by_length=true`` or ``on_policy.lmbda=0.5``, as ``+key=value`` does; and a key that is neither in
+            the config nor a setting is matched against both for the error's suggestions.
 
     Returns:
         A new ``DictConfig`` with the overrides applied.
@@ -207,6 +243,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         ConfigError: an override without ``=``, a malformed key or value, or a key that is not in the config.
     """
     cfg = copy.deepcopy(cfg)
+    declared = settings_keys(settings)
     for override in overrides:
         if override.startswith("~"):
             key = override[1:].split("=", 1)[0]
@@ -236,7 +273,9 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             raise ConfigError(
                 f"override '{override}': cannot parse the value: {e}; quote it to pass a string"
             ) from None
-        container = _navigate(cfg, parts, override, create=add)
+        # a setting the config leaves at its default: set like a new key (read_settings then checks its value)
+        add = add or (parts[0] in declared and not _has(cfg, parts[0]))
+        container = _navigate(cfg, parts, override, create=add, declared=declared)
         last = parts[-1]
         if isinstance(container, ListConfig):
             if not isinstance(last, int):
@@ -251,7 +290,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
                 )
         elif not _has(container, last):
             if not add:
-                raise _missing_key_error(cfg, override, parts, add_hint=True)
+                raise _missing_key_error(cfg, override, parts, add_hint=True, declared=declared)
             if isinstance(last, int):
                 raise ConfigError(f"override '{override}': '{_fmt(parts[:-1])}' is a mapping, not a list")
         existing = container._get_node(last) if _has(container, last) else None

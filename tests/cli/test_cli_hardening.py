@@ -164,6 +164,18 @@ def test_good_nproc_values_pass_the_check() -> None:
         assert check_nproc_per_node(word) == word
 
 
+def test_a_plain_override_sets_a_setting_the_config_leaves_out(tree: Path, capsys) -> None:
+    """`save_every_n_steps` is a setting of the recipe but not in its YAML: `key=value` sets it (the recipe itself
+    parses without its settings: `kdtune run` hands it `+key=value`); a misspelt one names the setting."""
+    from kdtune.cli.main import main
+
+    assert main([*RUN, "save_every_n_steps=3", "kd_ratio=0.25"]) == 0
+    assert "RAN" in capsys.readouterr().out
+    assert main(["validate", "h/hard", "save_every_n_steps=3"]) == 0
+    assert main([*RUN, "save_every_n_step=3"]) == 1
+    assert "'save_every_n_step' is not in the config (closest: save_every_n_steps)" in capsys.readouterr().err
+
+
 def test_validate_checks_values_as_run_does(tree: Path, capsys) -> None:
     from kdtune.cli.main import main
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -149,6 +150,33 @@ def test_missing_key_names_closest(cfg) -> None:
         apply_overrides(cfg, ["optimizer.lrr=1e-3"])
     with pytest.raises(ConfigError, match=r"'optimzer' is not in the config \(closest: optimizer"):
         apply_overrides(cfg, ["optimzer.lr=1e-3"])
+
+
+@dataclasses.dataclass
+class _Inner:
+    lmbda: float = 0.0
+    seq_kd: bool = False
+
+
+@dataclasses.dataclass
+class _RecipeSettings:
+    kd_ratio: float = 0.5
+    group_by_length: bool = False
+    on_policy: _Inner | None = None
+
+
+def test_a_plain_override_sets_a_recipe_setting_the_config_leaves_out(cfg) -> None:
+    """With the recipe's settings, ``key=value`` sets a setting absent from the YAML (at its default) as ``+key``
+    does; a misspelt one is matched against the settings too; keys that are not settings still need ``+``."""
+    assert "group_by_length" not in cfg
+    out = apply_overrides(cfg, ["group_by_length=true", "on_policy.lmbda=0.5"], settings=_RecipeSettings)
+    assert out.group_by_length is True and out.on_policy.lmbda == 0.5
+    with pytest.raises(ConfigError, match=r"'group_by_lenght' is not in the config \(closest: group_by_length\)"):
+        apply_overrides(cfg, ["group_by_lenght=true"], settings=_RecipeSettings)
+    with pytest.raises(ConfigError, match=r"'group_by_length' is not in the config \(closest: none\)"):
+        apply_overrides(cfg, ["group_by_length=true"])  # without the settings: unknown, as before
+    with pytest.raises(ConfigError, match=r"'optimizer.betas' is not in the config"):
+        apply_overrides(cfg, ["optimizer.betas=[0.9,0.95]"], settings=_RecipeSettings)  # a component argument
 
 
 def test_errors_are_one_line(cfg) -> None:
