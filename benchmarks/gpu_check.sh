@@ -4,7 +4,8 @@
 #      tokens/s, MFU (FLOPs counted on the step; measured bf16 matmul peak and the 989 TFLOP/s H100/H200 datasheet
 #      figure) and peak memory; then the KD loss alone at V = 128,256 and 4,096 positions, unchunked vs kdtune's
 #      memory-budget chunks (torch.cuda.max_memory_allocated above the baseline).
-#   2. The same pair with a LoRA r8 student (torchtune's KD setting) and `compile: true` (each decoder layer).
+#   2. The same pair with a LoRA r8 student (torchtune's KD setting) and `compile: true` (each decoder layer and the
+#      chunk loss), and the KD loss alone again with the compiled chunk loss.
 #   3. `kdtune estimate --calibrate` on the tiny KD and LoRA configs on CUDA: the estimate next to
 #      torch.cuda.max_memory_allocated of real steps.
 # Time limits per part (200 + 240 + 2 x 50 s) keep the whole call inside one 600 s device command.
@@ -56,7 +57,8 @@ kd kd_full 200 --warmup-steps 2 --loss-vocab 128256 --loss-tokens "$LOSS_TOKENS"
   || echo "part 1 failed (exit $?)" | tee -a "$LOG"
 
 echo "== 2. LoRA r8 student, compile: true" | tee -a "$LOG"
-kd kd_lora_compiled 240 --lora-rank 8 --compile --warmup-steps 3 --skip-loss || echo "part 2 failed (exit $?)" | tee -a "$LOG"
+kd kd_lora_compiled 240 --lora-rank 8 --compile --warmup-steps 3 --loss-vocab 128256 --loss-tokens "$LOSS_TOKENS" \
+  --loss-hidden 2048 || echo "part 2 failed (exit $?)" | tee -a "$LOG"
 
 echo "== 3. kdtune estimate vs the measured peak, tiny configs" | tee -a "$LOG"
 TINY=/tmp/kdtune-tiny-gpu

@@ -158,6 +158,7 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
         kd_ratio=args.kd_ratio,
         temperature=args.temperature,
         num_output_chunks=args.num_output_chunks or None,
+        compile_loss=args.compile,
     )
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -247,7 +248,11 @@ def loss_probe(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 
     student, teacher = Head(), setup_teacher(Head())
     objective = DistillationObjective(
-        ForwardKLLoss(), teacher=teacher, kd_ratio=0.5, num_output_chunks=args.num_output_chunks or None
+        ForwardKLLoss(),
+        teacher=teacher,
+        kd_ratio=0.5,
+        num_output_chunks=args.num_output_chunks or None,
+        compile_loss=args.compile,  # the chunked mode's chunk loss through torch.compile, as compile: true
     )
 
     def run(n: int) -> tuple[float, float, float]:
@@ -282,6 +287,8 @@ def loss_probe(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         return float(loss.item()) / n, peak, elapsed
 
     run(max(args.num_output_chunks, 8))  # load kernels / thread pools before measuring
+    if args.compile and device.type == "cuda":  # compile at the measured size too (the peak is reset per run)
+        run(args.loss_tokens)
     value, peak, elapsed = run(args.loss_tokens)
     return {
         "mode": mode,
@@ -331,7 +338,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--student-model", default=None, help="a kdtune builder, e.g. kdtune.models.llama3_2.llama3_2_1b")
     p.add_argument("--teacher-model", default=None, help="a kdtune builder, e.g. kdtune.models.llama3_1.llama3_1_8b")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA student (q/v, alpha 2r) of --student-model")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (as compile: true)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile each decoder layer and the chunk loss (as compile: true)"
+    )
     p.add_argument("--mfu", action="store_true", help="count the step's FLOPs and report MFU")
     p.add_argument("--peak-tflops", type=float, default=None, help="datasheet peak for MFU (H100/H200 bf16: 989)")
     p.add_argument(

@@ -342,9 +342,9 @@ def test_sparse_tail_finite_when_top_k_holds_all_mass():
 
 # ----------------------------------------------------------------------------------------------------- sizing
 def test_rows_per_chunk_for_budget():
-    assert FU.rows_per_chunk_for(128256, 512 * 2**20) == 130
-    assert FU.rows_per_chunk_for(128256) == FU.rows_per_chunk_for(128256, FU.DEFAULT_MEMORY_BUDGET_BYTES) == 130
-    assert FU.rows_per_chunk_for(128256, 512 * 2**20, tensors_per_row=4) == 261
+    assert FU.rows_per_chunk_for(128256, 512 * 2**20) == 128  # 130 fit, rounded down to whole GEMM tiles
+    assert FU.rows_per_chunk_for(128256) == FU.rows_per_chunk_for(128256, FU.DEFAULT_MEMORY_BUDGET_BYTES) == 128
+    assert FU.rows_per_chunk_for(128256, 512 * 2**20, tensors_per_row=4) == 256  # 261 fit
     assert FU.rows_per_chunk_for(128256, 1) == FU.MIN_ROWS_PER_CHUNK
     assert FU.rows_per_chunk_for(100, 2**40) == FU.MAX_ROWS_PER_CHUNK
     for bad in (0, -5, 1.5):
@@ -358,7 +358,7 @@ def test_chunk_slices():
     assert FU.chunk_slices(10, 10, rows_per_chunk=4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
     assert FU.chunk_slices(10, 10, num_output_chunks=3) == [slice(0, 3), slice(3, 6), slice(6, 10)]
     assert FU.chunk_slices(2, 10, num_output_chunks=8) == [slice(0, 1), slice(1, 2)]  # no empty chunk
-    assert FU.chunk_slices(5000, 128256) == [slice(s, min(s + 130, 5000)) for s in range(0, 5000, 130)]
+    assert FU.chunk_slices(5000, 128256) == [slice(s, min(s + 128, 5000)) for s in range(0, 5000, 128)]
     assert FU.chunk_slices(200, 128256, memory_budget_bytes=1) == [slice(0, 64), slice(64, 128), slice(128, 192), slice(192, 200)]  # fmt: skip
     # precedence: rows_per_chunk > num_output_chunks > memory budget
     assert FU.chunk_slices(10, 10, rows_per_chunk=4, num_output_chunks=2) == FU.chunk_slices(10, 10, rows_per_chunk=4)
