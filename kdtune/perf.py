@@ -12,6 +12,7 @@
   already-mapped pages instead of being ``mmap``-ed fresh and page-faulted in on every step: measured 1.13x on a whole
   KD step (52M teacher / 13M LoRA student, vocab 32k, CPU fp32), the output-layer GEMMs from ~100 to ~150 GFLOP/s.
 * :func:`teacher_forward` — a frozen teacher's forward under ``torch.inference_mode`` (no autograd bookkeeping).
+* :func:`compile_options` — the inductor options of everything ``compile: true`` compiles.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import nn
 from kdtune.errors import ConfigError
 
 __all__ = [
+    "compile_options",
     "configure_cpu_process",
     "configure_threads",
     "flush_denormals",
@@ -216,6 +218,16 @@ def configure_cpu_process() -> None:
     :func:`keep_freed_memory` (threads are :func:`configure_threads`, which takes the user's setting)."""
     flush_denormals()
     keep_freed_memory()
+
+
+def compile_options(device: torch.device) -> dict[str, Any] | None:
+    """The ``torch.compile`` options of everything ``compile: true`` compiles (decoder layers, the fused chunk loss).
+
+    On a CPU inductor's C++ wrapper calls the compiled kernels from C++ instead of generated Python: the same kernels
+    and numbers, less per-call overhead, which small models' many short kernels feel (KD step of the 5M / 1.3M
+    benchmark pair: +0.6 to +15 %, median ~+7 %, over 4 A/B pairs). Elsewhere inductor's defaults.
+    """
+    return {"cpp_wrapper": True} if device.type == "cpu" else None
 
 
 def teacher_forward(teacher: nn.Module | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

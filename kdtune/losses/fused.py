@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
 from kdtune.losses import functional as KF
+from kdtune.perf import compile_options
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET_BYTES",
@@ -354,8 +355,9 @@ def ce_forward_kl(
     )
 
 
-#: logits per row block of :func:`ce_forward_kl` on a CPU (fp32: 256 KiB per block-sized buffer, a few of them in L2). Measured
-#: (1 thread, real chunk shapes): at V = 4096 16 rows beat 8 and 32 by 5-10 %, at V = 32000 2 rows beat 1 and 4.
+#: logits per row block of :func:`ce_forward_kl` on a CPU (fp32: 256 KiB per block-sized buffer, a few of them in
+#: L2). Measured (1 thread, real chunk shapes): at V = 4096 16 rows beat 8 and 32 by 5-10 %, at V = 32000 2 rows beat
+#: 1 and 4.
 BLOCK_ELEMENTS = 2**16
 
 
@@ -516,8 +518,7 @@ _COMPILED_TERMS: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {}
 def _compiled_terms(device: torch.device) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
     """:func:`ce_forward_kl_terms` through ``torch.compile`` for ``device``'s type (built once; C++ wrapper on a CPU)."""
     if device.type not in _COMPILED_TERMS:
-        options = {"cpp_wrapper": True} if device.type == "cpu" else None
-        _COMPILED_TERMS[device.type] = torch.compile(ce_forward_kl_terms, options=options)
+        _COMPILED_TERMS[device.type] = torch.compile(ce_forward_kl_terms, options=compile_options(device))
     return _COMPILED_TERMS[device.type]
 
 

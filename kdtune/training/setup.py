@@ -22,6 +22,7 @@ from kdtune.errors import CheckpointError, ConfigError
 from kdtune.losses import DistillationObjective, LiveTeacher, OnPolicy, TeacherSource
 from kdtune.models import enable_activation_checkpointing
 from kdtune.models.modules.lora import LoRALinear
+from kdtune.perf import compile_options
 from kdtune.training.data import TrainData
 from kdtune.training.runtime import Runtime
 from kdtune.training.teacher import check_vocab_compatibility, setup_teacher
@@ -106,12 +107,10 @@ def build_model(
 def compile_layers(layers: Iterable[nn.Module], device: torch.device) -> None:
     """``torch.compile`` each transformer block in place: what ``compile: true`` does, single-device and sharded.
 
-    On a CPU, inductor's C++ wrapper calls the compiled kernels from C++ instead of generated Python: the same kernels
-    and numbers (per-step losses identical to the Python wrapper's), less per-call overhead, which small models' many
-    short kernels feel (KD step of the 5M / 1.3M benchmark pair: +0.6 to +15 %, median ~+7 %, over 4 A/B pairs;
-    cold compilation 39 vs 38 s).
+    With :func:`kdtune.perf.compile_options` (on a CPU the C++ wrapper: per-step losses identical to the Python
+    wrapper's; cold compilation 39 vs 38 s on the benchmark's small pair).
     """
-    options = {"cpp_wrapper": True} if device.type == "cpu" else None
+    options = compile_options(device)
     for layer in layers:
         layer.compile(options=options)
 
