@@ -39,7 +39,10 @@ peak RSS, eager / compile   0.82x / 0.95x                0.56x / 0.76x
 
 (``--repeats 3`` small, ``--repeats 2`` medium; per A/B pair in brackets.) With ``compile: true`` on a CPU through inductor's C++ wrapper
 (2026-12-02, load 1.1-1.4): small pair **1.42x** (1.47, 1.30, 1.42); torchtune's own compile takes it from ~3300 to
-~4400 tokens/s, kdtune's from ~4200 to ~6200. Varied-length data (``--data varied``,
+~4400 tokens/s, kdtune's from ~4200 to ~6200. With the chunk loss compiled too (2026-12-02, load 0.4-1.2): small pair
+1.43x (1.43, 1.40, 1.50), peak RSS 1.01x (the compiled loss's gradient is a tensor of its own: +16 MiB); medium pair
+1.50x (1.44, 1.56), peak RSS 0.86x (+63 MiB); in-process A/B of the compiled vs the eager chunk loss: medium step
+-3.5 % (1032, 1008 vs 1058, 1057 ms), small -1.3 % (median of 7 pairs). Varied-length data (``--data varied``,
 small pair, 2026-12-02, load 0.2-0.8, ``--repeats 2``): equal settings (both unpacked, the same batches) **1.37x**
 (1.41, 1.33), medium pair **1.82x** (1.85, 1.78), peak RSS 0.61x; kdtune with ``--kdtune-set +group_by_length=true`` (no torchtune counterpart) **1.85x** (1.85, 1.86).
 On varied data kdtune's fused loss computes no logits for padded positions, torchtune's chunked loss does. The
@@ -48,7 +51,8 @@ tokenizer gives the same lengths as kdtune's on these files. Both packed (``--da
 ``seq-len``, torchtune splitting documents across rows, kdtune masking attention at document boundaries): **1.21x**
 (1.20, 1.23), as at full length (the rows are full). Medium MFU (eager): 55 % of a 167.2 GFLOP/s
 fp32 GEMM peak (step 1.29 s). ``--compile`` sets ``compile: true`` in both configs: torchtune then compiles its
-student's layers and its two losses, kdtune each decoder layer of the student and of the teacher. Earlier (2026-12-01,
+student's layers and its two losses, kdtune each decoder layer of the student and of the teacher and its fused chunk
+loss. Earlier (2026-12-01,
 load 2-4, eager): 1.24x / 1.55x; before ``kdtune.perf.keep_freed_memory``: 1.19x / 1.25x.
 
 Where the small pair's eager step goes (profiled, per step of ~205 ms): matmuls ~100 ms and
