@@ -144,6 +144,26 @@ def _get(node: DictConfig | ListConfig, k: Any) -> Any:
         raise ConfigError(f"{key}: cannot resolve the value: {msg}") from None
 
 
+#: an example ``_component_`` for a config key, by a word in its last part (error messages only)
+_COMPONENT_EXAMPLES = (
+    ("teacher_logits", "kdtune.losses.CachedTeacher"),
+    ("dataset", "kdtune.data.sft_dataset"),
+    ("tokenizer", "kdtune.data.load_hf_tokenizer"),
+    ("checkpointer", "kdtune.models.HFCheckpointer"),
+    ("model", "kdtune.models.hf_model"),
+    ("scheduler", "kdtune.training.get_cosine_schedule_with_warmup"),
+    ("loss", "kdtune.losses.ForwardKLLoss"),
+    ("logger", "kdtune.training.DiskLogger"),
+    ("optimizer", "torch.optim.AdamW"),
+)
+
+
+def _component_example(key: str) -> str:
+    """A plausible ``_component_`` for ``key`` (``val_dataset`` -> a dataset builder), else a placeholder."""
+    last = key.rsplit(".", 1)[-1].lower()
+    return next((path for word, path in _COMPONENT_EXAMPLES if word in last), "<package.module.callable>")
+
+
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     """Build the object a ``_component_`` node describes, building nested components first.
 
@@ -167,7 +187,10 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
         raise ConfigError(f"cannot instantiate a {type(node).__name__}: expected a mapping with a '_component_' key")
     key = node_key(node) or "<config>"
     if COMPONENT_KEY not in node.keys():
-        raise ConfigError(f"{key}: has no '_component_' key; add e.g. '_component_: torch.optim.AdamW'")
+        raise ConfigError(
+            f"{key}: has no '_component_' key (the dotted path of what to build); add one, e.g. "
+            f"'+{key}._component_={_component_example(key)}' on the command line"
+        )
     path = _get(node, COMPONENT_KEY)
     target = import_component(path, node_key(node))
     names = [k for k in node.keys() if k != COMPONENT_KEY and k not in kwargs]

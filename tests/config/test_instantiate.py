@@ -93,8 +93,12 @@ def test_instantiate_errors_name_the_key() -> None:
         instantiate(cfg.opt, [torch.zeros(1, requires_grad=True)])
     with pytest.raises(ConfigError, match=r"^bad_arg\.biass: torch.nn.Linear has no argument 'biass' \(closest: bias"):
         instantiate(cfg.bad_arg)
-    with pytest.raises(ConfigError, match=r"^no_comp: has no '_component_' key"):
+    with pytest.raises(ConfigError, match=r"^no_comp: has no '_component_' key.*'\+no_comp\._component_=<package"):
         instantiate(cfg.no_comp)
+    for key, example in [("val_dataset", "kdtune.data.sft_dataset"), ("lr_scheduler", "kdtune.training.get_cosine"),
+                         ("teacher_checkpointer", "kdtune.models.HFCheckpointer"), ("optimizer", "torch.optim.AdamW")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"^{key}: has no '_component_' key.*\+{key}\._component_={example}"):
+            instantiate(OmegaConf.create({key: {"lr": 1}})[key])
     with pytest.raises(ConfigError, match=r"missing_pos: arguments do not bind to torch.nn.Linear: .*out_features"):
         instantiate(cfg.missing_pos)
 
