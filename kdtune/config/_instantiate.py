@@ -164,6 +164,23 @@ def _component_example(key: str) -> str:
     return next((path for word, path in _COMPONENT_EXAMPLES if word in last), "<package.module.callable>")
 
 
+def missing_component_message(key: str, value: Any = None) -> str:
+    """The one-line error for a component slot ``key`` that is not a ``_component_`` mapping (``value``: what is
+    there instead, when it is not a mapping)."""
+    example = _component_example(key)
+    if value is not None and not isinstance(value, DictConfig | dict):
+        if isinstance(value, str) and "." in value and " " not in value:
+            example = value  # a dotted path given where its mapping belongs
+        return (
+            f"{key}={value!r} is not a `_component_` mapping; write e.g. '{key}={{_component_: {example}}}' "
+            "on the command line (+ when the config has no such key)"
+        )
+    return (
+        f"{key}: has no '_component_' key (the dotted path of what to build); add one, e.g. "
+        f"'+{key}._component_={example}' on the command line"
+    )
+
+
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     """Build the object a ``_component_`` node describes, building nested components first.
 
@@ -187,10 +204,7 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
         raise ConfigError(f"cannot instantiate a {type(node).__name__}: expected a mapping with a '_component_' key")
     key = node_key(node) or "<config>"
     if COMPONENT_KEY not in node.keys():
-        raise ConfigError(
-            f"{key}: has no '_component_' key (the dotted path of what to build); add one, e.g. "
-            f"'+{key}._component_={_component_example(key)}' on the command line"
-        )
+        raise ConfigError(missing_component_message(key))
     path = _get(node, COMPONENT_KEY)
     target = import_component(path, node_key(node))
     names = [k for k in node.keys() if k != COMPONENT_KEY and k not in kwargs]

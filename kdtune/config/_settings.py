@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kdtune.config._instantiate import COMPONENT_KEY, missing_component_message
 from kdtune.errors import ConfigError
 
 T = TypeVar("T")
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 #: metadata keys of a settings field that constrain its value (``help`` is the one-line meaning)
-CONSTRAINT_KEYS = ("ge", "gt", "le", "lt", "choices", "non_empty", "check")
+CONSTRAINT_KEYS = ("ge", "gt", "le", "lt", "choices", "non_empty", "check", "component")
 
 #: top-level keys every config may carry whatever the recipe's settings are
 ALWAYS_ALLOWED = ("recipe",)
@@ -61,7 +62,8 @@ def setting(default: Any = dataclasses.MISSING, *, help: str = "", **constraints
         help: the one-line meaning, shown by ``kdtune validate`` and the generated docs.
         **constraints: any of :data:`CONSTRAINT_KEYS`: ``ge``, ``gt``, ``le``, ``lt`` (bounds), ``choices`` (a
             sequence of allowed values), ``non_empty=True``, ``check`` (``value -> None | str``: None when fine,
-            else what is wrong, e.g. ``"must be a power of two"``).
+            else what is wrong, e.g. ``"must be a power of two"``), ``component=True`` (a ``_component_`` mapping,
+            or a list of them: what :func:`kdtune.config.instantiate` builds).
 
     Returns:
         A ``dataclasses.field``.
@@ -123,6 +125,8 @@ def _check_constraints(value: Any, metadata: Any, tp: Any, key: str) -> None:
     """Raise ConfigError naming ``key``, ``value`` and what is allowed when ``value`` breaks the field's constraint."""
     if value is None or not any(k in metadata for k in CONSTRAINT_KEYS):
         return  # null switches a feature off (the type check already refused null where it is not allowed)
+    if metadata.get("component"):
+        _check_component(value, key)  # a value that is not a mapping (a mapping is checked in _read_field)
     problem = None
     bounds = (
         ("ge", lambda v, b: v >= b),
@@ -159,6 +163,17 @@ def _check_constraints(value: Any, metadata: Any, tp: Any, key: str) -> None:
     if problem is not None:
         shown = "''" if value == "" else repr(value)
         raise ConfigError(f"{key}={shown} is {problem}: allowed is {describe_allowed(metadata, tp)}; set {key}=<value>")
+
+
+def _check_component(value: Any, key: str) -> None:
+    """Raise ConfigError when a component slot holds neither a ``_component_`` mapping nor a list of them."""
+    items = list(enumerate(value)) if isinstance(value, ListConfig | list) else [(None, value)]
+    for i, item in items:
+        item_key = key if i is None else f"{key}[{i}]"
+        if not isinstance(item, DictConfig | dict):
+            raise ConfigError(missing_component_message(item_key, item))
+        if COMPONENT_KEY not in item.keys():
+            raise ConfigError(missing_component_message(item_key))
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -323,6 +338,8 @@ def _read_field(
         raise ConfigError(f"{key}: cannot resolve the value: {msg}") from None
     tp = hints.get(name, Any)
     if isinstance(value, DictConfig | ListConfig) and (tp is Any or _is_component(value)):
+        if f.metadata.get("component"):
+            _check_component(value, key)
         values[name] = value  # components and free-form nodes stay DictConfig/ListConfig
         return
     if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, DictConfig):

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kdtune.config import setting
+
 __all__ = ["CacheTeacherLogitsSettings"]
 
 
@@ -24,11 +26,19 @@ class CacheTeacherLogitsSettings:
     """Every key ``cache_teacher_logits`` reads."""
 
     output_dir: str = _f(help="The cache directory: manifest.json, index.safetensors, shards/, config.yaml.")
-    teacher_model: Any = _f(help="Teacher model `_component_` (as in the KD config).")
-    teacher_checkpointer: Any = _f(help="kdtune.models.HFCheckpointer the teacher's weights come from (hashed).")
-    tokenizer: Any = _f(help="The data's (student's) tokenizer `_component_`, as in the KD config.")
-    dataset: Any = _f(help="Training dataset `_component_` (or list), exactly as in the KD config.")
-    val_dataset: Any = _f(None, help="Validation dataset `_component_`, as in the KD config; cached too.")
+    teacher_model: Any = setting(help="Teacher model `_component_` (as in the KD config).", component=True)
+    teacher_checkpointer: Any = setting(
+        help="kdtune.models.HFCheckpointer the teacher's weights come from (hashed).", component=True
+    )
+    tokenizer: Any = setting(
+        help="The data's (student's) tokenizer `_component_`, as in the KD config.", component=True
+    )
+    dataset: Any = setting(
+        help="Training dataset `_component_` (or list), exactly as in the KD config.", component=True
+    )
+    val_dataset: Any = setting(
+        None, help="Validation dataset `_component_`, as in the KD config; cached too.", component=True
+    )
     val_split_ratio: float = _f(0.0, help="Held-out fraction of `dataset`, as in the KD config; cached too.")
     seed: int = _f(42, help="The KD config's seed (it seeds the validation split).")
     top_k: int = _f(64, help="Teacher entries kept per trained position.")

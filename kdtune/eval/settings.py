@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdtune.config import setting
+
 __all__ = ["EvalSettings"]
 
 
@@ -21,9 +23,15 @@ class EvalSettings:
     """Every key ``eleuther_eval`` reads (see ``recipes/eleuther_eval.py``)."""
 
     output_dir: str = _f(help="Directory for results.json, samples_<task>.jsonl and the resolved config.yaml.")
-    model: Any = _f(help="Model `_component_`, usually kdtune.models.hf_model with checkpoint_dir (a run's final/).")
-    checkpointer: Any = _f(help="kdtune.models.HFCheckpointer `_component_` the weights are loaded from.")
-    tokenizer: Any = _f(help="Tokenizer `_component_`, usually kdtune.data.load_hf_tokenizer with checkpoint_dir.")
+    model: Any = setting(
+        help="Model `_component_`, usually kdtune.models.hf_model with checkpoint_dir (a run's final/).", component=True
+    )
+    checkpointer: Any = setting(
+        help="kdtune.models.HFCheckpointer `_component_` the weights are loaded from.", component=True
+    )
+    tokenizer: Any = setting(
+        help="Tokenizer `_component_`, usually kdtune.data.load_hf_tokenizer with checkpoint_dir.", component=True
+    )
     adapter_dir: str | None = _f(
         None,
         help="PEFT LoRA adapter dir (e.g. a run's final_adapter/) loaded on top of the checkpoint; with "

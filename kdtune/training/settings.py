@@ -49,11 +49,19 @@ class FinetuneSettings:
     output_dir: str = setting(
         help="Directory for checkpoints/, final/, logs/ and the resolved config.yaml.", non_empty=True
     )
-    model: Any = _f(help="Model `_component_` (e.g. kdtune.models.llama3_2.llama3_2_1b or kdtune.models.hf_model).")
-    tokenizer: Any = _f(help="Tokenizer `_component_`, usually kdtune.data.load_hf_tokenizer with checkpoint_dir.")
-    checkpointer: Any = _f(help="kdtune.models.HFCheckpointer `_component_` the model's weights are loaded from.")
-    dataset: Any = _f(help="Training dataset `_component_` (or a list of them, concatenated).")
-    val_dataset: Any = _f(None, help="Validation dataset `_component_`; null = none (see val_split_ratio).")
+    model: Any = setting(
+        help="Model `_component_` (e.g. kdtune.models.llama3_2.llama3_2_1b or kdtune.models.hf_model).", component=True
+    )
+    tokenizer: Any = setting(
+        help="Tokenizer `_component_`, usually kdtune.data.load_hf_tokenizer with checkpoint_dir.", component=True
+    )
+    checkpointer: Any = setting(
+        help="kdtune.models.HFCheckpointer `_component_` the model's weights are loaded from.", component=True
+    )
+    dataset: Any = setting(help="Training dataset `_component_` (or a list of them, concatenated).", component=True)
+    val_dataset: Any = setting(
+        None, help="Validation dataset `_component_`; null = none (see val_split_ratio).", component=True
+    )
     val_split_ratio: float = setting(
         0.0,
         help="Fraction of the training dataset held out (seeded) for validation when val_dataset is null.",
@@ -82,9 +90,13 @@ class FinetuneSettings:
     )
     max_steps: int | None = setting(None, help="Cap on total optimizer steps over all epochs; null = no cap.", ge=1)
     # --- optimisation
-    optimizer: Any = _f(help="Optimizer `_component_`, built with the trainable parameters (e.g. torch.optim.AdamW).")
-    lr_scheduler: Any = _f(
-        None, help="LR schedule `_component_` (kdtune.training.*_schedule), built with optimizer + total steps."
+    optimizer: Any = setting(
+        help="Optimizer `_component_`, built with the trainable parameters (e.g. torch.optim.AdamW).", component=True
+    )
+    lr_scheduler: Any = setting(
+        None,
+        help="LR schedule `_component_` (kdtune.training.*_schedule), built with optimizer + total steps.",
+        component=True,
     )
     num_output_chunks: int | None = setting(
         None,
@@ -116,7 +128,9 @@ class FinetuneSettings:
         "cross-entropy + forward-KL chunk; on a CPU through inductor's C++ wrapper.",
     )
     # --- logging, eval, checkpoints
-    metric_logger: Any = _f(None, help="Metric logger `_component_`; null = kdtune.training.DiskLogger in logs/.")
+    metric_logger: Any = setting(
+        None, help="Metric logger `_component_`; null = kdtune.training.DiskLogger in logs/.", component=True
+    )
     log_every_n_steps: int = setting(1, help="Log metrics every N optimizer steps.", ge=1)
     log_peak_memory_stats: bool = _f(True, help="Log peak memory (CUDA allocator on GPU, RSS on CPU).")
     progress_bar: bool = _f(True, help="Show a tqdm progress bar (step/total, loss, lr, tokens/s, ETA).")
@@ -160,23 +174,30 @@ class OnPolicySettings:
 class KDSettings(LoRAFinetuneSettings):
     """Settings of ``knowledge_distillation_single_device``: a frozen teacher and a trainable (full or LoRA) student."""
 
-    teacher_model: Any = _f(
-        None, help="Teacher model `_component_` (its weights come from teacher_checkpointer); null with teacher_logits."
+    teacher_model: Any = setting(
+        None,
+        help="Teacher model `_component_` (its weights come from teacher_checkpointer); null with teacher_logits.",
+        component=True,
     )
-    teacher_checkpointer: Any = _f(
+    teacher_checkpointer: Any = setting(
         None,
         help="kdtune.models.HFCheckpointer for the teacher (e.g. a merged LoRA final/ dir); null with teacher_logits.",
+        component=True,
     )
-    teacher_tokenizer: Any = _f(
-        None, help="Teacher tokenizer `_component_`, used only to check vocab compatibility; null = skip that check."
+    teacher_tokenizer: Any = setting(
+        None,
+        help="Teacher tokenizer `_component_`, used only to check vocab compatibility; null = skip that check.",
+        component=True,
     )
-    teacher_logits: Any = _f(
+    teacher_logits: Any = setting(
         None,
         help="Offline KD: a cached teacher (kdtune.losses.CachedTeacher with the path written by cache_teacher_logits) "
         "instead of teacher_model; no teacher is built.",
+        component=True,
     )
-    kd_loss: Any = _f(
-        help="The divergence `_component_`, a kdtune.losses.Divergence (ForwardKLLoss, ReverseKLLoss, JSDLoss, ...)."
+    kd_loss: Any = setting(
+        help="The divergence `_component_`, a kdtune.losses.Divergence (ForwardKLLoss, ReverseKLLoss, JSDLoss, ...).",
+        component=True,
     )
     kd_ratio: float = setting(
         0.5, help="loss = (1 - kd_ratio) * cross-entropy + kd_ratio * KD, in [0, 1].", ge=0.0, le=1.0

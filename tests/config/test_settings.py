@@ -10,7 +10,7 @@ from typing import Any, Literal
 import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from kdtune.config import describe_settings, read_settings
+from kdtune.config import describe_settings, read_settings, setting
 from kdtune.errors import ConfigError
 
 
@@ -127,3 +127,31 @@ def test_describe_settings() -> None:
 def test_not_a_dataclass() -> None:
     with pytest.raises(TypeError):
         read_settings(dict, make())  # type: ignore[arg-type]
+
+
+@dataclass(kw_only=True)
+class _Components:
+    optimizer: Any = setting(help="optimizer", component=True)
+    dataset: Any = setting(help="one or a list", component=True)
+    val_dataset: Any = setting(None, help="optional", component=True)
+    free: Any = None  # not a component slot: any mapping
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"val_dataset": {"data_files": "v.json"}}, "val_dataset: has no '_component_' key (the dotted path of what to "
+         "build); add one, e.g. '+val_dataset._component_=kdtune.data.sft_dataset'"),
+        ({"dataset": [{"_component_": "a.b"}, {"source": "x"}]}, "dataset[1]: has no '_component_' key"),
+        ({"optimizer": "torch.optim.SGD"}, "optimizer='torch.optim.SGD' is not a `_component_` mapping; write e.g. "
+         "'optimizer={_component_: torch.optim.SGD}'"),
+    ],
+)  # fmt: skip
+def test_a_component_slot_needs_a_component(cfg: dict, message: str) -> None:
+    """A setting marked component=True holds a `_component_` mapping (or a list of them), or null where allowed:
+    anything else is one line naming the key and the override that fixes it, before anything is built."""
+    base = {"optimizer": {"_component_": "torch.optim.AdamW"}, "dataset": {"_component_": "a.b"}, "free": {"x": 1}}
+    assert read_settings(_Components, OmegaConf.create(base)).free == {"x": 1}
+    with pytest.raises(ConfigError) as info:
+        read_settings(_Components, OmegaConf.create({**base, **cfg}))
+    assert str(info.value).startswith(message)
