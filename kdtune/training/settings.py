@@ -268,9 +268,9 @@ class GenerateSettings:
     output_file: str | None = field(
         default=None, metadata={"help": "JSON-lines output; null = output_dir/generated.jsonl."}
     )
-    model: Any = field(metadata={"help": "Teacher model `_component_` (e.g. kdtune.models.hf_model)."})
-    checkpointer: Any = field(metadata={"help": "kdtune.models.HFCheckpointer the teacher's weights come from."})
-    tokenizer: Any = field(metadata={"help": "The teacher's tokenizer `_component_` (its chat template is used)."})
+    model: Any = setting(help="Teacher model `_component_` (e.g. kdtune.models.hf_model).", component=True)
+    checkpointer: Any = setting(help="kdtune.models.HFCheckpointer the teacher's weights come from.", component=True)
+    tokenizer: Any = setting(help="The teacher's tokenizer `_component_` (its chat template is used).", component=True)
     prompts: PromptSource = field(metadata={"help": "The prompt dataset (see PromptSource)."})
     system_prompt: str | None = field(default=None, metadata={"help": "Replace/insert a system turn in every prompt."})
     num_generations: int = setting(1, help="Completions per prompt (use temperature > 0 for >1).", ge=1)
