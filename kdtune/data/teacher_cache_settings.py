@@ -7,7 +7,7 @@ blocks can be copied as they are (the cache matches the KD run's data by example
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from kdtune.config import setting
@@ -15,17 +15,11 @@ from kdtune.config import setting
 __all__ = ["CacheTeacherLogitsSettings"]
 
 
-def _f(default: Any = ..., help: str = "") -> Any:
-    if default is ...:
-        return field(metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(kw_only=True)
 class CacheTeacherLogitsSettings:
     """Every key ``cache_teacher_logits`` reads."""
 
-    output_dir: str = _f(help="The cache directory: manifest.json, index.safetensors, shards/, config.yaml.")
+    output_dir: str = setting(help="The cache directory: manifest.json, index.safetensors, shards/, config.yaml.")
     teacher_model: Any = setting(help="Teacher model `_component_` (as in the KD config).", component=True)
     teacher_checkpointer: Any = setting(
         help="kdtune.models.HFCheckpointer the teacher's weights come from (hashed).", component=True
@@ -39,21 +33,23 @@ class CacheTeacherLogitsSettings:
     val_dataset: Any = setting(
         None, help="Validation dataset `_component_`, as in the KD config; cached too.", component=True
     )
-    val_split_ratio: float = _f(0.0, help="Held-out fraction of `dataset`, as in the KD config; cached too.")
-    seed: int = _f(42, help="The KD config's seed (it seeds the validation split).")
-    top_k: int = _f(64, help="Teacher entries kept per trained position.")
-    temperature: float = _f(1.0, help="T of the stored log-probs and logZ; the KD run must use the same T.")
-    vocab_size: int | None = _f(
+    val_split_ratio: float = setting(0.0, help="Held-out fraction of `dataset`, as in the KD config; cached too.")
+    seed: int = setting(42, help="The KD config's seed (it seeds the validation split).")
+    top_k: int = setting(64, help="Teacher entries kept per trained position.")
+    temperature: float = setting(1.0, help="T of the stored log-probs and logZ; the KD run must use the same T.")
+    vocab_size: int | None = setting(
         None,
         help="Normalise over the teacher's first N logits (the student's vocab size when the teacher's output is "
         "padded larger); null = the teacher's whole output.",
     )
-    value_kind: Literal["logprobs", "logits"] = _f("logprobs", help="Store top-k log-probs at T, or raw logits.")
-    value_dtype: Literal["bf16", "fp32"] = _f("bf16", help="Storage dtype of the values (ids are int32, logZ fp32).")
-    batch_size: int = _f(8, help="Dataset items per teacher forward pass.")
-    items_per_shard: int = _f(1024, help="Dataset items per shard file (the unit of resuming).")
-    output_chunk_size: int = _f(1024, help="Positions per output-projection chunk (memory at large vocab).")
-    hash_teacher_weights: bool = _f(True, help="sha256 the teacher's weight files into the manifest.")
-    device: str = _f("auto", help="auto, cpu, cuda (under torchrun: cuda = cuda:LOCAL_RANK).")
-    dtype: str = _f("bf16", help="Teacher dtype: bf16 or fp32 (the output projection runs in fp32).")
-    resume_from_checkpoint: bool = _f(False, help="Continue an interrupted cache in output_dir (same settings).")
+    value_kind: Literal["logprobs", "logits"] = setting("logprobs", help="Store top-k log-probs at T, or raw logits.")
+    value_dtype: Literal["bf16", "fp32"] = setting(
+        "bf16", help="Storage dtype of the values (ids are int32, logZ fp32)."
+    )
+    batch_size: int = setting(8, help="Dataset items per teacher forward pass.")
+    items_per_shard: int = setting(1024, help="Dataset items per shard file (the unit of resuming).")
+    output_chunk_size: int = setting(1024, help="Positions per output-projection chunk (memory at large vocab).")
+    hash_teacher_weights: bool = setting(True, help="sha256 the teacher's weight files into the manifest.")
+    device: str = setting("auto", help="auto, cpu, cuda (under torchrun: cuda = cuda:LOCAL_RANK).")
+    dtype: str = setting("bf16", help="Teacher dtype: bf16 or fp32 (the output projection runs in fp32).")
+    resume_from_checkpoint: bool = setting(False, help="Continue an interrupted cache in output_dir (same settings).")

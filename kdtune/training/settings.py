@@ -34,13 +34,6 @@ __all__ = [
 ]
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with a one-line ``help`` (read by ``kdtune validate`` and the docs generator)."""
-    if default is dataclasses.MISSING:
-        return field(metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
-
-
 @dataclass(kw_only=True)
 class FinetuneSettings:
     """Settings shared by every training recipe (full fine-tuning reads exactly these)."""
@@ -70,9 +63,9 @@ class FinetuneSettings:
     )
     # --- data order
     seed: int = setting(42, help="Seed for weights init (LoRA), data order and dropout; saved for exact resume.", ge=0)
-    deterministic: bool = _f(False, help="torch.use_deterministic_algorithms(True) (slower, bit-reproducible).")
-    shuffle: bool = _f(True, help="Shuffle the training data each epoch (seed + epoch).")
-    group_by_length: bool = _f(
+    deterministic: bool = setting(False, help="torch.use_deterministic_algorithms(True) (slower, bit-reproducible).")
+    shuffle: bool = setting(True, help="Shuffle the training data each epoch (seed + epoch).")
+    group_by_length: bool = setting(
         False,
         help="Batch examples of similar length together so little padding is trained: the shuffled order is cut into "
         "groups of 50 micro-batches (of every rank), each sorted longest first. For unpacked data (packing already "
@@ -121,8 +114,10 @@ class FinetuneSettings:
         "machine is oversubscribed: busy cores make torch's threads several times slower).",
         ge=1,
     )
-    enable_activation_checkpointing: bool = _f(False, help="Recompute each decoder layer in backward (less memory).")
-    compile: bool = _f(
+    enable_activation_checkpointing: bool = setting(
+        False, help="Recompute each decoder layer in backward (less memory)."
+    )
+    compile: bool = setting(
         False,
         help="torch.compile each decoder layer (the student's, and a live teacher's in KD) and the fused loss's "
         "cross-entropy + forward-KL chunk; on a CPU through inductor's C++ wrapper.",
@@ -132,8 +127,8 @@ class FinetuneSettings:
         None, help="Metric logger `_component_`; null = kdtune.training.DiskLogger in logs/.", component=True
     )
     log_every_n_steps: int = setting(1, help="Log metrics every N optimizer steps.", ge=1)
-    log_peak_memory_stats: bool = _f(True, help="Log peak memory (CUDA allocator on GPU, RSS on CPU).")
-    progress_bar: bool = _f(True, help="Show a tqdm progress bar (step/total, loss, lr, tokens/s, ETA).")
+    log_peak_memory_stats: bool = setting(True, help="Log peak memory (CUDA allocator on GPU, RSS on CPU).")
+    progress_bar: bool = setting(True, help="Show a tqdm progress bar (step/total, loss, lr, tokens/s, ETA).")
     eval_every_n_steps: int | None = setting(
         None, help="Validation loss every N optimizer steps (and always at the end when there is a val split).", ge=1
     )
@@ -142,7 +137,7 @@ class FinetuneSettings:
         None, help="Resume checkpoint every N steps (also at each epoch end).", ge=1
     )
     keep_last_n_checkpoints: int = setting(1, help="Resume checkpoints kept under output_dir/checkpoints/.", ge=1)
-    resume_from_checkpoint: bool = _f(
+    resume_from_checkpoint: bool = setting(
         False, help="Continue exactly from the latest output_dir/checkpoints/step_N (model, optimizer, LR, RNG, data)."
     )
 
@@ -151,7 +146,7 @@ class FinetuneSettings:
 class LoRAFinetuneSettings(FinetuneSettings):
     """Settings of ``lora_finetune_single_device``: fine-tuning plus adapter output options."""
 
-    save_adapter_weights_only: bool = _f(
+    save_adapter_weights_only: bool = setting(
         False, help="Only write the PEFT adapter (final_adapter/), not the merged HF model (final/)."
     )
 
@@ -167,7 +162,9 @@ class OnPolicySettings:
     max_new_tokens: int = setting(64, help="Longest sampled completion, in tokens.", ge=1)
     temperature: float = setting(1.0, help="Sampling temperature of the completions (0 = greedy).", ge=0.0)
     top_k: int | None = setting(None, help="Sample among the top-k tokens only; null = all.", ge=1)
-    seq_kd: bool = _f(False, help="Batches not sampled from the student use the teacher's samples (sequence-level KD).")
+    seq_kd: bool = setting(
+        False, help="Batches not sampled from the student use the teacher's samples (sequence-level KD)."
+    )
 
 
 @dataclass(kw_only=True)
@@ -203,15 +200,15 @@ class KDSettings(LoRAFinetuneSettings):
         0.5, help="loss = (1 - kd_ratio) * cross-entropy + kd_ratio * KD, in [0, 1].", ge=0.0, le=1.0
     )
     temperature: float = setting(1.0, help="Both models' distributions are softmax(logits / temperature); > 0.", gt=0.0)
-    scale_by_temperature_squared: bool = _f(
+    scale_by_temperature_squared: bool = setting(
         True, help="Multiply the KD term by temperature^2 so its gradient does not shrink as 1/T^2 (Hinton et al.)."
     )
-    teacher_check: bool = _f(
+    teacher_check: bool = setting(
         True,
         help="Before training, compare the live teacher's and the student's loss and next-token accuracy on the "
         "validation data (max_eval_batches; else a few training batches); warn when the teacher is not better.",
     )
-    on_policy: OnPolicySettings | None = _f(
+    on_policy: OnPolicySettings | None = setting(
         None,
         help="On-policy KD (GKD): {lmbda, max_new_tokens, temperature, top_k, seq_kd}; needs teacher_model; "
         "null = train on the dataset's completions.",
