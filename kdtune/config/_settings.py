@@ -102,7 +102,7 @@ def describe_allowed(metadata: Any, tp: Any = Any) -> str:
         return ""
     text = " and ".join(parts)
     if _is_optional(tp):
-        text += ", or null to switch it off"
+        text += ", or null"  # what null means is in the help (off, no cap, auto, ...)
     return text
 
 

@@ -121,7 +121,7 @@ RUN = ["run", "hard", "--config", "h/hard"]
     ("argv", "expected"),
     [
         ([*RUN, "kd_ratio=1.5"], "kd_ratio=1.5 is out of range: allowed is >= 0.0 and <= 1.0"),
-        ([*RUN, "temperature=0"], "temperature=0.0 is out of range: allowed is > 0, or null to switch it off"),
+        ([*RUN, "temperature=0"], "temperature=0.0 is out of range: allowed is > 0, or null"),
         ([*RUN, "batch_size=-1"], "batch_size=-1 is out of range: allowed is >= 1"),
         ([*RUN, "save_every_n_steps=0"], "save_every_n_steps=0 is out of range"),
         ([*RUN, "output_dir="], "output_dir='' is empty"),
