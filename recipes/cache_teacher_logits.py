@@ -59,9 +59,6 @@ def build_cache(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _build(cfg: DictConfig, s: CacheTeacherLogitsSettings, env: D.DistEnv) -> dict[str, Any]:
-    for key in ("top_k", "batch_size", "items_per_shard", "output_chunk_size"):
-        if getattr(s, key) < 1:
-            raise ConfigError(f"{key}={getattr(s, key)} must be >= 1")
     rt = setup_runtime(str(env.device), s.dtype, s.output_dir, s.seed, cfg=cfg, save_config_file=env.is_rank_zero)
 
     # ---- the data exactly as the KD run builds it (training + validation), and its fingerprint

@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from kdtune.config import check_settings, read_settings
+from kdtune.data.teacher_cache_settings import CacheTeacherLogitsSettings
 from kdtune.errors import ConfigError
 from kdtune.training.settings import GenerateSettings, KDDistributedSettings, KDSettings
 
@@ -82,6 +83,29 @@ def test_generate_settings_refuse_bad_values(key: str, value, allowed: str) -> N
     assert allowed in str(info.value)
     with pytest.raises(ConfigError, match=r"^prompts\.max_prompts=0 is out of range"):
         read_settings(GenerateSettings, OmegaConf.create({**GEN_BASE, "prompts": {"source": "json", "max_prompts": 0}}))
+
+
+CACHE_BASE = {
+    **{k: COMPONENT for k in ("teacher_model", "teacher_checkpointer", "tokenizer", "dataset")},
+    "output_dir": "/tmp/cache",
+}
+CACHE_BAD = [
+    ("top_k", 0, ">= 1"),
+    ("batch_size", 0, ">= 1"),
+    ("items_per_shard", 0, ">= 1"),
+    ("output_chunk_size", 0, ">= 1"),
+    ("vocab_size", 0, ">= 1, or null"),
+    ("temperature", 0, "> 0.0"),
+    ("val_split_ratio", 1.0, ">= 0.0 and < 1.0"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), CACHE_BAD)
+def test_cache_settings_refuse_bad_values(key: str, value, allowed: str) -> None:
+    """cache_teacher_logits: refused where the settings are read, so `kdtune run` refuses before torchrun starts."""
+    with pytest.raises(ConfigError, match=f"^{key}=") as info:
+        read_settings(CacheTeacherLogitsSettings, OmegaConf.create({**CACHE_BASE, key: value}))
+    assert allowed in str(info.value)
 
 
 def test_null_switches_features_off_and_defaults_pass() -> None:
