@@ -130,9 +130,15 @@ class LoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         if rank <= 0:
-            raise ConfigError(f"lora_rank must be a positive integer, got {rank}; set e.g. lora_rank=8.")
+            raise ConfigError(
+                f"lora_rank must be a positive integer, got {rank}; set e.g. model.lora_rank=8 (the model "
+                "component's argument in a recipe config)"
+            )
         if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {dropout}.")
+            raise ConfigError(
+                f"lora_dropout must be in [0, 1), got {dropout}; set e.g. model.lora_dropout=0.05 (the model "
+                "component's argument in a recipe config)"
+            )
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.rank = int(rank)
