@@ -125,8 +125,6 @@ def _check_constraints(value: Any, metadata: Any, tp: Any, key: str) -> None:
     """Raise ConfigError naming ``key``, ``value`` and what is allowed when ``value`` breaks the field's constraint."""
     if value is None or not any(k in metadata for k in CONSTRAINT_KEYS):
         return  # null switches a feature off (the type check already refused null where it is not allowed)
-    if metadata.get("component"):
-        _check_component(value, key)  # a value that is not a mapping (a mapping is checked in _read_field)
     problem = None
     bounds = (
         ("ge", lambda v, b: v >= b),
@@ -337,9 +335,9 @@ def _read_field(
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{key}: cannot resolve the value: {msg}") from None
     tp = hints.get(name, Any)
+    if value is not None and f.metadata.get("component"):
+        _check_component(value, key)
     if isinstance(value, DictConfig | ListConfig) and (tp is Any or _is_component(value)):
-        if f.metadata.get("component"):
-            _check_component(value, key)
         values[name] = value  # components and free-form nodes stay DictConfig/ListConfig
         return
     if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, DictConfig):

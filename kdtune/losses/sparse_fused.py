@@ -6,8 +6,8 @@ and needs ``d mixed / d logits``. With a cached teacher the divergence only sees
 ``log_softmax`` → ``gather`` / ``scatter`` → ``logsumexp`` over ``[n, V]`` does far more work than the loss needs.
 :func:`ce_sparse_kd` instead
 
-1. reads the logits once, a few rows at a time on a CPU (block-sized intermediates stay in its cache): the logits at the
-   teacher's ids and the target, and the mass of the rest (the tokens outside the top-k) as ``Σ exp(s − m)`` with
+1. reads the logits once, a few rows at a time on a CPU (block-sized intermediates stay in its cache): the logits at
+   the teacher's ids and the target, and the mass of the rest (the tokens outside the top-k) as ``Σ exp(s − m)`` with
    ``m`` the rest's own max — a sum >= 1, so neither underflow nor cancellation, however peaked the student. From
    these come the log-normalisers at 1 and T, the cross-entropy, and the student's support;
 2. evaluates the divergence on the ``[n, K]`` supports with autograd (any :class:`kdtune.losses.Divergence`'s
@@ -38,9 +38,9 @@ from kdtune.losses.sparse import TailMode, student_support, teacher_support
 
 __all__ = ["ce_sparse_kd"]
 
-#: logits per row block on a CPU (fp32: 1 MiB per block-sized intermediate; one block per chunk on an accelerator). Its block loops do fewer passes per row than
-#: :func:`kdtune.losses.fused.ce_forward_kl`'s, so larger blocks pay: measured 64 rows 1.2x faster than 16 at V = 4096,
-#: 8 rows 1.25x faster than 2 at V = 32000 (T = 1).
+#: logits per row block on a CPU (fp32: 1 MiB per block-sized intermediate; one block per chunk on an accelerator).
+#: Its block loops do fewer passes per row than :func:`kdtune.losses.fused.ce_forward_kl`'s, so larger blocks pay:
+#: measured 64 rows 1.2x faster than 16 at V = 4096, 8 rows 1.25x faster than 2 at V = 32000 (T = 1).
 BLOCK_ELEMENTS = 2**18
 
 

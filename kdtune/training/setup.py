@@ -177,7 +177,8 @@ def build_objective(
 
     Fine-tuning settings (no ``kd_loss``) give the cross-entropy objective; KD settings give the divergence
     ``kd_loss`` mixed by ``kd_ratio`` at ``temperature`` with ``teacher`` as the teacher source. ``num_output_chunks``
-    sets the chunking for both; ``compile`` compiles the fused chunk loss. The objective validates every value (one line naming the key when one is wrong).
+    sets the chunking for both; ``compile`` compiles the fused chunk loss. The objective validates every value (one
+    line naming the key when one is wrong).
 
     Args:
         settings: the recipe's settings (:mod:`kdtune.training.settings`).
